@@ -1,0 +1,85 @@
+"""Quality of a quantized model against its BF16 original, on held-out text the calibration never saw."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quantize.generate import Sampling, stream
+
+DATA = Path(__file__).parent / "data"
+# Perplexity windows: about the length of a chat prompt, which is what the app feeds in one forward pass.
+WINDOW = 128
+
+
+def heldout_text() -> str:
+    return (DATA / "heldout_eval.txt").read_text()
+
+
+def heldout_prompts() -> list[str]:
+    return json.loads((DATA / "heldout_prompts.json").read_text())
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, use_cache=False)
+    return (out[0] if isinstance(out, tuple) else out.logits).float()
+
+
+def teacher_forced(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW) -> tuple[float, torch.Tensor]:
+    """Mean negative log-likelihood over non-overlapping windows, and the argmax token at every position."""
+    nll, n, top = 0.0, 0, []
+    with torch.inference_mode():
+        for s in range(0, ids.shape[1] - 1, window):
+            x = ids[:, s : s + window + 1]
+            if x.shape[1] < 2:
+                break
+            logits = _logits(model, x[:, :-1])[0]
+            nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            n += x.shape[1] - 1
+            top.append(logits.argmax(-1))
+    return nll / n, torch.cat(top)
+
+
+def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    return [s.token_id for s in stream(model, ids, Sampling(max_new_tokens=new_tokens))]
+
+
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def compare(models: dict[str, torch.nn.Module], reference: str, tokenizer, max_tokens: int = 1024,
+            greedy_tokens: int = 32) -> dict:
+    """Perplexity of every model; top-1 agreement and greedy-continuation match of each against `reference`."""
+    ids = tokenizer(heldout_text(), return_tensors="pt").input_ids[:, :max_tokens]
+    prompts = [prompt_ids(tokenizer, p) for p in heldout_prompts()]
+    nll, top, cont = {}, {}, {}
+    for name, model in models.items():
+        nll[name], top[name] = teacher_forced(model, ids)
+        cont[name] = [greedy(model, p, greedy_tokens) for p in prompts]
+    ref_ppl = math.exp(nll[reference])
+    out = {"eval_tokens": int(ids.shape[1]), "window": WINDOW, "greedy_tokens": greedy_tokens, "models": {}}
+    for name in models:
+        prefix = [_common_prefix(a, b) / max(len(b), 1) for a, b in zip(cont[name], cont[reference])]
+        out["models"][name] = {
+            "perplexity": math.exp(nll[name]),
+            "perplexity_ratio": math.exp(nll[name]) / ref_ppl,
+            "top1_agreement": (top[name] == top[reference]).float().mean().item(),
+            "greedy_prefix_match": sum(prefix) / len(prefix),
+        }
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,64 @@
+"""The generation loop: one token per forward pass, KV cache, a time stamp per produced token.
+
+The app streams from it, the benchmark and the quality check time it: INT8 and BF16 always run the same loop,
+so their per-token numbers are comparable and come from the loop itself, not from the UI's streaming cadence.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class Step:
+    token_id: int
+    t: float  # time.perf_counter() when this token was known
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(-1, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stream(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    sampling: Sampling,
+    eos_ids: set[int] | frozenset[int] = frozenset(),
+    stop: threading.Event | None = None,
+) -> Iterator[Step]:
+    """Yield each new token with its time stamp. Stops at max_new_tokens, an eos id, or when `stop` is set."""
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    cache = DynamicCache()
+    ids = input_ids
+    with torch.inference_mode():
+        for _ in range(sampling.max_new_tokens):
+            if stop is not None and stop.is_set():
+                return
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            token = next_token(out.logits[0, -1], sampling, generator)
+            yield Step(token, time.perf_counter())
+            if token in eos_ids:
+                return
+            cache = out.past_key_values
+            ids = torch.tensor([[token]])

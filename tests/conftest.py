@@ -1,0 +1,96 @@
+"""Test-wide setup. Nothing here reaches a real hub: HF_ENDPOINT names a loopback port where only the tests'
+own LocalHub (tests/hub_server.py) ever listens, and every model comes from the embedded default."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# huggingface_hub reads these once, at import, so they are set before anything imports it.
+HUB_PORT = _free_port()
+_SESSION = Path(tempfile.mkdtemp(prefix="q8chat-tests-"))
+os.environ.update(
+    HF_ENDPOINT=f"http://127.0.0.1:{HUB_PORT}",
+    HF_HOME=str(_SESSION / "hf_home"),
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HUB_DISABLE_PROGRESS_BARS="1",
+    TOKENIZERS_PARALLELISM="false",
+    # Converted default model and INT8 folder, built once per test session (Q8CHAT_TEST_CACHE keeps them
+    # across sessions for local iteration; CI always builds them fresh).
+    Q8CHAT_CACHE=os.environ.get("Q8CHAT_TEST_CACHE") or str(_SESSION / "cache"),
+)
+for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "Q8CHAT_INT8_MODEL", "Q8CHAT_BF16_MODEL"):
+    os.environ.pop(var, None)
+
+ARTIFACTS = ROOT / "artifacts"
+HUB_TOKEN = "hf_test_local_hub_token"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION, ignore_errors=True)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """`python -m quantize ...` in a child process, as a maintainer runs it."""
+    return subprocess.run([sys.executable, "-m", "quantize", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def default_dir() -> Path:
+    from quantize import models
+
+    return models.default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_dir):
+    from quantize import models
+
+    return models.load_tokenizer(default_dir)
+
+
+@pytest.fixture(scope="session")
+def bf16(default_dir):
+    from quantize import models
+
+    return models.load_bf16(default_dir)
+
+
+def local_hub(data_dir: Path):
+    """A LocalHub on the port HF_ENDPOINT names; one at a time (tests/test_hub_server.py binds it too)."""
+    from hub_server import LocalHub
+
+    return LocalHub(data_dir, token=HUB_TOKEN, lfs_threshold=1_000_000, port=HUB_PORT)
+
+
+@pytest.fixture(scope="session")
+def int8_run(default_dir) -> dict:
+    """The real maintainer command on the embedded default model, once per session, pushed to a LocalHub.
+    Its output folder is where `python app.py` looks for the default INT8 model, so the app tests reuse it."""
+    from app import default_int8_dir
+
+    out = default_int8_dir(None)
+    repo = "test-user/smollm2-int8"
+    with local_hub(_SESSION / "hub-int8") as hub:
+        proc = run_cli("--out", str(out), "--overwrite", "--push-to-hub", repo, env={"HF_TOKEN": HUB_TOKEN})
+        pushed = hub.files(repo) if hub.head(repo) else {}
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr, "repo": repo, "pushed": pushed}

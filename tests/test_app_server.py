@@ -1,0 +1,127 @@
+"""The running app, over real HTTP: `python app.py` on the embedded default model, driven by gradio_client and
+by headless Debian Chromium through Playwright."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from conftest import ARTIFACTS, ROOT, _free_port
+
+pytestmark = pytest.mark.slow
+CHROMIUM = os.environ.get("Q8CHAT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def app_url(int8_run, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        from gradio_client import Client
+
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "app did not become ready:\n" + log.read_text()[-3000:]
+            try:
+                if requests.get(url, timeout=2).ok and Client(url, verbose=False).predict(api_name="/status")["ready"]:
+                    break
+            except (requests.RequestException, ValueError, ConnectionError):
+                pass
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "app.log").write_text(log.read_text())
+
+
+def test_status_reports_both_models(app_url):
+    from gradio_client import Client
+
+    s = Client(app_url, verbose=False).predict(api_name="/status")
+    assert s["ready"] and s["compare"] and s["int8_error"] is None
+
+
+def test_chat_api_streams_int8_and_fills_the_panel(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    job = client.submit("What is the capital of France?", [], "You are a helpful assistant.", 24, 0.0, 0.95,
+                        True, api_name="/chat")
+    updates = list(job)  # every streamed update
+    history, box, chart, table, bf16_answer, notice = job.result()
+    assert box == ""
+    answer = history[-1]["content"]
+    answer = answer if isinstance(answer, str) else "".join(p.get("text", "") for p in answer)
+    assert "Paris" in answer
+    assert len(updates) > 3  # streamed token by token, not in one piece
+    assert "faster" in table or "slower" in table
+    medians = re.search(r"\| Median ms / token \| ([\d.]+) \| ([\d.]+) \|", table)
+    assert medians and float(medians[1]) > 0 and float(medians[2]) > 0
+    assert "Paris" in bf16_answer  # BF16's own answer to the same prompt
+
+
+def test_empty_message_is_refused_and_nothing_is_lost(app_url):
+    from gradio_client import Client
+
+    history, box, *_ = Client(app_url, verbose=False).predict("   ", [], "", 16, 0.0, 0.95, False, api_name="/chat")
+    assert history == [] and box == "   "
+
+
+def test_browser_chat_stream_panel_stop(app_url):
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
+    ARTIFACTS.mkdir(exist_ok=True)
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(app_url, wait_until="networkidle")
+        page.wait_for_selector("#header:has-text('CPU')", timeout=60_000)
+
+        box = page.locator("#message textarea")
+        box.fill("Tell me about the moon in three sentences.")
+        box.press("Enter")
+        bot = page.locator("#chatbot .bot").last
+        bot.wait_for(timeout=60_000)
+        page.wait_for_function("document.querySelector('#chatbot').innerText.length > 40", timeout=60_000)
+        page.wait_for_selector("#table:has-text('faster'), #table:has-text('slower')", timeout=180_000)
+        table = page.locator("#table").inner_text()
+        assert re.search(r"Median ms / token\s+[\d.]+\s+[\d.]+", table), table
+        assert page.locator("#chart canvas, #chart svg").count() > 0
+        page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
+
+        # stop mid-generation: the text stops growing
+        box.fill("Write a long story about a lighthouse keeper.")
+        box.press("Enter")
+        page.wait_for_function(
+            "document.querySelectorAll('#chatbot .bot').length >= 2 && "
+            "[...document.querySelectorAll('#chatbot .bot')].pop().innerText.length > 20", timeout=60_000)
+        page.click("#stop")
+        time.sleep(1.0)
+        stopped = page.locator("#chatbot .bot").last.inner_text()
+        time.sleep(3.0)
+        assert page.locator("#chatbot .bot").last.inner_text() == stopped
+
+        page.set_viewport_size({"width": 390, "height": 844})  # phone width
+        page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)
+        browser.close()
+    assert not errors, errors

@@ -1,0 +1,80 @@
+"""Bad input to `python -m quantize` gets one clear sentence, a non-zero exit, and touches nothing."""
+
+import json
+import time
+
+import pytest
+from conftest import run_cli
+
+
+def _error(proc) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_help_explains_the_command():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for flag in ("--model", "--out", "--alpha", "--calibration-samples", "--push-to-hub", "--private",
+                 "--commit-message", "--dry-run", "--overwrite"):
+        assert flag in proc.stdout
+
+
+@pytest.mark.parametrize("alpha", ["1.5", "-0.1", "abc"])
+def test_alpha_outside_unit_interval(tmp_path, alpha):
+    assert "--alpha" in _error(run_cli("--out", str(tmp_path / "o"), "--alpha", alpha))
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_out_needs_overwrite(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert "--overwrite" in _error(run_cli("--out", str(out)))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+def test_unknown_hub_model_offline_fails_fast(tmp_path):
+    start = time.monotonic()
+    msg = _error(run_cli("--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o")))
+    assert "not reachable" in msg and "no-such-org/no-such-model" in msg
+    assert time.monotonic() - start < 60  # includes interpreter start and imports; no network wait
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "readme.txt").write_text("hi")
+    assert "not a model folder" in _error(run_cli("--model", str(tmp_path / "notamodel"), "--out",
+                                                  str(tmp_path / "o")))
+
+
+def test_missing_folder(tmp_path):
+    assert "does not exist" in _error(run_cli("--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")))
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(folder)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(folder)
+    msg = _error(run_cli("--model", str(folder), "--out", str(tmp_path / "o")))
+    assert "'gpt2' is not supported" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_token_for_push(tmp_path):
+    msg = _error(run_cli("--out", str(tmp_path / "o"), "--push-to-hub", "me/x", env={"HF_TOKEN": ""}))
+    assert "token" in msg and "HF_TOKEN" in msg
+
+
+def test_empty_calibration_set(tmp_path):
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps([]))
+    assert "calibration" in _error(run_cli("--out", str(tmp_path / "o"), "--calibration-file", str(calib)))
+    assert not (tmp_path / "o").exists()

