@@ -115,10 +115,9 @@ class Stages:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
-    from quantize import calibration, card, evaluate, latency, models, recipe
+    from quantize import calibration, card, models, recipe
     from quantize.hub import planned_files, push
 
     check_args(args)
@@ -126,9 +125,6 @@ def run(args: argparse.Namespace) -> int:
     if args.alpha is not None:
         rec = recipe.Recipe(**{**rec.__dict__, "alpha": args.alpha})
     out: Path = args.out
-    partial = out.with_name(out.name + ".partial")
-    stages = Stages(partial, fingerprint(args))
-    steps = tqdm(total=6, desc="quantize", unit="stage", initial=len(stages.state["done"]))
 
     src = models.resolve_model(args.model, revision=args.revision)
     tok = models.load_tokenizer(src, trust_remote_code=args.trust_remote_code)
@@ -141,7 +137,31 @@ def run(args: argparse.Namespace) -> int:
     if args.model and Path(args.model).exists():
         base_id = bf16.config.name_or_path if "/" in str(bf16.config._name_or_path) else base_id
     calib_file = args.calibration_file or calibration.CHATS
+    partial = out.with_name(out.name + ".partial")  # created only once the inputs are known to be good
+    stages = Stages(partial, fingerprint(args))
     int8_dir = partial / "int8"
+    with tqdm(total=6, desc="quantize", unit="stage") as steps:
+        report = _stages(args, rec, stages, steps, tok, bf16, src, base_id, calib_file, int8_dir)
+    print(card.summary_table(report))
+    print(f"INT8 model written to {out}")
+
+    if args.push_to_hub:
+        if args.dry_run:
+            print(f"--dry-run: would push {out} to {args.push_to_hub} (private={args.private}) in one commit:")
+            for name, size in planned_files(out):
+                print(f"  {name}  ({size:,} bytes)")
+        else:
+            print(f"Pushed: {push(out, args.push_to_hub, args.private, args.commit_message)}")
+    return 0
+
+
+def _stages(args, rec, stages: Stages, steps, tok, bf16, src, base_id: str, calib_file: Path, int8_dir: Path) -> dict:
+    from tqdm import tqdm
+
+    from quantize import calibration, card, evaluate, latency, models, recipe
+
+    out: Path = args.out
+    partial = int8_dir.parent
 
     if not stages.get("quantize"):
         steps.set_description("quantize: calibrate + SmoothQuant INT8")
@@ -153,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(partial / "inc-work", ignore_errors=True)
         stages.done("quantize", {**result.summary(), "calibration_samples": len(calib)})
         del result
-        steps.update(1)
+    steps.update(1)
 
     if not args.skip_baseline and not stages.get("baseline"):
         steps.set_description("baseline: INT8 without SmoothQuant")
@@ -199,19 +219,7 @@ def run(args: argparse.Namespace) -> int:
         os.replace(int8_dir, out)
     shutil.rmtree(partial, ignore_errors=True)
     steps.update(1)
-    steps.close()
-    print(card.summary_table(report))
-    print(f"INT8 model written to {out}")
-
-    if args.push_to_hub:
-        if args.dry_run:
-            print(f"--dry-run: would push {out} to {args.push_to_hub} (private={args.private}) in one commit:")
-            for name, size in planned_files(out):
-                print(f"  {name}  ({size:,} bytes)")
-        else:
-            print(f"Pushed: {push(out, args.push_to_hub, args.private, args.commit_message)}")
-    _ = torch  # imported for its thread settings side effects in subprocesses
-    return 0
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,8 +136,8 @@ model.model.config.return_dict = True; model.model.config.use_cache = True
 - SmoothQuant: {'applied, alpha ' + str(rec['alpha']) if rec['smooth_quant'] else 'off'}{
     f" — INC: “{sq['inc_log'][0].strip()}”; {sq['norms_rescaled']} of {sq['norms_total']} RMSNorm weights "
     "carry the folded scales" if sq else ''}
-- Layers kept out of static INT8: {', '.join(f'`{p}`' for p in rec['excluded']) or 'none'}
-  ({rec['excluded_mode']} instead)
+- Layers kept out of static INT8: {', '.join(f'`{p}` → {m}' for p, m in rec['tail']) or 'none'}
+- Activation calibration: {rec['activation_algorithm']}; INC picks 7-bit activations (reduce_range) by itself on CPUs without VNNI
 - Calibration: {report['calibration_samples']} chat conversations written for the project, rendered with the chat
   template, unpadded.
 - Modules after quantization:
@@ -145,8 +145,9 @@ model.model.config.return_dict = True; model.model.config.use_cache = True
 
 ## Measured results
 
-On {report['quality_eval']['eval_tokens']} tokens of held-out English prose (windows of
-{report['quality_eval']['window']} tokens); greedy match = share of {report['quality_eval']['greedy_tokens']}
+On {report['quality_eval']['eval_tokens']} tokens of held-out English prose, read as the app reads a chat:
+windows of {report['quality_eval']['window']} tokens, the first {report['quality_eval']['prefill']} as one prompt,
+the rest decoded one token at a time with the KV cache. Greedy match = share of {report['quality_eval']['greedy_tokens']}
 greedy tokens equal to BF16's before the first difference, on 8 held-out prompts. Speed: greedy decode,
 {report['speed']['new_tokens']} new tokens, {report['speed']['prompts']} prompts, {report['speed']['rounds']} rounds,
 INT8 and BF16 interleaved in one process.

@@ -1,17 +1,22 @@
 """The quantization recipe: Neural Compressor's SmoothQuant, through Optimum Intel's INCQuantizer.
 
-What the documented recipe gives, and why this one differs (see ../shared/docs/stack-notes.md, re-checked here):
+What the documented recipe gives, and why this one differs (../shared/docs/stack-notes.md, re-checked here):
   * `folding=True` is set explicitly: the default (`folding=False`) takes INC's QDQ path, which is fake
     quantization (FP32 weights and GEMMs wrapped in quantize/dequantize).
   * `config.return_dict=False` while quantizing: otherwise INC's jit trace fails and SmoothQuant is silently
     skipped. We prove it ran by reading INC's own "N out of M layers could be absorbed" line and by checking that
     the RMSNorm weights actually changed (that is where folding puts the smoothing scales).
   * Tied embeddings are untied first: INC scales lm_head in place, which would also scale the input embeddings.
-  * Layers that cannot absorb a smoothing scale (o_proj, down_proj, lm_head: no norm in front of them) carry the
-    activation outliers that wreck per-tensor static INT8 on real weights. INC keeps them out of static INT8
-    (`op_name_dict`), and we then give them INC's *dynamic* INT8 quant mode (FBGEMM, an activation scale per call,
-    i.e. per token in decode) instead of leaving them in FP32 — written into INC's own tuning config, so
-    `INCModelForCausalLM.from_pretrained` rebuilds the same mixed static/dynamic graph.
+  * Activations are calibrated with minmax, not INC's default KL: KL clips the few huge activation channels a
+    small Llama depends on (on SmolLM2-135M: perplexity x1.20 with KL vs x1.03 with minmax, FP32 tail).
+  * o_proj, down_proj and lm_head have no norm in front of them, so SmoothQuant cannot fold a scale for them
+    and per-tensor static INT8 wrecks them (down_proj inputs carry the largest outliers). INC keeps them out of
+    static INT8 (`op_name_dict`); the recipe's `tail` then says what each runs instead — FP32, BF16 through
+    INC's own BF16 wrapper, or INC's *dynamic* INT8 quant mode (FBGEMM, an activation scale per call, i.e. per
+    token in decode). Both are written into INC's tuning config (`bf16_ops_list`, per-op `quant_mode`), so
+    `INCModelForCausalLM.from_pretrained` rebuilds exactly the same graph.
+`python -m quantize.frontier` measures every variant below; DEFAULT_RECIPE is the fastest one that meets the
+quality bar on the real default model.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from torch import nn
 log = logging.getLogger("q8chat")
 
 SUPPORTED_MODEL_TYPES = {"llama"}  # INC's absorb detection and this recipe are verified on Llama blocks only
-NON_ABSORBABLE = (r".*o_proj(\.module)?", r".*down_proj(\.module)?", r"lm_head(\.module)?")
+# Ops with no norm in front of them, so SmoothQuant cannot fold a scale for them (INC: "150 out of 211").
+O_PROJ, DOWN_PROJ, LM_HEAD = r".*o_proj(\.module)?", r".*down_proj(\.module)?", r"lm_head(\.module)?"
+TAIL_MODES = ("fp32", "dynamic", "bf16")
 
 
 @dataclass(frozen=True)
@@ -41,31 +48,46 @@ class Recipe:
     name: str
     smooth_quant: bool = True
     alpha: float | str = 0.5  # SmoothQuant migration strength, or "auto" (INC searches per layer)
-    excluded: tuple[str, ...] = ()  # op-name regexes kept out of static INT8
-    excluded_mode: str = "dynamic"  # what excluded ops become: "dynamic" INT8 or "fp32"
+    # op-name regex -> what it runs instead of static INT8: "fp32", "dynamic" (FBGEMM INT8, scale per call) or
+    # "bf16" (INC's BF16 wrapper)
+    tail: tuple[tuple[str, str], ...] = ()
     # INC's default for Linear activations is KL calibration, which clips the outliers LLMs depend on.
     activation_algorithm: str = "minmax"
-    # 7-bit activations: without VNNI, FBGEMM's u8*s8 multiply-add (vpmaddubsw) saturates int16 at full range.
-    reduce_range: bool = True
     description: str = ""
+
+    @property
+    def excluded(self) -> tuple[str, ...]:
+        return tuple(p for p, _ in self.tail)
+
+
+def _tail(o: str, d: str, lm: str) -> tuple[tuple[str, str], ...]:
+    return ((O_PROJ, o), (DOWN_PROJ, d), (LM_HEAD, lm))
 
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
-        Recipe("sq-static-all", description="SmoothQuant + static INT8 everywhere (the recipe as documented, "
-                                            "made real with folding)"),
+        Recipe("sq-static-all-kl", activation_algorithm="kl",
+               description="SmoothQuant + static INT8 everywhere, INC's default KL calibration (the documented "
+                           "recipe, made real with folding)"),
+        Recipe("sq-static-all", description="as sq-static-all-kl with minmax calibration"),
         Recipe("static-no-sq", smooth_quant=False, description="static INT8 everywhere, no SmoothQuant"),
-        Recipe("sq-fp32-tail", excluded=NON_ABSORBABLE, excluded_mode="fp32",
+        Recipe("sq-fp32-tail", tail=_tail("fp32", "fp32", "fp32"),
                description="SmoothQuant static INT8; o_proj, down_proj, lm_head kept FP32 (the obvious repair)"),
-        Recipe("sq-dynamic-tail", excluded=NON_ABSORBABLE, excluded_mode="dynamic",
-               description="SmoothQuant static INT8 for q/k/v/gate/up; o_proj, down_proj, lm_head dynamic INT8"),
-        Recipe("no-sq-dynamic-tail", smooth_quant=False, excluded=NON_ABSORBABLE, excluded_mode="dynamic",
-               description="as sq-dynamic-tail but without SmoothQuant (shows what smoothing buys)"),
+        Recipe("sq-bf16-tail", tail=_tail("bf16", "bf16", "bf16"),
+               description="SmoothQuant static INT8; o_proj, down_proj, lm_head in BF16"),
+        Recipe("sq-dyn-o-bf16-tail", tail=_tail("dynamic", "bf16", "bf16"),
+               description="SmoothQuant static INT8; o_proj dynamic INT8; down_proj, lm_head BF16"),
+        Recipe("sq-dyn-o-lm", tail=_tail("dynamic", "fp32", "dynamic"),
+               description="SmoothQuant static INT8; o_proj and lm_head dynamic INT8; down_proj FP32"),
+        Recipe("sq-dynamic-tail", tail=_tail("dynamic", "dynamic", "dynamic"),
+               description="SmoothQuant static INT8; o_proj, down_proj, lm_head dynamic INT8"),
+        Recipe("no-sq-bf16-tail", smooth_quant=False, tail=_tail("bf16", "bf16", "bf16"),
+               description="as sq-bf16-tail without SmoothQuant (shows what smoothing buys)"),
     ]
 }
-DEFAULT_RECIPE = "sq-dynamic-tail"
-BASELINE_NO_SQ = "no-sq-dynamic-tail"
+DEFAULT_RECIPE = "sq-bf16-tail"
+BASELINE_NO_SQ = "no-sq-bf16-tail"
 
 
 @dataclass
@@ -106,7 +128,6 @@ def build_config(recipe: Recipe, calibration_size: int):
         recipes=recipes,
         op_name_dict={pattern: fp32 for pattern in recipe.excluded} or None,
         op_type_dict={"Linear": {"activation": {"algorithm": [recipe.activation_algorithm]}}},
-        reduce_range=recipe.reduce_range,
         calibration_sampling_size=[calibration_size],
     )
 
@@ -152,10 +173,10 @@ def quantize(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe, 
     finally:
         inc_log.removeHandler(capture)
     qmodel = quantizer._quantized_model
+    qmodel.config.return_dict = True  # back to normal outputs now that INC's trace is done
     q_config = torch.load(Path(workdir) / "pytorch_model.bin", map_location="cpu", weights_only=False)["best_configure"]
 
-    if recipe.excluded and recipe.excluded_mode == "dynamic":
-        make_dynamic(qmodel, q_config, recipe.excluded)
+    apply_tail(qmodel, q_config, recipe)
 
     result = QuantizeResult(model=qmodel, q_config=q_config, recipe=recipe, seconds=time.perf_counter() - start,
                             workdir=Path(workdir))
@@ -201,29 +222,58 @@ def smoothquant_evidence(log_lines: list[str], norms_before: dict[str, torch.Ten
     }
 
 
+def apply_tail(qmodel: nn.Module, q_config: dict, recipe: Recipe) -> None:
+    for pattern, mode in recipe.tail:
+        if mode == "dynamic":
+            make_dynamic(qmodel, q_config, (pattern,))
+        elif mode == "bf16":
+            make_bf16(qmodel, q_config, (pattern,))
+
+
+def _tail_modules(qmodel: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Names of the plain (FP32) Linears INC left out of static INT8 that match `patterns`."""
+    regex = [re.compile(p) for p in patterns]
+    return [name for name, mod in qmodel.named_modules()
+            if type(mod) is nn.Linear and any(r.fullmatch(name) or r.fullmatch(name + ".module") for r in regex)]
+
+
+def _set_op_config(q_config: dict, names: list[str], cfg: dict) -> None:
+    for key in list(q_config["op"]):
+        if key[0].removesuffix(".module") in names:
+            q_config["op"][key] = copy.deepcopy(cfg)
+
+
 def make_dynamic(qmodel: nn.Module, q_config: dict, patterns: tuple[str, ...]) -> list[str]:
     """Turn the FP32 Linears INC kept out of static INT8 into FBGEMM dynamic INT8, in the model and in INC's
     tuning config (quant_mode "dynamic"), so INC's loader rebuilds exactly this graph."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
-    regex = [re.compile(p) for p in patterns]
-    changed = []
-    for name, mod in list(qmodel.named_modules()):
-        if type(mod) is nn.Linear and any(r.fullmatch(name) or r.fullmatch(name + ".module") for r in regex):
-            mod.qconfig = per_channel_dynamic_qconfig
-            parent_name, _, child = name.rpartition(".")
-            setattr(qmodel.get_submodule(parent_name) if parent_name else qmodel, child, DynamicLinear.from_float(mod))
-            changed.append(name)
-    dynamic_cfg = {
+    names = _tail_modules(qmodel, patterns)
+    for name in names:
+        mod = qmodel.get_submodule(name)
+        mod.qconfig = per_channel_dynamic_qconfig
+        parent, _, child = name.rpartition(".")
+        setattr(qmodel.get_submodule(parent) if parent else qmodel, child, DynamicLinear.from_float(mod))
+    _set_op_config(q_config, names, {
         "weight": {"dtype": "int8", "scheme": "sym", "granularity": "per_channel", "algorithm": "minmax"},
         "activation": {"dtype": "uint8", "scheme": "asym", "granularity": "per_tensor", "algorithm": "placeholder",
                        "quant_mode": "dynamic"},
-    }
-    for key in list(q_config["op"]):
-        if key[0].removesuffix(".module") in changed:
-            q_config["op"][key] = copy.deepcopy(dynamic_cfg)
-    return changed
+    })
+    return names
+
+
+def make_bf16(qmodel: nn.Module, q_config: dict, patterns: tuple[str, ...]) -> list[str]:
+    """Run the matching FP32 Linears in BF16 through INC's own BF16 wrapper, listed in the tuning config's
+    bf16_ops_list so INC's loader wraps them the same way."""
+    from neural_compressor.adaptor.torch_utils.bf16_convert import Convert
+
+    names = _tail_modules(qmodel, patterns)
+    _set_op_config(q_config, names, {"weight": {"dtype": "bf16"}, "activation": {"dtype": "bf16"}})
+    ops = [key for key in q_config["op"] if key[0].removesuffix(".module") in names]
+    q_config["bf16_ops_list"] = list(q_config.get("bf16_ops_list") or []) + ops
+    Convert(qmodel, {"bf16_ops_list": ops})
+    return names
 
 
 def module_counts(model: nn.Module) -> dict[str, int]:

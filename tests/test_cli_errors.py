@@ -55,8 +55,8 @@ def test_missing_folder(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(folder)
@@ -78,3 +78,18 @@ def test_empty_calibration_set(tmp_path):
     calib.write_text(json.dumps([]))
     assert "calibration" in _error(run_cli("--out", str(tmp_path / "o"), "--calibration-file", str(calib)))
     assert not (tmp_path / "o").exists()
+
+
+def test_stages_resume_only_the_same_run(tmp_path):
+    import argparse
+
+    from quantize.__main__ import Stages, fingerprint
+
+    args = argparse.Namespace(model=None, revision=None, recipe="sq-bf16-tail", alpha=None, calibration_samples=48,
+                              calibration_file=None, bench_tokens=32, bench_rounds=3, skip_baseline=False)
+    partial = tmp_path / "out.partial"
+    s = Stages(partial, fingerprint(args))
+    s.done("quantize", {"seconds": 1})
+    assert Stages(partial, fingerprint(args)).get("quantize") == {"seconds": 1}  # a rerun resumes
+    args.alpha = 0.7
+    assert Stages(partial, fingerprint(args)).get("quantize") is None  # other arguments start over

@@ -26,7 +26,16 @@ def test_real_int8_kernels_no_fake_quant(report, int8):
     kinds = recipe.module_counts(int8)
     assert kinds.get(recipe.STATIC_INT8, 0) >= 150  # q/k/v/gate/up of 30 layers run static INT8 (FBGEMM)
     assert not any(m in k for k in kinds for m in recipe.FAKE_QUANT_MARKERS)
-    assert kinds.get("torch.nn.modules.linear.Linear", 0) + kinds.get(recipe.DYNAMIC_INT8, 0) == 61
+    # the 61 layers SmoothQuant cannot smooth (30 o_proj, 30 down_proj, lm_head) run what the recipe's tail says
+    rec = recipe.RECIPES[report["recipe"]["name"]]
+    want = {"fp32": 0, "dynamic": 0, "bf16": 0}
+    for pattern, mode in rec.tail:
+        want[mode] += 1 if pattern == recipe.LM_HEAD else 30
+    wrapped = [m for m in int8.modules() if type(m).__name__ == "BF16ModuleWrapper"]
+    assert len(wrapped) == want["bf16"] and all(m.module.weight.dtype == torch.bfloat16 for m in wrapped)
+    assert kinds.get(recipe.DYNAMIC_INT8, 0) == want["dynamic"]
+    assert kinds.get("torch.nn.modules.linear.Linear", 0) == want["fp32"] + want["bf16"]
+    assert sum(want.values()) == 61
     assert report["modules"] == kinds  # the report describes the folder that ships
     linear = int8.model.layers[0].self_attn.q_proj
     inner = getattr(linear, "module", linear)
