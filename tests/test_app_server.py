@@ -13,6 +13,7 @@ from conftest import ARTIFACTS, ROOT, _free_port
 
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("Q8CHAT_CHROMIUM", "/usr/bin/chromium")
+BOT = '#chatbot [data-testid="bot"]'  # an assistant message in Gradio 6's chatbot
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -100,8 +101,7 @@ def test_browser_chat_stream_panel_stop(app_url):
         box = page.locator("#message textarea")
         box.fill("Tell me about the moon in three sentences.")
         box.press("Enter")
-        bot = page.locator("#chatbot .bot").last
-        bot.wait_for(timeout=60_000)
+        page.locator(BOT).last.wait_for(timeout=60_000)
         page.wait_for_function("document.querySelector('#chatbot').innerText.length > 40", timeout=60_000)
         page.wait_for_selector("#table:has-text('faster'), #table:has-text('slower')", timeout=180_000)
         table = page.locator("#table").inner_text()
@@ -113,13 +113,13 @@ def test_browser_chat_stream_panel_stop(app_url):
         box.fill("Write a long story about a lighthouse keeper.")
         box.press("Enter")
         page.wait_for_function(
-            "document.querySelectorAll('#chatbot .bot').length >= 2 && "
-            "[...document.querySelectorAll('#chatbot .bot')].pop().innerText.length > 20", timeout=60_000)
+            f"document.querySelectorAll({BOT!r}).length >= 2 && "
+            f"[...document.querySelectorAll({BOT!r})].pop().innerText.length > 20", timeout=60_000)
         page.click("#stop")
         time.sleep(1.0)
-        stopped = page.locator("#chatbot .bot").last.inner_text()
+        stopped = page.locator(BOT).last.inner_text()
         time.sleep(3.0)
-        assert page.locator("#chatbot .bot").last.inner_text() == stopped
+        assert page.locator(BOT).last.inner_text() == stopped
 
         page.set_viewport_size({"width": 390, "height": 844})  # phone width
         page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)

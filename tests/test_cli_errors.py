@@ -85,7 +85,7 @@ def test_stages_resume_only_the_same_run(tmp_path):
 
     from quantize.__main__ import Stages, fingerprint
 
-    args = argparse.Namespace(model=None, revision=None, recipe="sq-bf16-tail", alpha=None, calibration_samples=48,
+    args = argparse.Namespace(model=None, revision=None, recipe="sq-dynamic", alpha=None, calibration_samples=48,
                               calibration_file=None, bench_tokens=32, bench_rounds=3, skip_baseline=False)
     partial = tmp_path / "out.partial"
     s = Stages(partial, fingerprint(args))

@@ -2,6 +2,7 @@
 provably applied, the folder reloads with INCModelForCausalLM and generates with a KV cache, the quality bar."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -22,26 +23,35 @@ def int8(int8_run):
     return models.load_int8(int8_run["out"])
 
 
+def _leaf_linears(model):
+    for name, mod in model.named_modules():
+        if type(mod) is torch.nn.Linear or type(mod).__module__.startswith("torch.ao.nn.quantized") and \
+                type(mod).__name__ == "Linear":
+            yield name, mod
+
+
 def test_real_int8_kernels_no_fake_quant(report, int8):
     kinds = recipe.module_counts(int8)
-    assert kinds.get(recipe.STATIC_INT8, 0) >= 150  # q/k/v/gate/up of 30 layers run static INT8 (FBGEMM)
     assert not any(m in k for k in kinds for m in recipe.FAKE_QUANT_MARKERS)
-    # the 61 layers SmoothQuant cannot smooth (30 o_proj, 30 down_proj, lm_head) run what the recipe's tail says
-    rec = recipe.RECIPES[report["recipe"]["name"]]
-    want = {"fp32": 0, "dynamic": 0, "bf16": 0}
-    for pattern, mode in rec.tail:
-        want[mode] += 1 if pattern == recipe.LM_HEAD else 30
-    wrapped = [m for m in int8.modules() if type(m).__name__ == "BF16ModuleWrapper"]
-    assert len(wrapped) == want["bf16"] and all(m.module.weight.dtype == torch.bfloat16 for m in wrapped)
-    assert kinds.get(recipe.DYNAMIC_INT8, 0) == want["dynamic"]
-    assert kinds.get("torch.nn.modules.linear.Linear", 0) == want["fp32"] + want["bf16"]
-    assert sum(want.values()) == 61
     assert report["modules"] == kinds  # the report describes the folder that ships
-    linear = int8.model.layers[0].self_attn.q_proj
-    inner = getattr(linear, "module", linear)
-    w = inner.weight()
-    assert w.dtype == torch.qint8 and w.qscheme() == torch.per_channel_affine
-    assert report["disk_bytes"] < 0.8 * 2 * 134_515_008  # well under the BF16 size on disk
+    leaves = dict(_leaf_linears(int8))
+    assert len(leaves) == 211  # 30 layers x 7 Linears + lm_head
+    int8_leaves = {n: m for n, m in leaves.items() if type(m) is not torch.nn.Linear}
+    assert len(int8_leaves) >= 150
+    for m in int8_leaves.values():  # real INT8 weights, per output channel, in FBGEMM-packed modules
+        w = m.weight()
+        assert w.dtype == torch.qint8 and w.qscheme() == torch.per_channel_affine
+    # every Linear runs what the recipe says: static INT8 unless its tail names another mode
+    rec = recipe.RECIPES[report["recipe"]["name"]]
+    kind = {"dynamic": recipe.DYNAMIC_INT8, "bf16": "torch.nn.modules.linear.Linear",
+            "fp32": "torch.nn.modules.linear.Linear"}
+    for name, mod in leaves.items():
+        modes = [mode for pattern, mode in rec.tail if re.fullmatch(pattern, name)]
+        got = f"{type(mod).__module__}.{type(mod).__name__}"
+        assert got == (kind[modes[0]] if modes else recipe.STATIC_INT8), (name, got)
+        if modes and modes[0] != "dynamic":
+            assert mod.weight.dtype == (torch.bfloat16 if modes[0] == "bf16" else torch.float32), name
+    assert report["disk_bytes"] < 2 * 134_515_008  # smaller than the BF16 weights, even with a BF16 tail
 
 
 def test_smoothquant_was_applied(report):
