@@ -11,6 +11,8 @@ import pytest
 import requests
 from conftest import ARTIFACTS, ROOT, _free_port
 
+from app import DEFAULT_SYSTEM
+
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("Q8CHAT_CHROMIUM", "/usr/bin/chromium")
 BOT = '#chatbot [data-testid="bot"]'  # an assistant message in Gradio 6's chatbot
@@ -61,8 +63,8 @@ def test_chat_api_streams_int8_and_fills_the_panel(app_url):
     from gradio_client import Client
 
     client = Client(app_url, verbose=False)
-    job = client.submit("What is the capital of France?", [], "You are a helpful assistant.", 24, 0.0, 0.95,
-                        True, api_name="/chat")
+    job = client.submit("What is the capital of France?", [], DEFAULT_SYSTEM, 24, 0.0, 0.95, True,
+                        api_name="/chat")
     updates = list(job)  # every streamed update
     history, box, chart, table, bf16_answer, notice = job.result()
     assert box == ""
