@@ -264,8 +264,15 @@ def make_dynamic(qmodel: nn.Module, q_config: dict, patterns: tuple[str, ...]) -
     for name in names:
         mod = qmodel.get_submodule(name)
         mod.qconfig = per_channel_dynamic_qconfig
-        parent, _, child = name.rpartition(".")
-        setattr(qmodel.get_submodule(parent) if parent else qmodel, child, DynamicLinear.from_float(mod))
+        parent_name, _, child = name.rpartition(".")
+        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
+        setattr(parent, child, DynamicLinear.from_float(mod))
+        if isinstance(parent, torch.fx.GraphModule):
+            # INC copied the FP32 Linear's weight/bias onto its graph wrapper; INC's loader does not, so the
+            # stale aliases would be "unexpected keys" when the folder is loaded.
+            for attr in ("weight", "bias"):
+                parent.__dict__.get("_parameters", {}).pop(attr, None)
+                parent.__dict__.pop(attr, None)
     _set_op_config(q_config, names, {
         "weight": {"dtype": "int8", "scheme": "sym", "granularity": "per_channel", "algorithm": "minmax"},
         "activation": {"dtype": "uint8", "scheme": "asym", "granularity": "per_tensor", "algorithm": "placeholder",
@@ -281,7 +288,8 @@ def make_bf16(qmodel: nn.Module, q_config: dict, patterns: tuple[str, ...]) -> l
 
     names = _tail_modules(qmodel, patterns)
     _set_op_config(q_config, names, {"weight": {"dtype": "bf16"}, "activation": {"dtype": "bf16"}})
-    ops = _op_keys(q_config, names)
+    # bare names: INC's Convert wraps "x" for both "x" and "x.module", and would wrap a GraphModule twice
+    ops = [(name.removesuffix(".module"), kind) for name, kind in _op_keys(q_config, names)]
     q_config["bf16_ops_list"] = list(q_config.get("bf16_ops_list") or []) + ops
     Convert(qmodel, {"bf16_ops_list": ops})
     return names
