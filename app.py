@@ -70,6 +70,30 @@ class Engine:
 ENGINE = Engine()
 
 
+def settled_rss() -> int:
+    """Resident memory once temporaries of a load are freed (glibc keeps freed pages unless trimmed)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return latency.rss_bytes()
+
+
+def load_resident(side: Side, load) -> None:
+    """Load a model and record the resident memory it adds, after one forward pass so that memory-mapped
+    weights are actually paged in."""
+    before = settled_rss()
+    side.model = load()
+    with torch.inference_mode():
+        side.model(input_ids=torch.tensor([[1, 2, 3]]))
+    side.rss_bytes = max(settled_rss() - before, 0)
+    side.weight_bytes = models.weight_bytes(side.model)
+
+
 def default_int8_dir(bf16_arg: str | None) -> Path:
     slug = re.sub(r"[^\w.-]+", "--", bf16_arg or "default").strip("-")
     return models.cache_dir() / "int8" / slug
@@ -84,10 +108,7 @@ def load_models(engine: Engine = ENGINE) -> None:
         engine.status = "Loading the BF16 model…"
         src = models.resolve_model(bf16_arg)
         engine.tokenizer = models.load_tokenizer(src)
-        before = latency.rss_bytes()
-        engine.bf16.model = models.load_bf16(src)
-        engine.bf16.rss_bytes = latency.rss_bytes() - before
-        engine.bf16.weight_bytes = models.weight_bytes(engine.bf16.model)
+        load_resident(engine.bf16, lambda: models.load_bf16(src))
         engine.bf16.label = f"BF16 · {bf16_arg or models.DEFAULT_MODEL_LABEL}"
     except Exception as e:  # noqa: BLE001 - any failure here must reach the page, not kill the app
         engine.bf16.error = str(e)
@@ -103,10 +124,7 @@ def load_models(engine: Engine = ENGINE) -> None:
                                  "2 cores; cached afterwards)…")
                 build_int8(bf16_arg, int8_dir)
         engine.status = "Loading the INT8 model…"
-        before = latency.rss_bytes()
-        engine.int8.model = models.load_int8(int8_dir)
-        engine.int8.rss_bytes = latency.rss_bytes() - before
-        engine.int8.weight_bytes = models.weight_bytes(engine.int8.model)
+        load_resident(engine.int8, lambda: models.load_int8(int8_dir))
         engine.int8.label = f"INT8 · {int8_arg or int8_dir.name}"
         report = Path(int8_dir) / "quantize_report.json"
         engine.report = json.loads(report.read_text()) if report.is_file() else None
