@@ -248,16 +248,15 @@ def table_md(a: dict | None, b: dict | None, engine: Engine = ENGINE, spread: bo
 
 # ---------------------------------------------------------------- chat
 
-def _timed_text(model, ids: list[int], sampling: Sampling, on_text) -> latency.Timing:
+def decode_timed(model, ids: list[int], sampling: Sampling, timing: latency.Timing):
+    """The one decode-and-time loop of the app: stamps `timing` and yields the answer so far after every token."""
     tok = ENGINE.tokenizer
-    timing = latency.Timing(time.perf_counter())
     out: list[int] = []
     for step in stream(model, torch.tensor([ids]), sampling, eos_ids={tok.eos_token_id}):
         timing.stamps.append(step.t)
         if step.token_id != tok.eos_token_id:
             out.append(step.token_id)
-        on_text(tok.decode(out, skip_special_tokens=True))
-    return timing
+        yield tok.decode(out, skip_special_tokens=True)
 
 
 def respond(message: str, history: list[dict], system: str, max_new_tokens: float, temperature: float,
@@ -292,29 +291,20 @@ def respond(message: str, history: list[dict], system: str, max_new_tokens: floa
               "out of this prompt." if dropped else "")
     history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
     side = ENGINE.chat_side()
-    answer = {"text": ""}
-
-    def show(t: str) -> None:
-        answer["text"] = t
-
     with ENGINE.lock:  # one generation at a time: both models share the CPU
         timing = latency.Timing(time.perf_counter())
-        gen = stream(side.model, torch.tensor([ids]), sampling, eos_ids={ENGINE.tokenizer.eos_token_id})
-        out: list[int] = []
-        for step in gen:
-            timing.stamps.append(step.t)
-            if step.token_id != ENGINE.tokenizer.eos_token_id:
-                out.append(step.token_id)
-            history[-1] = {"role": "assistant", "content": ENGINE.tokenizer.decode(out, skip_special_tokens=True)}
+        for text in decode_timed(side.model, ids, sampling, timing):
+            history[-1] = {"role": "assistant", "content": text}
             yield history, "", gr.skip(), gr.skip(), gr.skip(), notice
         int8_timing = timing if side is ENGINE.int8 else None
         chart, table = panel(int8_timing, None if int8_timing else timing)
         yield history, "", chart, table, gr.skip(), notice
         if compare and ENGINE.compare_available:
             yield history, "", chart, "⏳ Running the same prompt on BF16…\n\n" + table, "", notice
-            bf16_timing = _timed_text(ENGINE.bf16.model, ids, sampling, show)
+            bf16_timing = latency.Timing(time.perf_counter())
+            *_, bf16_answer = decode_timed(ENGINE.bf16.model, ids, sampling, bf16_timing)
             chart, table = panel(int8_timing, bf16_timing)
-            yield history, "", chart, table, answer["text"], notice
+            yield history, "", chart, table, bf16_answer, notice
 
 
 def retry(history: list[dict]):
