@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -170,7 +171,7 @@ def text_of(content) -> str:
 
 
 def clean(message: str) -> str:
-    return CONTROL_CHARS.sub("", message or "").strip()
+    return CONTROL_CHARS.sub("", message if isinstance(message, str) else "").strip()
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
@@ -203,7 +204,7 @@ def build_prompt(tokenizer, system: str, history: list[dict], message: str,
         ids = encode_chat(tokenizer, head + kept + [{"role": "user", "content": message}])
         if len(ids) <= budget:
             return ids, dropped
-    raise ValueError(f"The message is {len(ids)} tokens with the system prompt; the limit is {budget}.")
+    raise ValueError(f"The message is {len(ids)} tokens with the system prompt; the limit is {budget}. Shorten it.")
 
 
 # ---------------------------------------------------------------- the side panel
@@ -248,63 +249,177 @@ def table_md(a: dict | None, b: dict | None, engine: Engine = ENGINE, spread: bo
 
 # ---------------------------------------------------------------- chat
 
-def decode_timed(model, ids: list[int], sampling: Sampling, timing: latency.Timing):
-    """The one decode-and-time loop of the app: stamps `timing` and yields the answer so far after every token."""
+UI_INTERVAL_S = 0.1  # the page is refreshed at most this often; tokens arriving in between are shown together
+
+
+@dataclass
+class Run:
+    """One visitor's generation in progress: Stop and Clear reach it through the session's entry in RUNS."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False  # Clear: end without showing anything more
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+RUNS: dict[str, Run] = {}
+
+
+def decode_timed(model, ids: list[int], sampling: Sampling, timing: latency.Timing, stop: threading.Event):
+    """The one decode-and-time loop of the app. The model runs in a worker thread that only stamps tokens, so
+    the per-token times measure the model, not the page; this generator yields the answer so far at most every
+    UI_INTERVAL_S. Closing it (a stop, a disconnect) stops the worker before returning, so the CPU is free."""
     tok = ENGINE.tokenizer
+    steps: queue.SimpleQueue = queue.SimpleQueue()
+    halt = threading.Event()  # ours, so that a normal end is not mistaken for the visitor's Stop
+
+    def work() -> None:
+        try:
+            for step in stream(model, torch.tensor([ids]), sampling, eos_ids={tok.eos_token_id}, stop=halt):
+                timing.stamps.append(step.t)
+                steps.put(step.token_id)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            steps.put(e)
+        finally:
+            steps.put(None)
+
+    worker = threading.Thread(target=work, daemon=True, name="decode")
+    worker.start()
     out: list[int] = []
-    for step in stream(model, torch.tensor([ids]), sampling, eos_ids={tok.eos_token_id}):
-        timing.stamps.append(step.t)
-        if step.token_id != tok.eos_token_id:
-            out.append(step.token_id)
-        yield tok.decode(out, skip_special_tokens=True)
+    try:
+        finished = False
+        while not finished:
+            item = steps.get()
+            if stop.is_set():
+                halt.set()
+            time.sleep(UI_INTERVAL_S)  # let tokens accumulate: one page update for all of them
+            while True:
+                if item is None:
+                    finished = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if item != tok.eos_token_id:
+                    out.append(item)
+                try:
+                    item = steps.get_nowait()
+                except queue.Empty:
+                    break
+            yield tok.decode(out, skip_special_tokens=True)
+    finally:
+        halt.set()
+        worker.join()
+
+
+SETTINGS = {"max_new_tokens": (1, MAX_NEW_TOKENS), "temperature": (0.0, 2.0), "top_p": (0.05, 1.0)}
+
+
+def read_settings(max_new_tokens, temperature, top_p) -> tuple[Sampling, list[str]]:
+    """Sampling from what the page or an API client sent. Out-of-range numbers are brought into range and the
+    visitor told; what is not a number at all is refused (ValueError) with a sentence."""
+    values, notes = {}, []
+    for name, raw in zip(SETTINGS, (max_new_tokens, temperature, top_p)):
+        lo, hi = SETTINGS[name]
+        try:
+            v = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number between {lo} and {hi}, not {raw!r}.") from None
+        if v != v:  # NaN
+            raise ValueError(f"{name} must be a number between {lo} and {hi}, not NaN.")
+        if not lo <= v <= hi:
+            notes.append(f"{name} {raw} is outside [{lo}, {hi}]; used {min(max(v, lo), hi):g}.")
+        values[name] = min(max(v, lo), hi)
+    return Sampling(max_new_tokens=int(values["max_new_tokens"]), temperature=values["temperature"],
+                    top_p=values["top_p"], seed=int(time.time())), notes
 
 
 def respond(message: str, history: list[dict], system: str, max_new_tokens: float, temperature: float,
-            top_p: float, compare: bool):
+            top_p: float, compare: bool, request: gr.Request = None):
     """Streams (chatbot, textbox, chart, table, bf16 answer, notice). A refused message stays in the box."""
-    history = list(history or [])
-    keep = (history, message, gr.skip(), gr.skip(), gr.skip(), gr.skip())
+    history = [] if history is None else history
+
+    def refuse(why: str):
+        """The reason as a toast and under the chat; the history and the typed text are kept as they were."""
+        gr.Warning(why)
+        return (history if isinstance(history, list) else []), message, gr.skip(), gr.skip(), gr.skip(), "⚠️ " + why
+
+    if not isinstance(history, list) or not all(isinstance(m, dict) and "role" in m for m in history):
+        yield refuse("The chat history must be a list of {role, content} messages.")
+        return
+    history = list(history)
     if not ENGINE.ready:
-        gr.Warning(ENGINE.status or "The models are still loading; try again in a moment.")
-        yield keep
+        yield refuse(ENGINE.status or "The models are still loading; try again in a moment.")
         return
     text = clean(message)
     if not text:
-        gr.Warning("Type a message first.")
-        yield keep
+        yield refuse("Type a message first.")
         return
     if len(text) > MAX_MESSAGE_CHARS:
-        gr.Warning(f"That message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}. "
-                   "Shorten it — your text is still in the box.")
-        yield keep
+        yield refuse(f"That message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}. "
+                     "Shorten it — your text is still in the box.")
         return
     try:
-        sampling = Sampling(max_new_tokens=int(min(max(max_new_tokens, 1), MAX_NEW_TOKENS)),
-                            temperature=float(min(max(temperature, 0.0), 2.0)),
-                            top_p=float(min(max(top_p, 0.05), 1.0)), seed=int(time.time()))
-        ids, dropped = build_prompt(ENGINE.tokenizer, system or "", history, text)
+        sampling, adjusted = read_settings(max_new_tokens, temperature, top_p)
+        ids, dropped = build_prompt(ENGINE.tokenizer, system if isinstance(system, str) else "", history, text)
     except ValueError as e:
-        gr.Warning(f"{e} Shorten it — your text is still in the box.")
-        yield keep
+        yield refuse(f"{e} Your text is still in the box.")
         return
-    notice = (f"Note: the conversation is longer than the model's window: the {dropped} oldest messages were left "
-              "out of this prompt." if dropped else "")
+    notes = adjusted + ([f"The conversation is longer than the model's window: the {dropped} oldest messages "
+                         "were left out of this prompt."] if dropped else [])
+    notice = " ".join(f"Note: {n}" for n in notes)
     history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
     side = ENGINE.chat_side()
+    run = Run()
+    session = getattr(request, "session_hash", None) or f"anon-{id(run)}"
     with ENGINE.lock:  # one generation at a time: both models share the CPU
-        timing = latency.Timing(time.perf_counter())
-        for text in decode_timed(side.model, ids, sampling, timing):
-            history[-1] = {"role": "assistant", "content": text}
-            yield history, "", gr.skip(), gr.skip(), gr.skip(), notice
-        int8_timing = timing if side is ENGINE.int8 else None
-        chart, table = panel(int8_timing, None if int8_timing else timing)
-        yield history, "", chart, table, gr.skip(), notice
-        if compare and ENGINE.compare_available:
-            yield history, "", chart, "⏳ Running the same prompt on BF16…\n\n" + table, "", notice
-            bf16_timing = latency.Timing(time.perf_counter())
-            *_, bf16_answer = decode_timed(ENGINE.bf16.model, ids, sampling, bf16_timing)
-            chart, table = panel(int8_timing, bf16_timing)
-            yield history, "", chart, table, bf16_answer, notice
+        RUNS[session] = run
+        try:
+            timing = latency.Timing(time.perf_counter())
+            for answer in decode_timed(side.model, ids, sampling, timing, run.stop):
+                if run.abandoned:
+                    return
+                history[-1] = {"role": "assistant", "content": answer}
+                yield history, "", gr.skip(), gr.skip(), gr.skip(), notice
+            if run.abandoned:
+                return
+            int8_timing = timing if side is ENGINE.int8 else None
+            chart, table = panel(int8_timing, None if int8_timing else timing)
+            if run.stop.is_set():
+                yield history, "", chart, "Stopped: BF16 was not run for this reply.\n\n" + table, "", notice
+                return
+            yield history, "", chart, table, gr.skip(), notice
+            if compare and ENGINE.compare_available:
+                yield history, "", chart, "⏳ Running the same prompt on BF16…\n\n" + table, "", notice
+                bf16_timing = latency.Timing(time.perf_counter())
+                bf16_answer = ""
+                for bf16_answer in decode_timed(ENGINE.bf16.model, ids, sampling, bf16_timing, run.stop):
+                    if run.abandoned:
+                        return
+                    yield history, "", gr.skip(), gr.skip(), bf16_answer, notice
+                chart, table = panel(int8_timing, bf16_timing)
+                if run.stop.is_set():
+                    table = "Stopped during the BF16 run: its numbers cover the tokens it produced.\n\n" + table
+                yield history, "", chart, table, bf16_answer, notice
+        finally:
+            if RUNS.get(session) is run:
+                del RUNS[session]
+            run.done.set()
+
+
+def stop_run(request: gr.Request) -> None:
+    """Stop this visitor's generation where it is; what was written stays, the panel shows its numbers."""
+    run = RUNS.get(request.session_hash)
+    if run is not None:
+        run.stop.set()
+
+
+def clear_run(request: gr.Request):
+    """Stop this visitor's generation, wait until it has let go of the CPU, then empty the chat."""
+    run = RUNS.get(request.session_hash)
+    if run is not None:
+        run.abandoned = True
+        run.stop.set()
+        run.done.wait(10)
+    return [], "", "", "", gr.LinePlot(visible=False), "Send a message to see INT8 and BF16 side by side."
 
 
 def retry(history: list[dict]):
@@ -423,14 +538,15 @@ def build_ui() -> gr.Blocks:
         ins = [box, chatbot, system, max_new, temperature, top_p, compare]
         # One CPU-bound job at a time across chat and benchmark: the two models share the cores.
         kw = dict(concurrency_id="cpu", concurrency_limit=1)
-        ev_submit = box.submit(respond, ins, outs, api_name="chat", **kw)
-        ev_send = send.click(respond, ins, outs, api_visibility="private", **kw)
-        ev_retry = again.click(retry, chatbot, [chatbot, box], queue=False, api_visibility="private").then(
+        box.submit(respond, ins, outs, api_name="chat", **kw)
+        send.click(respond, ins, outs, api_visibility="private", **kw)
+        again.click(retry, chatbot, [chatbot, box], queue=False, api_visibility="private").then(
             respond, ins, outs, api_visibility="private", **kw)
-        stop.click(None, cancels=[ev_submit, ev_send, ev_retry], queue=False)
-        clear.click(lambda: ([], "", "", "", gr.LinePlot(visible=False)),
-                    None, [chatbot, notice, bf16_text, box, chart], cancels=[ev_submit, ev_send, ev_retry],
-                    queue=False, api_visibility="private")
+        # Stop and Clear end the run cooperatively (never a cancelled job): the worker stops at the next token,
+        # the text so far stays, and the CPU is free at once.
+        stop.click(stop_run, None, None, queue=False, api_name="stop")
+        clear.click(clear_run, None, [chatbot, notice, bf16_text, box, chart, table], queue=False,
+                    api_visibility="private")
         b_run.click(run_benchmark, [b_tokens, b_rounds], [b_chart, b_table], api_name="benchmark", **kw)
 
         def status() -> dict:

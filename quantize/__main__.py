@@ -8,6 +8,7 @@ at --out in one rename, so --out never holds a mix of old and new files.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -224,6 +225,12 @@ def _stages(args, rec, stages: Stages, steps, tok, bf16, src, base_id: str, cali
     return report
 
 
+def disk_full(path: Path, reserve: int = 64 * 2**20) -> bool:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free < reserve
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if os.environ.get("Q8CHAT_VERBOSE") else logging.WARNING,
                         format="%(levelname)s %(message)s")
@@ -235,6 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         code = run(args)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as a RuntimeError from its zip writer, so the disk itself is asked.
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or disk_full(args.out)
+        if not full:
+            raise
+        # Nothing half-written reaches --out: everything is written under <out>.partial and moved in at the end.
+        print(f"error: the disk is full while writing under {args.out.parent} ({str(e)[:120]}); {args.out} is "
+              f"unchanged. Free some space and rerun the same command: finished stages in {args.out}.partial "
+              "are kept.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same command to resume from {args.out}.partial", file=sys.stderr)

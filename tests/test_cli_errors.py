@@ -93,3 +93,34 @@ def test_stages_resume_only_the_same_run(tmp_path):
     assert Stages(partial, fingerprint(args)).get("quantize") == {"seconds": 1}  # a rerun resumes
     args.alpha = 0.7
     assert Stages(partial, fingerprint(args)).get("quantize") is None  # other arguments start over
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: enough for the stage records, too small for the INT8 weights."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True,
+                           text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {mount.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_while_saving(tmp_path, small_disk, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tmp_path / "tiny"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    out = small_disk / "o"
+    msg = _error(run_cli("--model", str(model), "--out", str(out), "--skip-baseline", "--calibration-samples", "4",
+                         "--bench-tokens", "4", "--bench-rounds", "1", timeout=900))
+    assert "disk is full" in msg and "rerun the same command" in msg
+    assert not out.exists()  # nothing half-written where the app looks for the model
