@@ -117,7 +117,7 @@ def load_models(engine: Engine = ENGINE) -> None:
     try:
         if int8_arg:
             engine.status = f"Loading the INT8 model {int8_arg}…"
-            int8_dir = models.resolve_model(int8_arg, revision=os.environ.get("Q8CHAT_INT8_REVISION") or None)
+            int8_dir = models.resolve_int8(int8_arg, revision=os.environ.get("Q8CHAT_INT8_REVISION") or None)
         else:
             int8_dir = default_int8_dir(bf16_arg)
             if not models.is_int8_folder(int8_dir):
@@ -262,6 +262,8 @@ class Run:
 
 
 RUNS: dict[str, Run] = {}
+MAX_SESSIONS_REMEMBERED = 10_000
+CLEARS: dict[str, int] = {}  # per session, how many times Clear was pressed: replies asked for before are dropped
 
 
 def decode_timed(model, ids: list[int], sampling: Sampling, timing: latency.Timing, stop: threading.Event):
@@ -310,7 +312,9 @@ def decode_timed(model, ids: list[int], sampling: Sampling, timing: latency.Timi
         worker.join()
 
 
-SETTINGS = {"max_new_tokens": (1, MAX_NEW_TOKENS), "temperature": (0.0, 2.0), "top_p": (0.05, 1.0)}
+# The sliders' ranges. Gradio refuses API values outside them with its own sentence ("Value 300 is greater than
+# maximum value 256."); read_settings clamps again for callers that bypass the sliders.
+SETTINGS = {"max_new_tokens": (8, MAX_NEW_TOKENS), "temperature": (0.0, 1.5), "top_p": (0.05, 1.0)}
 
 
 def read_settings(max_new_tokens, temperature, top_p) -> tuple[Sampling, list[str]]:
@@ -333,8 +337,14 @@ def read_settings(max_new_tokens, temperature, top_p) -> tuple[Sampling, list[st
 
 
 def respond(message: str, history: list[dict], system: str, max_new_tokens: float, temperature: float,
-            top_p: float, compare: bool, request: gr.Request = None):
-    """Streams (chatbot, textbox, chart, table, bf16 answer, notice). A refused message stays in the box."""
+            top_p: float, compare: bool, clears: int = 0, request: gr.Request = None):
+    """Streams (chatbot, textbox, chart, table, bf16 answer, notice). A refused message stays in the box.
+    `clears` is the session's Clear count when the visitor asked: a reply still queued when Clear was pressed
+    is not started."""
+    session = getattr(request, "session_hash", None)
+    if session and (clears or 0) < CLEARS.get(session, 0):
+        yield (gr.skip(),) * 6
+        return
     history = [] if history is None else history
 
     def refuse(why: str):
@@ -369,17 +379,19 @@ def respond(message: str, history: list[dict], system: str, max_new_tokens: floa
     history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
     side = ENGINE.chat_side()
     run = Run()
-    session = getattr(request, "session_hash", None) or f"anon-{id(run)}"
+    session = session or f"anon-{id(run)}"
+    gone = False
     with ENGINE.lock:  # one generation at a time: both models share the CPU
         RUNS[session] = run
         try:
             timing = latency.Timing(time.perf_counter())
             for answer in decode_timed(side.model, ids, sampling, timing, run.stop):
                 if run.abandoned:
-                    return
+                    break
                 history[-1] = {"role": "assistant", "content": answer}
                 yield history, "", gr.skip(), gr.skip(), gr.skip(), notice
-            if run.abandoned:
+            if run.abandoned:  # Clear: our last word agrees with Clear's, whichever reaches the page last
+                yield [], "", gr.skip(), gr.skip(), "", ""
                 return
             int8_timing = timing if side is ENGINE.int8 else None
             chart, table = panel(int8_timing, None if int8_timing else timing)
@@ -393,16 +405,24 @@ def respond(message: str, history: list[dict], system: str, max_new_tokens: floa
                 bf16_answer = ""
                 for bf16_answer in decode_timed(ENGINE.bf16.model, ids, sampling, bf16_timing, run.stop):
                     if run.abandoned:
-                        return
+                        break
                     yield history, "", gr.skip(), gr.skip(), bf16_answer, notice
+                if run.abandoned:
+                    yield [], "", gr.skip(), gr.skip(), "", ""
+                    return
                 chart, table = panel(int8_timing, bf16_timing)
                 if run.stop.is_set():
                     table = "Stopped during the BF16 run: its numbers cover the tokens it produced.\n\n" + table
                 yield history, "", chart, table, bf16_answer, notice
+        except GeneratorExit:  # Gradio closes us when the visitor disconnects; decode_timed has stopped the model
+            gone = True
+            raise
         finally:
             if RUNS.get(session) is run:
                 del RUNS[session]
             run.done.set()
+            log.info("reply: %d tokens on %s%s", len(timing.stamps), side.label,
+                     " (stopped: visitor left)" if gone else " (stopped)" if run.stop.is_set() else "")
 
 
 def stop_run(request: gr.Request) -> None:
@@ -413,13 +433,18 @@ def stop_run(request: gr.Request) -> None:
 
 
 def clear_run(request: gr.Request):
-    """Stop this visitor's generation, wait until it has let go of the CPU, then empty the chat."""
+    """Stop this visitor's generation, wait until it has let go of the CPU, then empty the chat; replies
+    still waiting in the queue are dropped."""
+    CLEARS[request.session_hash] = CLEARS.get(request.session_hash, 0) + 1
+    if len(CLEARS) > MAX_SESSIONS_REMEMBERED:  # bounded (demo.unload would do it, but breaks Gradio 6's Examples)
+        CLEARS.pop(next(iter(CLEARS)))
     run = RUNS.get(request.session_hash)
     if run is not None:
         run.abandoned = True
         run.stop.set()
         run.done.wait(10)
-    return [], "", "", "", gr.LinePlot(visible=False), "Send a message to see INT8 and BF16 side by side."
+    return ([], "", "", "", gr.LinePlot(visible=False), "Send a message to see INT8 and BF16 side by side.",
+            CLEARS[request.session_hash])
 
 
 def retry(history: list[dict]):
@@ -512,9 +537,10 @@ def build_ui() -> gr.Blocks:
                     gr.Examples(examples(), inputs=box, label="Try")
                     with gr.Accordion("System prompt and generation settings", open=False):
                         system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2)
-                        max_new = gr.Slider(8, MAX_NEW_TOKENS, value=128, step=8, label="Max new tokens")
-                        temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-                        top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+                        max_new = gr.Slider(*SETTINGS["max_new_tokens"], value=128, step=8, label="Max new tokens")
+                        temperature = gr.Slider(*SETTINGS["temperature"], value=0.0, step=0.05,
+                                                label="Temperature (0 = greedy)")
+                        top_p = gr.Slider(*SETTINGS["top_p"], value=0.95, step=0.05, label="Top-p")
                         compare = gr.Checkbox(True, label="After each reply, run BF16 on the same prompt")
                 with gr.Column(scale=2, min_width=300, elem_id="panel"):
                     gr.Markdown("### Per-token latency, this reply")
@@ -534,8 +560,9 @@ def build_ui() -> gr.Blocks:
             b_table = gr.Markdown(elem_id="bench-table")
             quality = gr.Markdown(elem_id="quality")
 
+        clears = gr.State(0)
         outs = [chatbot, box, chart, table, bf16_text, notice]
-        ins = [box, chatbot, system, max_new, temperature, top_p, compare]
+        ins = [box, chatbot, system, max_new, temperature, top_p, compare, clears]
         # One CPU-bound job at a time across chat and benchmark: the two models share the cores.
         kw = dict(concurrency_id="cpu", concurrency_limit=1)
         box.submit(respond, ins, outs, api_name="chat", **kw)
@@ -545,14 +572,15 @@ def build_ui() -> gr.Blocks:
         # Stop and Clear end the run cooperatively (never a cancelled job): the worker stops at the next token,
         # the text so far stays, and the CPU is free at once.
         stop.click(stop_run, None, None, queue=False, api_name="stop")
-        clear.click(clear_run, None, [chatbot, notice, bf16_text, box, chart, table], queue=False,
+        clear.click(clear_run, None, [chatbot, notice, bf16_text, box, chart, table, clears], queue=False,
                     api_visibility="private")
         b_run.click(run_benchmark, [b_tokens, b_rounds], [b_chart, b_table], api_name="benchmark", **kw)
 
         def status() -> dict:
             """Whether the models are loaded, and what runs; for clients and health checks."""
             return {"ready": ENGINE.ready, "status": ENGINE.status, "int8_error": ENGINE.int8.error,
-                    "bf16_error": ENGINE.bf16.error, "compare": ENGINE.compare_available}
+                    "bf16_error": ENGINE.bf16.error, "compare": ENGINE.compare_available,
+                    "busy": ENGINE.lock.locked(), "rss_bytes": settled_rss()}
 
         gr.api(status, api_name="status")
 
@@ -578,7 +606,7 @@ def main() -> None:
         server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if on_space else "127.0.0.1"),
         theme=gr.themes.Soft(primary_hue="indigo", neutral_hue="slate"),
         css_paths=[ASSETS / "style.css"],
-        show_error=False,
+        show_error=True,  # API clients get Gradio's validation sentence, not 'an exception was raised'
         footer_links=["api"],
     )
 

@@ -59,13 +59,21 @@ def time_generation(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens:
     return timing
 
 
+def timed(model, input_ids: torch.Tensor, new_tokens: int) -> Timing:
+    """time_generation for a torch model; a peer engine (llama.cpp in quantize/bench.py) brings its own loop as a
+    `time_generation(input_ids, new_tokens)` method, stamped the same way."""
+    own = getattr(model, "time_generation", None)
+    return own(input_ids, new_tokens) if own is not None else time_generation(model, input_ids, new_tokens)
+
+
 def interleaved(models: dict[str, torch.nn.Module], prompts: list[torch.Tensor], new_tokens: int, rounds: int,
                 progress=None) -> dict:
     """Run every model on every prompt, `rounds` times, alternating the order each round so drift (thermal,
-    other processes) hits both. Returns per-model summaries and the per-round ratio of median ms/token."""
+    other processes) hits both. Returns per-model summaries and the per-round ratio of median ms/token.
+    A model may also be a peer engine with its own `time_generation` method (see `timed`)."""
     names = list(models)
     for name in names:  # warm-up: first calls pay for allocations and FBGEMM packing
-        time_generation(models[name], prompts[0], min(4, new_tokens))
+        timed(models[name], prompts[0], min(4, new_tokens))
     per_round: list[dict[str, list[float]]] = []
     ttft: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -73,7 +81,7 @@ def interleaved(models: dict[str, torch.nn.Module], prompts: list[torch.Tensor],
         got: dict[str, list[float]] = {n: [] for n in names}
         for ids in prompts:
             for name in order:
-                t = time_generation(models[name], ids, new_tokens)
+                t = timed(models[name], ids, new_tokens)
                 got[name] += t.decode_ms
                 ttft[name].append(t.ttft_ms)
                 if progress:

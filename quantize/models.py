@@ -178,6 +178,22 @@ def resolve_model(model: str | None, revision: str | None = None, token: str | N
         raise ModelError(f"The Hub refused {model!r}: HTTP {e.response.status_code if e.response else '?'}.") from e
 
 
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def resolve_int8(model: str, revision: str | None = None, token: str | None = None) -> Path:
+    """Like resolve_model, for an INT8 model. Its weights are a pickle (pytorch_model.bin, the format INC's
+    loader reads), and unpickling runs code, so from the Hub it is only taken at a revision pinned by commit
+    hash, which nobody can move to different content after it was reviewed."""
+    path = Path(model).expanduser()
+    is_hub_id = not (path.exists() or looks_like_path(model)) and REPO_ID.match(model)
+    if is_hub_id and not (revision and COMMIT_HASH.fullmatch(revision)):
+        raise ModelError(
+            f"The INT8 model {model!r} stores pickled weights, which are only loaded from the Hub at a commit "
+            f"hash: set Q8CHAT_INT8_REVISION to the 40-character commit (got {revision or 'none'!r}).")
+    return resolve_model(model, revision=revision, token=token)
+
+
 def is_int8_folder(path: Path) -> bool:
     return any((Path(path) / m).is_file() for m in INT8_MARKERS)
 

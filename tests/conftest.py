@@ -3,12 +3,14 @@ own LocalHub (tests/hub_server.py) ever listens, and every model comes from the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,9 @@ for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "Q8CHAT_INT8_M
 
 ARTIFACTS = ROOT / "artifacts"
 HUB_TOKEN = "hf_test_local_hub_token"
+# Planted in the environment of every app and CLI run the tests start; must never show up in what they print,
+# write or serve (tests/test_secrets.py scans for it).
+PLANTED_TOKEN = "hf_PLANTEDsecretTOKENxyz0123456789"
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -89,8 +94,60 @@ def int8_run(default_dir) -> dict:
 
     out = default_int8_dir(None)
     repo = "test-user/smollm2-int8"
+    if os.environ.get("Q8CHAT_TEST_REUSE_INT8") and (out / "inc_config.json").is_file():
+        # local iteration on app tests only (with Q8CHAT_TEST_CACHE): skips the 4-minute quantize run, so
+        # the tests that inspect that run or its pushed repo fail; CI never sets it
+        return {"out": out, "stdout": "", "stderr": "", "repo": repo, "pushed": {}}
     with local_hub(_SESSION / "hub-int8") as hub:
         proc = run_cli("--out", str(out), "--overwrite", "--push-to-hub", repo, env={"HF_TOKEN": HUB_TOKEN})
         pushed = hub.files(repo) if hub.head(repo) else {}
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr, "repo": repo, "pushed": pushed}
+
+
+@contextlib.contextmanager
+def running_app(log: Path, **env: str):
+    """`python app.py` as a visitor meets it, on a free loopback port; yields (url, process) once /status says
+    the models are loaded. The log is kept in artifacts/ for a failed CI run."""
+    import requests
+    from gradio_client import Client
+
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_TOKEN": PLANTED_TOKEN, **env}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "app did not become ready:\n" + log.read_text()[-3000:]
+            try:
+                if requests.get(url, timeout=2).ok and Client(url, verbose=False).predict(api_name="/status")["ready"]:
+                    break
+            except (requests.RequestException, ValueError, ConnectionError):
+                pass
+            time.sleep(1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / log.name).write_text(log.read_text())
+
+
+@pytest.fixture(scope="session")
+def app_server(int8_run, tmp_path_factory):
+    """The app on the embedded default model and the INT8 folder the maintainer command wrote."""
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with running_app(log) as (url, proc):
+        yield {"url": url, "proc": proc, "log": log}
+
+
+@pytest.fixture(scope="session")
+def app_url(app_server) -> str:
+    return app_server["url"]

@@ -85,3 +85,13 @@ def test_retry_returns_last_question():
     history = _history(2)
     h, q = app.retry(history)
     assert q.startswith("question 1") and len(h) == 2
+
+
+def test_read_settings_clamps_and_says_so():
+    sampling, notes = app.read_settings(100_000, -1, 0.5)
+    assert sampling.max_new_tokens == app.MAX_NEW_TOKENS and sampling.temperature == 0.0 and sampling.top_p == 0.5
+    assert len(notes) == 2 and "max_new_tokens 100000 is outside" in notes[0] and "used 0" in notes[1]
+    assert app.read_settings(64, 0.7, 0.9)[1] == []
+    for bad in ("lots", None, float("nan")):
+        with pytest.raises(ValueError, match="max_new_tokens must be a number"):
+            app.read_settings(bad, 0.0, 0.9)

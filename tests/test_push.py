@@ -68,3 +68,35 @@ def test_missing_token(folder, hub, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(ModelError, match="HF_TOKEN"):
         push(folder, "test-user/m")
+
+
+def test_push_killed_during_upload_leaves_last_commit_then_rerun_completes(folder, hub, tmp_path):
+    """kill -9 of the pushing process while the weights upload: the repo stays at its last complete commit with
+    nothing half-written visible, and pushing again completes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    push(folder, "test-user/m", token=HUB_TOKEN)
+    before, files_before = hub.head("test-user/m"), hub.files("test-user/m")
+    (folder / "pytorch_model.bin").write_bytes(os.urandom(2_500_000))
+    (folder / "added.txt").write_text("added")
+    hub.slow("lfs_upload", 30)  # the upload hangs long enough to be killed in the middle
+    code = f"from quantize.hub import push; push({str(folder)!r}, 'test-user/m')"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "HF_TOKEN": HUB_TOKEN})
+    deadline = time.monotonic() + 60
+    while hub.calls("lfs_upload") == 0:
+        assert proc.poll() is None and time.monotonic() < deadline, "the push never reached the upload"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert hub.head("test-user/m") == before and hub.files("test-user/m") == files_before
+
+    hub.slow("lfs_upload", 0)
+    push(folder, "test-user/m", token=HUB_TOKEN)
+    files = hub.files("test-user/m")
+    files.pop(".gitattributes")
+    assert files == _local(folder) and hub.head("test-user/m") != before

