@@ -370,7 +370,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"peak RSS {peak_rss / 2**20:.0f} MiB (whole process, every model loaded)")
 
     if args.json:
-        report = {"tokens": args.tokens, "rounds": args.rounds, "prompts": prompt_texts,
+        report = {"command": args.command,
+                  "created": time.strftime("%Y-%m-%d"), "tokens": args.tokens, "rounds": args.rounds,
+                  "prompts": prompt_texts,
                   "cpu": latency.describe_cpu().asdict(), "peer": peer_line, "peak_rss_bytes": peak_rss,
                   "models": sizes, "threads": {str(t): r for t, r in per_threads.items()}}
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -383,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if os.environ.get("Q8CHAT_VERBOSE") else logging.WARNING,
                         format="%(levelname)s %(message)s")
     args = parse_args(argv)
+    args.command = " ".join(["python -m quantize.bench", *(sys.argv[1:] if argv is None else argv)])
     try:
         return run(args)
     except ModelError as e:

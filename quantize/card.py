@@ -13,6 +13,7 @@ from quantize.recipe import Recipe
 MAX_PERPLEXITY_RATIO = 1.10
 MIN_TOP1_AGREEMENT = 0.85
 FRONTIER = Path(__file__).parent / "frontier.json"
+BENCH = Path(__file__).parent / "bench.json"  # the latest `python -m quantize.bench --json quantize/bench.json`
 PINNED = ["torch", "transformers", "optimum-intel", "optimum", "neural-compressor", "huggingface-hub", "numpy"]
 
 
@@ -53,6 +54,7 @@ def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir
         "disk_bytes": sum(f.stat().st_size for f in Path(int8_dir).glob("pytorch_model.bin")),
         "versions": versions(),
         "frontier": json.loads(FRONTIER.read_text()) if FRONTIER.is_file() else None,
+        "bench": json.loads(BENCH.read_text()) if BENCH.is_file() else None,
     }
     report["quality_bar"]["met"] = report["quality_bar"]["perplexity_ok"] and report["quality_bar"]["top1_ok"]
     return report
@@ -90,7 +92,33 @@ def frontier_table(frontier: dict | None) -> str:
     for v in frontier["variants"]:
         rows.append(f"| {v['name']} | {v['perplexity_ratio']:.3f} | {v['top1_agreement']:.3f} | "
                     f"{v.get('chat_top1_agreement', float('nan')):.3f} | "
-                    f"{v['int8_ms']:.1f} | {v['bf16_ms']:.1f} | {v['speedup']:.2f}x | {v['int8_weight_share']:.0%} |")
+                    f"{v['int8_ms']:.1f} | {v['bf16_ms']:.1f} | {v['speedup']:.2f}x | {v['int8_weight_share']:.0%} |"
+                    + (" ¹" if v.get("measured_by") else ""))
+    later = sorted({v["measured_by"] for v in frontier["variants"] if v.get("measured_by")})
+    if later:
+        rows += ["", "¹ measured later, by " + "; ".join(f"`{c}`" for c in later) + ". Speed-ups are same-run "
+                 "ratios against BF16 in each run; absolute ms are not comparable across runs."]
+    return "\n".join(rows)
+
+
+def bench_table(bench: dict | None) -> str:
+    """The latest speed benchmark, one row per thread count and engine, with each model's bandwidth floor."""
+    if not bench:
+        return "_No benchmark recorded yet: run `python -m quantize.bench --json quantize/bench.json`._"
+    cpu = bench["cpu"]
+    rows = [f"Measured by `{bench.get('command', 'python -m quantize.bench')}` on {bench.get('created', '?')} "
+            f"({cpu['model']}); {len(bench['prompts'])} prompts x {bench['tokens']} tokens x {bench['rounds']} "
+            "rounds, greedy, engines interleaved in one process.", "",
+            "| threads | engine | median ms/token | p10–p90 | tokens/s | MB read/token | floor ms | x floor | "
+            "speed-up vs BF16 |", "|---|---|---|---|---|---|---|---|---|"]
+    for threads, res in bench["threads"].items():
+        for name, m in res["models"].items():
+            speedup = res["models"]["bf16"]["median_ms"] / m["median_ms"]
+            rows.append(f"| {threads} | {name} | {m['median_ms']:.1f} | {m['p10_ms']:.1f}–{m['p90_ms']:.1f} | "
+                        f"{m['tokens_per_s']:.1f} | {m['bytes_per_token'] / 1e6:.0f} | {m['floor_ms']:.1f} | "
+                        f"{m['x_floor']:.2f} | {speedup:.2f}x |")
+        rows.append(f"| {threads} | | copy bandwidth {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s | | | | | | INT8/BF16 "
+                    f"per round: {', '.join(f'{r:.2f}' for r in res['speedup_per_round'])} |")
     return "\n".join(rows)
 
 
@@ -162,6 +190,10 @@ Hardware: {cpu['model']} ({isa}; {'native BF16' if cpu['native_bf16'] else 'no n
 
 Weights read per token: INT8 {report['speed'].get('weight_bytes', {}).get('int8', 0) / 1e6:.1f} MB, BF16
 {report['speed'].get('weight_bytes', {}).get('bf16', 0) / 1e6:.1f} MB; `pytorch_model.bin` {report['disk_bytes'] / 1e6:.1f} MB.
+
+## Speed benchmark
+
+{bench_table(report.get('bench'))}
 
 ## Frontier explored
 
