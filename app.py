@@ -126,7 +126,8 @@ def load_models(engine: Engine = ENGINE) -> None:
                 build_int8(bf16_arg, int8_dir)
         engine.status = "Loading the INT8 model…"
         load_resident(engine.int8, lambda: models.load_int8(int8_dir))
-        engine.int8.label = f"INT8 · {int8_arg or int8_dir.name}"
+        revision = os.environ.get("Q8CHAT_INT8_REVISION") if int8_arg else None
+        engine.int8.label = f"INT8 · {int8_arg or int8_dir.name}" + (f" @ {revision[:10]}" if revision else "")
         report = Path(int8_dir) / "quantize_report.json"
         engine.report = json.loads(report.read_text()) if report.is_file() else None
         if engine.tokenizer is None:

@@ -245,6 +245,66 @@ def default_peer_gguf() -> Path:
     return dst
 
 
+def gguf_q8_0_from_llama(folder: Path, dst: Path) -> Path:
+    """A Q8_0 GGUF of a Llama folder that uses the default model's tokenizer (the --build-config-model model):
+    its weights quantized with gguf-py's reference Q8_0, the tokenizer copied from the shipped GGUF. llama.cpp's
+    own converter is not part of any pinned package; this covers the one architecture the bench builds."""
+    import gguf
+    import numpy as np
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(folder)
+    src = gguf.GGUFReader(str(models.default_gguf_path()))
+    if cfg.model_type != "llama" or cfg.vocab_size != int(src.fields["llama.vocab_size"].contents()):
+        raise ModelError(f"{folder} is not a Llama with the default tokenizer; pass --peer-gguf with its Q8_0 GGUF.")
+    tmp = dst.with_name(dst.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for key, field in src.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[1] if len(field.types) > 1 else None
+            w.add_key_value(key, field.contents(), field.types[0], sub)
+
+    def permute(t: np.ndarray, heads: int) -> np.ndarray:  # HF's rotary layout -> llama.cpp's (as its converter)
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    state = models.load_bf16(folder).state_dict()
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(cfg.num_hidden_layers):
+        names.update({f"model.layers.{i}.{k}.weight": f"blk.{i}.{v}.weight" for k, v in per_layer.items()})
+    for hf_name, gg_name in names.items():
+        t = state[hf_name].float().numpy()
+        if gg_name.endswith("attn_q.weight"):
+            t = permute(t, cfg.num_attention_heads)
+        elif gg_name.endswith("attn_k.weight"):
+            t = permute(t, cfg.num_key_value_heads)
+        if t.ndim == 1:  # norms stay F32, as llama.cpp's converter keeps them
+            w.add_tensor(gg_name, t.astype(np.float32))
+        else:
+            w.add_tensor(gg_name, gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, dst)
+    return dst
+
+
 def find_peer(args: argparse.Namespace, bf16_is_default: bool) -> tuple[Path | None, str]:
     """(GGUF path, what it is) or (None, why the peer is skipped)."""
     if not args.peer and args.peer_gguf is None:
@@ -260,7 +320,12 @@ def find_peer(args: argparse.Namespace, bf16_is_default: bool) -> tuple[Path | N
             raise ModelError(f"--peer-gguf {args.peer_gguf} is not a readable GGUF file ({e}).") from None
         return args.peer_gguf, f"peer: {args.peer_gguf} ({kind}, given by --peer-gguf)"
     if not bf16_is_default:
-        return None, "peer skipped: only the embedded default has a GGUF here; pass --peer-gguf with a Q8_0 GGUF"
+        dst = Path(args.bf16_dir) / "peer.Q8_0.gguf"
+        try:
+            path = dst if dst.is_file() else gguf_q8_0_from_llama(Path(args.bf16_dir), dst)
+        except Exception as e:  # noqa: BLE001 - the peer is a bonus: a failed conversion must not stop the bench
+            return None, f"peer skipped: {type(e).__name__}: {e}"
+        return path, f"peer: {path} (Q8_0, written from the BF16 folder by gguf-py's Q8_0 quantizer)"
     try:
         shipped = models.default_gguf_path()
         kind = gguf_type(shipped)
@@ -341,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
     if int8.config.vocab_size != bf16.config.vocab_size:
         raise ModelError(f"{int8_dir} and {bf16_dir} are not the same model (vocabularies of "
                          f"{int8.config.vocab_size} and {bf16.config.vocab_size} tokens).")
+    args.bf16_dir = bf16_dir
     peer_gguf, peer_line = find_peer(args, bf16_is_default)
     print(peer_line)
 

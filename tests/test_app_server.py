@@ -1,6 +1,7 @@
 """The running app, over real HTTP: `python app.py` on the embedded default model, driven by gradio_client and
 by headless Debian Chromium through Playwright."""
 
+import contextlib
 import os
 import re
 import time
@@ -15,6 +16,25 @@ CHROMIUM = os.environ.get("Q8CHAT_CHROMIUM", "/usr/bin/chromium")
 BOT = '#chatbot [data-testid="bot"]'  # an assistant message in Gradio 6's chatbot
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextlib.contextmanager
+def app_page(url: str, errors: list[str], header: str = "CPU"):
+    """A page of the app in headless Debian Chromium, loaded until the header says `header`; console errors
+    and uncaught page errors are appended to `errors`."""
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url, wait_until="load")
+        page.wait_for_selector(f"#header:has-text({header!r})", timeout=60_000)
+        yield page
+        browser.close()
 
 
 def test_status_reports_both_models(app_url):
@@ -51,20 +71,9 @@ def test_empty_message_is_refused_and_nothing_is_lost(app_url):
 
 
 def test_browser_chat_stream_panel_stop(app_url):
-    from playwright.sync_api import sync_playwright
-
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
     ARTIFACTS.mkdir(exist_ok=True)
     errors: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(app_url, wait_until="load")
-        page.wait_for_selector("#header:has-text('CPU')", timeout=60_000)
-
+    with app_page(app_url, errors) as page:
         box = page.locator("#message textarea")
         box.fill("Tell me about the moon in three sentences.")
         box.press("Enter")
@@ -75,6 +84,7 @@ def test_browser_chat_stream_panel_stop(app_url):
         assert re.search(r"Median ms / token\s+[\d.]+\s+[\d.]+", table), table
         assert page.locator("#chart canvas, #chart svg").count() > 0
         page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
+        (ARTIFACTS / "panel.txt").write_text(table)  # the numbers the screenshot shows, for the issue note
 
         # Stop mid-generation: the text stops growing, the earlier exchange stays, nothing shows an error, and
         # the panel gives the numbers of what was produced.
@@ -97,7 +107,6 @@ def test_browser_chat_stream_panel_stop(app_url):
 
         page.set_viewport_size({"width": 390, "height": 844})  # phone width
         page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)
-        browser.close()
     assert not errors, errors
 
 
@@ -105,16 +114,9 @@ def test_browser_stop_retry_clear_clicked_together(app_url):
     """Impatient clicks: Retry, Stop and Clear while a reply streams, in quick succession. The page ends empty
     with no error, the CPU is free, and the next message is answered normally."""
     from gradio_client import Client
-    from playwright.sync_api import sync_playwright
 
     errors: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(app_url, wait_until="load")
-        page.wait_for_selector("#header:has-text('CPU')", timeout=60_000)
+    with app_page(app_url, errors) as page:
         box = page.locator("#message textarea")
         box.fill("Write a long story about a dragon.")
         box.press("Enter")
@@ -132,5 +134,4 @@ def test_browser_stop_retry_clear_clicked_together(app_url):
         box.press("Enter")
         page.wait_for_selector("#table:has-text('faster'), #table:has-text('slower')", timeout=180_000)
         assert "Paris" in page.locator(BOT).last.inner_text()
-        browser.close()
     assert not errors, errors

@@ -112,15 +112,55 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_disk_full_while_saving(tmp_path, small_disk, tokenizer):
+@pytest.fixture
+def tiny_model(tmp_path, tokenizer):
+    """A random two-layer Llama with the default tokenizer: the whole CLI runs on it in seconds."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = tmp_path / "tiny"
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).save_pretrained(model)
     tokenizer.save_pretrained(model)
+    return model
+
+
+FAST = ("--skip-baseline", "--calibration-samples", "4", "--bench-tokens", "4", "--bench-rounds", "1")
+
+
+def test_disk_full_while_saving(small_disk, tiny_model):
     out = small_disk / "o"
-    msg = _error(run_cli("--model", str(model), "--out", str(out), "--skip-baseline", "--calibration-samples", "4",
-                         "--bench-tokens", "4", "--bench-rounds", "1", timeout=900))
+    msg = _error(run_cli("--model", str(tiny_model), "--out", str(out), *FAST, timeout=900))
     assert "disk is full" in msg and "rerun the same command" in msg
     assert not out.exists()  # nothing half-written where the app looks for the model
+
+
+def test_overwrite_never_mixes_old_and_new(tmp_path, tiny_model):
+    """--overwrite replaces --out in one rename: killed halfway, the old folder is intact; finished, no old
+    file is left."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "o"
+    assert run_cli("--model", str(tiny_model), "--out", str(out), *FAST).returncode == 0
+    (out / "old-only.txt").write_text("from the first run")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    args = ["--model", str(tiny_model), "--out", str(out), "--overwrite", "--alpha", "0.7", *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "quantize", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    partial = out.with_name("o.partial")
+    deadline = time.monotonic() + 120
+    while not partial.exists():  # killed once the new run is under way
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    assert run_cli(*args).returncode == 0
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "old-only.txt" not in after and not partial.exists()
+    assert json.loads(after["quantize_report.json"])["recipe"]["alpha"] == 0.7

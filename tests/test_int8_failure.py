@@ -52,8 +52,7 @@ def test_hub_int8_at_a_pinned_commit_loads_and_a_wrong_one_is_refused(int8_run):
 @pytest.mark.slow
 def test_app_serves_bf16_alone_when_int8_fails(broken_int8, tmp_path):
     from gradio_client import Client
-    from playwright.sync_api import sync_playwright
-    from test_app_server import CHROMIUM, CHROMIUM_ARGS
+    from test_app_server import app_page
 
     with running_app(tmp_path / "app-broken-int8.log", Q8CHAT_INT8_MODEL=str(broken_int8["corrupt"])) as (url, _):
         client = Client(url, verbose=False)
@@ -63,10 +62,7 @@ def test_app_serves_bf16_alone_when_int8_fails(broken_int8, tmp_path):
                                                              16, 0.0, 0.95, True, api_name="/chat")
         assert "Paris" in text_of(h[-1]["content"])
         assert "Comparison unavailable" in table
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            page.goto(url, wait_until="load")
-            page.wait_for_selector("#header:has-text('INT8 unavailable')", timeout=60_000)
+        errors: list[str] = []
+        with app_page(url, errors, header="INT8 unavailable") as page:
             assert "BF16" in page.locator("#header").inner_text()
-            browser.close()
+        assert not errors, errors
