@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer-gguf", type=Path, default=None, help="the peer's GGUF (Q8_0) of the --bf16 model")
     p.add_argument("--build-config-model", type=Path, metavar="DIR", default=None,
                    help="build a random ~0.4B Llama (DIR/bf16) and its INT8 (DIR/int8), then benchmark them")
+    p.add_argument("--profile", type=int, metavar="TOKENS", default=0,
+                   help="also print where INT8 decode time goes (torch.profiler over TOKENS tokens, last thread count)")
     return p.parse_args(argv)
 
 
@@ -360,6 +362,18 @@ def measure(int8: torch.nn.Module, bf16: torch.nn.Module, peer_gguf: Path | None
     return out
 
 
+def profile_decode(model: torch.nn.Module, input_ids: torch.Tensor, tokens: int, rows: int = 12) -> str:
+    """The ops an INT8 token spends its time in (torch.profiler, self CPU time), to see what is not streaming
+    weights: per-op glue, quantize/dequantize, BF16 GEMV."""
+    from torch.profiler import ProfilerActivity, profile
+
+    latency.time_generation(model, input_ids, 4)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        latency.time_generation(model, input_ids, tokens)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"INT8 decode profile, {tokens} tokens ({torch.get_num_threads()} threads):\n{table}"
+
+
 def ratios(res: dict, slow: str, fast: str) -> list[float]:
     """Per round: how many times faster `fast` decodes than `slow` (slow ms / fast ms)."""
     m = res["models"]
@@ -411,6 +425,8 @@ def run(args: argparse.Namespace) -> int:
     print(peer_line)
 
     per_threads = measure(int8, bf16, peer_gguf, prompts, args)
+    if args.profile:
+        print(profile_decode(int8, prompts[0], args.profile))
     peak_rss = peak_rss_bytes()  # before the bandwidth buffers, which would dwarf the models
     sizes = {name: {"weight_bytes": models.weight_bytes(m), "bytes_per_token": bytes_per_token(m), "path": str(d)}
              for name, m, d in (("int8", int8, int8_dir), ("bf16", bf16, bf16_dir))}

@@ -28,10 +28,10 @@ def test_bench_tiny_model(tmp_path, tokenizer):
     bf16_dir, int8_dir = bench.build_config_model(tmp_path / "tiny", tokenizer, size=TINY, samples=4)
     out = tmp_path / "out.json"
     proc = run_bench("--int8", str(int8_dir), "--bf16", str(bf16_dir), "--tokens", "4", "--rounds", "2",
-                     "--threads", "1", "--prompts", "1", "--json", str(out))
+                     "--threads", "1", "--prompts", "1", "--json", str(out), "--profile", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for word in ("median ms", "p10 ms", "p90 ms", "TTFT ms", "tok/s", "MB/token", "floor ms", "x floor",
-                 "copy bandwidth", "speed-up", "peak RSS", "peer"):
+                 "copy bandwidth", "speed-up", "peak RSS", "peer", "INT8 decode profile", "Self CPU"):
         assert word in proc.stdout, (word, proc.stdout)
 
     report = json.loads(out.read_text())
