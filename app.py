@@ -84,6 +84,18 @@ def settled_rss() -> int:
     return latency.rss_bytes()
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Every reply decodes in a fresh worker thread, and glibc gives threads their own malloc arenas (up to 8 per
+    core), each keeping freed KV-cache pages: resident memory then creeps up with traffic. Two arenas hold it
+    flat (the same as MALLOC_ARENA_MAX=2, set before any thread starts)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def load_resident(side: Side, load) -> None:
     """Load a model and record the resident memory it adds, after one forward pass so that memory-mapped
     weights are actually paged in."""
@@ -433,9 +445,14 @@ def stop_run(request: gr.Request) -> None:
         run.stop.set()
 
 
+# Cleared by data, not by hiding: toggling a Gradio 6 plot's visibility while it renders throws in the page.
+EMPTY_CHART = pd.DataFrame({"token": [], "ms": [], "model": []})
+
+
 def clear_run(request: gr.Request):
-    """Stop this visitor's generation, wait until it has let go of the CPU, then empty the chat; replies
-    still waiting in the queue are dropped."""
+    """Stop this visitor's generation and empty the chat at once; replies still waiting in the queue are
+    dropped. A second, queued step (`cleared`) repeats the emptying after the stopped run's last update, so a
+    late streamed update cannot bring the old chat back."""
     CLEARS[request.session_hash] = CLEARS.get(request.session_hash, 0) + 1
     if len(CLEARS) > MAX_SESSIONS_REMEMBERED:  # bounded (demo.unload would do it, but breaks Gradio 6's Examples)
         CLEARS.pop(next(iter(CLEARS)))
@@ -443,9 +460,12 @@ def clear_run(request: gr.Request):
     if run is not None:
         run.abandoned = True
         run.stop.set()
-        run.done.wait(10)
-    return ([], "", "", "", gr.LinePlot(visible=False), "Send a message to see INT8 and BF16 side by side.",
+    return ([], "", "", "", EMPTY_CHART, "Send a message to see INT8 and BF16 side by side.",
             CLEARS[request.session_hash])
+
+
+def cleared():
+    return [], "", "", EMPTY_CHART, "Send a message to see INT8 and BF16 side by side."
 
 
 def retry(history: list[dict]):
@@ -574,7 +594,8 @@ def build_ui() -> gr.Blocks:
         # the text so far stays, and the CPU is free at once.
         stop.click(stop_run, None, None, queue=False, api_name="stop")
         clear.click(clear_run, None, [chatbot, notice, bf16_text, box, chart, table, clears], queue=False,
-                    api_visibility="private")
+                    api_visibility="private").then(
+            cleared, None, [chatbot, notice, bf16_text, chart, table], api_visibility="private", **kw)
         b_run.click(run_benchmark, [b_tokens, b_rounds], [b_chart, b_table], api_name="benchmark", **kw)
 
         def status() -> dict:
@@ -599,6 +620,7 @@ def build_ui() -> gr.Blocks:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    limit_malloc_arenas()
     threading.Thread(target=load_models, daemon=True, name="load-models").start()
     demo = build_ui()
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
