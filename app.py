@@ -102,14 +102,9 @@ def load_resident(side: Side, load) -> None:
     before = settled_rss()
     side.model = load()
     with torch.inference_mode():
-        side.model(input_ids=torch.tensor([[1, 2, 3]]))
+        side.model.forward(torch.tensor([1, 2, 3]), side.model.new_cache(8))
     side.rss_bytes = max(settled_rss() - before, 0)
-    side.weight_bytes = models.weight_bytes(side.model)
-
-
-def default_int8_dir(bf16_arg: str | None) -> Path:
-    slug = re.sub(r"[^\w.-]+", "--", bf16_arg or "default").strip("-")
-    return models.cache_dir() / "int8" / slug
+    side.weight_bytes = side.model.weight_bytes
 
 
 def load_models(engine: Engine = ENGINE) -> None:
@@ -121,7 +116,7 @@ def load_models(engine: Engine = ENGINE) -> None:
         engine.status = "Loading the BF16 model…"
         src = models.resolve_model(bf16_arg)
         engine.tokenizer = models.load_tokenizer(src)
-        load_resident(engine.bf16, lambda: models.load_bf16(src))
+        load_resident(engine.bf16, lambda: models.open_bf16(src))
         engine.bf16.label = f"BF16 · {bf16_arg or models.DEFAULT_MODEL_LABEL}"
     except Exception as e:  # noqa: BLE001 - any failure here must reach the page, not kill the app
         engine.bf16.error = str(e)
@@ -131,13 +126,13 @@ def load_models(engine: Engine = ENGINE) -> None:
             engine.status = f"Loading the INT8 model {int8_arg}…"
             int8_dir = models.resolve_int8(int8_arg, revision=os.environ.get("Q8CHAT_INT8_REVISION") or None)
         else:
-            int8_dir = default_int8_dir(bf16_arg)
+            int8_dir = models.default_int8_dir(bf16_arg)
             if not models.is_int8_folder(int8_dir):
                 engine.status = ("First start: quantizing the model to INT8 with SmoothQuant (a few minutes on "
                                  "2 cores; cached afterwards)…")
                 build_int8(bf16_arg, int8_dir)
         engine.status = "Loading the INT8 model…"
-        load_resident(engine.int8, lambda: models.load_int8(int8_dir))
+        load_resident(engine.int8, lambda: models.open_int8(int8_dir))
         revision = os.environ.get("Q8CHAT_INT8_REVISION") if int8_arg else None
         engine.int8.label = f"INT8 · {int8_arg or int8_dir.name}" + (f" @ {revision[:10]}" if revision else "")
         report = Path(int8_dir) / "quantize_report.json"
@@ -165,11 +160,13 @@ def header_text(engine: Engine) -> str:
     rec = (engine.report or {}).get("recipe") or {}
     recipe = (f"SmoothQuant alpha {rec.get('alpha')} · recipe `{rec.get('name')}`" if rec.get("smooth_quant")
               else "recipe unknown (no quantize_report.json)")
+    served = " / ".join(dict.fromkeys(s.model.label for s in (engine.int8, engine.bf16) if s.model is not None))
     parts = [f"**Chat model:** {engine.chat_side().label}", f"**Compared with:** {engine.bf16.label}",
-             f"**Recipe:** {recipe}", f"**CPU:** {cpu.line()}"]
+             f"**Recipe:** {recipe}", f"**Runs on:** {served}", f"**CPU:** {cpu.line()}"]
+    head = " &nbsp;·&nbsp; ".join(parts)
     if engine.int8.error:
-        parts.append(f"**INT8 unavailable** — — serving BF16 alone, comparison off. Reason: {engine.int8.error}")
-    return " &nbsp;·&nbsp; ".join(parts[:4]) + ("\n\n" + parts[4] if len(parts) > 4 else "")
+        head += f"\n\n**INT8 unavailable** — serving BF16 alone, comparison off. Reason: {engine.int8.error}"
+    return head
 
 
 # ---------------------------------------------------------------- prompts
@@ -271,7 +268,6 @@ class Run:
 
     stop: threading.Event = field(default_factory=threading.Event)
     abandoned: bool = False  # Clear: end without showing anything more
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 RUNS: dict[str, Run] = {}
@@ -433,7 +429,6 @@ def respond(message: str, history: list[dict], system: str, max_new_tokens: floa
         finally:
             if RUNS.get(session) is run:
                 del RUNS[session]
-            run.done.set()
             log.info("reply: %d tokens on %s%s", len(timing.stamps), side.label,
                      " (stopped: visitor left)" if gone else " (stopped)" if run.stop.is_set() else "")
 
@@ -447,6 +442,7 @@ def stop_run(request: gr.Request) -> None:
 
 # Cleared by data, not by hiding: toggling a Gradio 6 plot's visibility while it renders throws in the page.
 EMPTY_CHART = pd.DataFrame({"token": [], "ms": [], "model": []})
+PANEL_PLACEHOLDER = "Send a message to see INT8 and BF16 side by side."
 
 
 def clear_run(request: gr.Request):
@@ -460,12 +456,12 @@ def clear_run(request: gr.Request):
     if run is not None:
         run.abandoned = True
         run.stop.set()
-    return ([], "", "", "", EMPTY_CHART, "Send a message to see INT8 and BF16 side by side.",
-            CLEARS[request.session_hash])
+    return (*cleared(), "", CLEARS[request.session_hash])
 
 
 def cleared():
-    return [], "", "", EMPTY_CHART, "Send a message to see INT8 and BF16 side by side."
+    """(chatbot, notice, bf16 answer, chart, table) of an empty chat."""
+    return [], "", "", EMPTY_CHART, PANEL_PLACEHOLDER
 
 
 def retry(history: list[dict]):
@@ -567,7 +563,7 @@ def build_ui() -> gr.Blocks:
                     gr.Markdown("### Per-token latency, this reply")
                     chart = gr.LinePlot(None, x="token", y="ms", color="model", elem_id="chart", height=260,
                                         x_title="token", y_title="ms per token", visible=False)
-                    table = gr.Markdown("Send a message to see INT8 and BF16 side by side.", elem_id="table")
+                    table = gr.Markdown(PANEL_PLACEHOLDER, elem_id="table")
                     with gr.Accordion("BF16's answer to the same prompt", open=False):
                         bf16_text = gr.Markdown(elem_id="bf16-answer")
         with gr.Tab("Benchmark"):
@@ -593,7 +589,7 @@ def build_ui() -> gr.Blocks:
         # Stop and Clear end the run cooperatively (never a cancelled job): the worker stops at the next token,
         # the text so far stays, and the CPU is free at once.
         stop.click(stop_run, None, None, queue=False, api_name="stop")
-        clear.click(clear_run, None, [chatbot, notice, bf16_text, box, chart, table, clears], queue=False,
+        clear.click(clear_run, None, [chatbot, notice, bf16_text, chart, table, box, clears], queue=False,
                     api_visibility="private").then(
             cleared, None, [chatbot, notice, bf16_text, chart, table], api_visibility="private", **kw)
         b_run.click(run_benchmark, [b_tokens, b_rounds], [b_chart, b_table], api_name="benchmark", **kw)

@@ -163,6 +163,7 @@ def _stages(args, rec, stages: Stages, steps, tok, bf16, src, base_id: str, cali
     from tqdm import tqdm
 
     from quantize import calibration, card, evaluate, latency, models, recipe
+    from quantize.generate import HFDecoder
 
     out: Path = args.out
     partial = int8_dir.parent
@@ -183,26 +184,30 @@ def _stages(args, rec, stages: Stages, steps, tok, bf16, src, base_id: str, cali
         steps.set_description("baseline: INT8 without SmoothQuant")
         calib = calibration.calibration_ids(tok, args.calibration_samples, calib_file)
         base = recipe.quantize(bf16, calib, recipe.RECIPES[recipe.BASELINE_NO_SQ], partial / "inc-base")
-        q = evaluate.compare({"bf16": bf16, "int8_no_sq": base.model}, "bf16", tok)
+        q = evaluate.compare({"bf16": HFDecoder(bf16, "BF16"), "int8_no_sq": HFDecoder(base.model, "INT8 no SQ")},
+                             "bf16", tok)
         shutil.rmtree(partial / "inc-base", ignore_errors=True)
         stages.done("baseline", {"recipe": recipe.BASELINE_NO_SQ, **q["models"]["int8_no_sq"]})
         del base
     steps.update(1)
 
-    int8 = models.load_int8(int8_dir)  # verify what ships: the folder, loaded the documented way
+    int8 = models.open_int8(int8_dir)  # verify what ships: the folder, loaded the way the app serves it
     if not stages.get("quality"):
         steps.set_description("verify: perplexity, top-1, greedy match")
-        stages.done("quality", evaluate.compare({"bf16": bf16, "int8": int8}, "bf16", tok))
+        q = evaluate.compare({"bf16": HFDecoder(bf16, "transformers BF16"), "int8": int8}, "bf16", tok)
+        stages.done("quality", {**q, "int8_engine": int8.label})
     steps.update(1)
 
     if not stages.get("speed"):
         steps.set_description("verify: INT8 vs BF16 decode, interleaved")
         prompts = [evaluate.prompt_ids(tok, p) for p in evaluate.heldout_prompts()[:2]]
+        bf16_run = models.open_bf16(src, trust_remote_code=args.trust_remote_code)  # the INT8 model's loop
         with tqdm(total=args.bench_rounds * len(prompts) * 2, desc="timing", leave=False) as bar:
-            speed = latency.interleaved({"int8": int8, "bf16": bf16}, prompts, args.bench_tokens,
+            speed = latency.interleaved({"int8": int8, "bf16": bf16_run}, prompts, args.bench_tokens,
                                         args.bench_rounds, progress=bar)
         speed["cpu"] = latency.describe_cpu().asdict()
-        speed["weight_bytes"] = {"int8": models.weight_bytes(int8), "bf16": models.weight_bytes(bf16)}
+        speed["weight_bytes"] = {"int8": int8.weight_bytes, "bf16": bf16_run.weight_bytes}
+        speed["engines"] = {"int8": int8.label, "bf16": bf16_run.label}
         stages.done("speed", speed)
     steps.update(1)
 

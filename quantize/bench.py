@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from quantize import evaluate, latency, models
+from quantize.generate import HFDecoder
 from quantize.models import ModelError
 
 log = logging.getLogger("q8chat")
@@ -38,6 +39,9 @@ BUILD_CONFIG = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_laye
                 "num_key_value_heads": 8}
 BANDWIDTH_MIB = 512  # far beyond any last-level cache, so the copy runs from DRAM
 PEER_LABEL = "llama.cpp Q8_0"
+# What the bench times, in this order: the engine on both models (the panel's comparison), transformers' own BF16
+# loop (what a visitor would get without Q8-Chat) and llama.cpp (the pace to beat).
+LABELS = {"int8": "INT8 engine", "bf16": "BF16 engine", "hf_bf16": "transformers BF16", "peer": PEER_LABEL}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,14 +95,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ModelError("--build-config-model benchmarks the model it builds; leave out --int8 and --bf16.")
 
 
-def default_int8_dir() -> Path:
-    """Where the app keeps its default INT8 model (app.default_int8_dir(None)), without importing the app."""
-    return models.cache_dir() / "int8" / "default"
-
-
 def resolve_int8(arg: str | None, revision: str | None) -> Path:
     if arg is None:
-        path = default_int8_dir()
+        path = models.default_int8_dir()
         if not models.is_int8_folder(path):
             raise ModelError(f"There is no default INT8 model in {path}: make it with "
                              f"`python -m quantize --out {path}` or pass --int8.")
@@ -146,15 +145,6 @@ def build_config_model(root: Path, tokenizer, size: dict = BUILD_CONFIG, samples
 
 
 # ---------------------------------------------------------------- bytes, bandwidth, memory
-
-def bytes_per_token(model: torch.nn.Module) -> int:
-    """Weight bytes one batch-1 decode step reads: all weights except the input embedding table, of which only
-    one row is gathered per token. A tied embedding is also lm_head, read in full, so it stays in."""
-    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-    out_ptrs = {p.data_ptr() for p in out.parameters()} if out is not None else set()
-    tied = any(p.data_ptr() in out_ptrs for p in emb.parameters())
-    return models.weight_bytes(model) - (0 if tied else models.weight_bytes(emb))
-
 
 def copy_bandwidth(threads: int, mib: int = BANDWIDTH_MIB, repeats: int = 5) -> float:
     """DRAM bandwidth in bytes/s as a large tensor copy sees it with `threads` torch threads: best of `repeats`,
@@ -340,16 +330,16 @@ def find_peer(args: argparse.Namespace, bf16_is_default: bool) -> tuple[Path | N
 
 # ---------------------------------------------------------------- measuring
 
-def measure(int8: torch.nn.Module, bf16: torch.nn.Module, peer_gguf: Path | None, prompts: list[torch.Tensor],
+def measure(decoders: dict, peer_gguf: Path | None, prompts: list[torch.Tensor],
             args: argparse.Namespace) -> dict[int, dict]:
-    """Per thread count: INT8, BF16 (and the peer) interleaved, with the order alternating every round."""
+    """Per thread count: every decoder (and the peer) interleaved, with the order alternating every round."""
     from tqdm import tqdm
 
     n_ctx = max(512, max(p.shape[1] for p in prompts) + args.tokens + 8)
     out = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        engines = {"int8": int8, "bf16": bf16}
+        engines = dict(decoders)
         if peer_gguf is not None:
             engines["peer"] = Peer(peer_gguf, threads, n_ctx)
         with tqdm(total=args.rounds * len(prompts) * len(engines), desc=f"{threads} threads", unit="gen",
@@ -359,6 +349,39 @@ def measure(int8: torch.nn.Module, bf16: torch.nn.Module, peer_gguf: Path | None
             engines["peer"].close()
         res["cpu"] = latency.describe_cpu().line()
         out[threads] = res
+    return out
+
+
+def load_footprint(kind: str, folder: str) -> dict:
+    """In a fresh interpreter (see `footprints`): resident memory one model adds once loaded and run for a token,
+    and the peak while loading, both over the process right after its imports. Loading in the bench's own
+    process would mix every model's memory."""
+    import gc
+
+    from quantize.engine import malloc_trim
+
+    loader = {"int8": models.open_int8, "bf16": models.open_bf16,
+              "hf_bf16": lambda p: HFDecoder(models.load_bf16(p), "transformers BF16")}[kind]
+    gc.collect()
+    malloc_trim()
+    before = latency.rss_bytes()
+    decoder = loader(Path(folder))
+    with torch.inference_mode():
+        decoder.forward(torch.tensor([1, 2, 3]), decoder.new_cache(8))
+    peak = peak_rss_bytes()
+    gc.collect()
+    malloc_trim()
+    return {"added_bytes": latency.rss_bytes() - before, "load_peak_bytes": peak - before}
+
+
+def footprints(folders: dict[str, Path]) -> dict[str, dict]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a clean process per model: nothing inherited, nothing shared
+    out = {}
+    for kind, folder in folders.items():
+        with ctx.Pool(1) as pool:
+            out[kind] = pool.apply(load_footprint, (kind, str(folder)))
     return out
 
 
@@ -380,23 +403,24 @@ def ratios(res: dict, slow: str, fast: str) -> list[float]:
     return [s / f for s, f in zip(m[slow]["round_median_ms"], m[fast]["round_median_ms"])]
 
 
-def table(threads: int, res: dict, labels: dict[str, str]) -> str:
+def table(threads: int, res: dict) -> str:
     lines = [f"== {threads} thread{'s' if threads > 1 else ''}: {res['cpu']}",
              f"copy bandwidth {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({BANDWIDTH_MIB} MiB copy, best of 5); "
              f"{res['prompts']} prompts x {res['new_tokens']} tokens x {res['rounds']} rounds, greedy",
-             f"{'model':<16}{'median ms':>10}{'p10 ms':>8}{'p90 ms':>8}{'TTFT ms':>9}{'tok/s':>8}"
-             f"{'MB/token':>10}{'floor ms':>10}{'x floor':>9}"]
+             f"{'model':<19}{'median ms':>10}{'p10 ms':>8}{'p90 ms':>8}{'TTFT ms':>9}{'tok/s':>8}"
+             f"{'MB/token':>10}{'floor ms':>10}{'x floor':>9}{'added MB':>10}{'load peak MB':>14}"]
     for name, m in res["models"].items():
-        lines.append(f"{labels[name]:<16}{m['median_ms']:>10.2f}{m['p10_ms']:>8.2f}{m['p90_ms']:>8.2f}"
+        mem = "".join(f"{m[k] / 1e6:>{w}.0f}" if k in m else f"{'–':>{w}}"
+                      for k, w in (("added_bytes", 10), ("load_peak_bytes", 14)))
+        lines.append(f"{LABELS[name]:<19}{m['median_ms']:>10.2f}{m['p10_ms']:>8.2f}{m['p90_ms']:>8.2f}"
                      f"{m['ttft_median_ms']:>9.1f}{m['tokens_per_s']:>8.1f}{m['bytes_per_token'] / 1e6:>10.1f}"
-                     f"{m['floor_ms']:>10.2f}{m['x_floor']:>9.2f}")
-    r = res["speedup_per_round"]
-    lines.append(f"INT8 speed-up over BF16 (bf16 ms / int8 ms) per round: {' '.join(f'{x:.2f}' for x in r)}; "
-                 f"median {res['speedup_median']:.2f}")
-    if "peer" in res["models"]:
-        p = res["peer_ratio_median"]
-        lines.append(f"vs {PEER_LABEL} (model ms / peer ms, >1 = slower than llama.cpp): BF16 {p['bf16']:.2f}, "
-                     f"INT8 {p['int8']:.2f}")
+                     f"{m['floor_ms']:>10.2f}{m['x_floor']:>9.2f}" + mem)
+    for slow, fast, what in (("bf16", "int8", "INT8 engine over BF16 engine"),
+                             ("hf_bf16", "int8", "INT8 engine over transformers BF16"),
+                             ("int8", "peer", f"{PEER_LABEL} over INT8 engine (>1: llama.cpp is faster)")):
+        if slow in res["models"] and fast in res["models"]:
+            r = ratios(res, slow, fast)
+            lines.append(f"speed-up, {what}: median {statistics.median(r):.2f}x (rounds {' '.join(f'{x:.2f}' for x in r)})")
     return "\n".join(lines)
 
 
@@ -415,31 +439,32 @@ def run(args: argparse.Namespace) -> int:
     tok = models.load_tokenizer(bf16_dir)
     prompts = [evaluate.prompt_ids(tok, p) for p in prompt_texts]
 
-    int8 = models.load_int8(int8_dir)
-    bf16 = models.load_bf16(bf16_dir)
-    if int8.config.vocab_size != bf16.config.vocab_size:
-        raise ModelError(f"{int8_dir} and {bf16_dir} are not the same model (vocabularies of "
-                         f"{int8.config.vocab_size} and {bf16.config.vocab_size} tokens).")
+    decoders = {"int8": models.open_int8(int8_dir), "bf16": models.open_bf16(bf16_dir),
+                "hf_bf16": HFDecoder(models.load_bf16(bf16_dir), "transformers BF16")}
+    vocab = {name: d.config["vocab_size"] for name, d in decoders.items()}
+    if len(set(vocab.values())) != 1:
+        raise ModelError(f"{int8_dir} and {bf16_dir} are not the same model (vocabularies of {vocab}).")
+    for name, d in decoders.items():
+        print(f"{LABELS[name]}: {d.label}")
     args.bf16_dir = bf16_dir
     peer_gguf, peer_line = find_peer(args, bf16_is_default)
     print(peer_line)
 
-    per_threads = measure(int8, bf16, peer_gguf, prompts, args)
+    per_threads = measure(decoders, peer_gguf, prompts, args)
     if args.profile:
-        print(profile_decode(int8, prompts[0], args.profile))
-    peak_rss = peak_rss_bytes()  # before the bandwidth buffers, which would dwarf the models
-    sizes = {name: {"weight_bytes": models.weight_bytes(m), "bytes_per_token": bytes_per_token(m), "path": str(d)}
-             for name, m, d in (("int8", int8, int8_dir), ("bf16", bf16, bf16_dir))}
+        print(profile_decode(decoders["int8"], prompts[0], args.profile))
+    sizes = {name: {"weight_bytes": d.weight_bytes, "bytes_per_token": d.bytes_per_token} for name, d in decoders.items()}
+    del decoders
+    memory = footprints({"int8": int8_dir, "bf16": bf16_dir, "hf_bf16": bf16_dir})
     if peer_gguf is not None:
         sizes["peer"] = {"weight_bytes": peer_gguf.stat().st_size, "bytes_per_token": gguf_bytes_per_token(peer_gguf),
                          "path": str(peer_gguf)}
-    labels = {"int8": "INT8", "bf16": "BF16", "peer": PEER_LABEL}
 
     for threads, res in per_threads.items():
         bw = copy_bandwidth(threads)
         res["bandwidth_bytes_per_s"] = bw
         for name, m in res["models"].items():
-            m["bytes_per_token"] = sizes[name]["bytes_per_token"]
+            m.update(sizes[name], **memory.get(name, {}))
             m["floor_ms"] = m["bytes_per_token"] / bw * 1e3  # the time just to stream the weights once
             m["x_floor"] = m["median_ms"] / m["floor_ms"]
         res["speedup_per_round"] = ratios(res, "bf16", "int8")
@@ -447,15 +472,17 @@ def run(args: argparse.Namespace) -> int:
         if "peer" in res["models"]:
             res["peer_ratio_per_round"] = {n: ratios(res, n, "peer") for n in ("bf16", "int8")}
             res["peer_ratio_median"] = {n: statistics.median(v) for n, v in res["peer_ratio_per_round"].items()}
-        print(table(threads, res, labels))
-    # One process holds every model (and INC's libraries), so this is their sum, not a per-model figure.
-    print(f"peak RSS {peak_rss / 2**20:.0f} MiB (whole process, every model loaded)")
+        print(table(threads, res))
+    added = {n: memory[n]["added_bytes"] for n in memory}
+    print(f"resident memory added (fresh process each): INT8 engine {added['int8'] / 1e6:.0f} MB, BF16 engine "
+          f"{added['bf16'] / 1e6:.0f} MB, transformers BF16 {added['hf_bf16'] / 1e6:.0f} MB; "
+          f"INT8/BF16 {added['int8'] / added['bf16']:.2f}x")
 
     if args.json:
         report = {"command": args.command,
                   "created": time.strftime("%Y-%m-%d"), "tokens": args.tokens, "rounds": args.rounds,
                   "prompts": prompt_texts,
-                  "cpu": latency.describe_cpu().asdict(), "peer": peer_line, "peak_rss_bytes": peak_rss,
+                  "cpu": latency.describe_cpu().asdict(), "peer": peer_line, "memory": memory,
                   "models": sizes, "threads": {str(t): r for t, r in per_threads.items()}}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

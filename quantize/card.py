@@ -14,6 +14,8 @@ MAX_PERPLEXITY_RATIO = 1.10
 MIN_TOP1_AGREEMENT = 0.85
 FRONTIER = Path(__file__).parent / "frontier.json"
 BENCH = Path(__file__).parent / "bench.json"  # the latest `python -m quantize.bench --json quantize/bench.json`
+BENCH_LABELS = {"int8": "INT8 engine", "bf16": "BF16 engine", "hf_bf16": "transformers BF16",
+                "peer": "llama.cpp Q8_0"}
 PINNED = ["torch", "transformers", "optimum-intel", "optimum", "neural-compressor", "huggingface-hub", "numpy"]
 
 
@@ -110,15 +112,17 @@ def bench_table(bench: dict | None) -> str:
             f"({cpu['model']}); {len(bench['prompts'])} prompts x {bench['tokens']} tokens x {bench['rounds']} "
             "rounds, greedy, engines interleaved in one process.", "",
             "| threads | engine | median ms/token | p10–p90 | tokens/s | MB read/token | floor ms | x floor | "
-            "speed-up vs BF16 |", "|---|---|---|---|---|---|---|---|---|"]
+            "resident MB added | speed-up vs BF16 engine |", "|---|---|---|---|---|---|---|---|---|---|"]
     for threads, res in bench["threads"].items():
         for name, m in res["models"].items():
             speedup = res["models"]["bf16"]["median_ms"] / m["median_ms"]
-            rows.append(f"| {threads} | {name} | {m['median_ms']:.1f} | {m['p10_ms']:.1f}–{m['p90_ms']:.1f} | "
-                        f"{m['tokens_per_s']:.1f} | {m['bytes_per_token'] / 1e6:.0f} | {m['floor_ms']:.1f} | "
-                        f"{m['x_floor']:.2f} | {speedup:.2f}x |")
-        rows.append(f"| {threads} | | copy bandwidth {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s | | | | | | INT8/BF16 "
-                    f"per round: {', '.join(f'{r:.2f}' for r in res['speedup_per_round'])} |")
+            added = f"{m['added_bytes'] / 1e6:.0f}" if "added_bytes" in m else "–"
+            rows.append(f"| {threads} | {BENCH_LABELS.get(name, name)} | {m['median_ms']:.1f} | "
+                        f"{m['p10_ms']:.1f}–{m['p90_ms']:.1f} | {m['tokens_per_s']:.1f} | "
+                        f"{m['bytes_per_token'] / 1e6:.0f} | {m['floor_ms']:.1f} | {m['x_floor']:.2f} | {added} | "
+                        f"{speedup:.2f}x |")
+        rows.append(f"| {threads} | | copy bandwidth {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s | | | | | | | "
+                    f"INT8/BF16 per round: {', '.join(f'{r:.2f}' for r in res['speedup_per_round'])} |")
     return "\n".join(rows)
 
 
@@ -152,6 +156,10 @@ INT8 version of [{report['base_model']}](https://huggingface.co/{report['base_mo
 `PostTrainingQuantConfig`), real INT8 kernels (FBGEMM), verified against BF16 on held-out text. It {verdict}.
 
 ## Load it
+
+Q8-Chat's engine (`quantize/engine.py`) reads `engine.safetensors` (no pickle) straight into FBGEMM's INT8
+kernels; the quality and speed below are measured on it ({report['quality_eval'].get('int8_engine', 'engine')}).
+The same INT8 model for Optimum Intel users:
 
 ```python
 from optimum.intel import INCModelForCausalLM
@@ -203,7 +211,7 @@ Weights read per token: INT8 {report['speed'].get('weight_bytes', {}).get('int8'
 
 {', '.join(f'{k} {v}' for k, v in report['versions'].items())}. Created {report['created']}.
 
-The weights are a pickle (`pytorch_model.bin`, the format INC's loader reads): load them only from a folder you
-wrote or a Hub revision pinned by commit hash.
+`pytorch_model.bin` is a pickle (the format INC's loader reads): load it only from a folder you wrote or a Hub
+revision pinned by commit hash. `engine.safetensors` holds the same INT8 tensors without code.
 """
     ModelCard(text).save(Path(folder) / "README.md")

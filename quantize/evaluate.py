@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from quantize.generate import Sampling, stream
 
@@ -26,7 +25,7 @@ def heldout_prompts() -> list[str]:
     return json.loads((DATA / "heldout_prompts.json").read_text())
 
 
-def teacher_forced(model: torch.nn.Module, ids: torch.Tensor, window: int = WINDOW,
+def teacher_forced(decoder, ids: torch.Tensor, window: int = WINDOW,
                    prefill: int = PREFILL) -> tuple[float, torch.Tensor]:
     """Mean negative log-likelihood over non-overlapping windows, and the argmax token at every position.
 
@@ -39,36 +38,30 @@ def teacher_forced(model: torch.nn.Module, ids: torch.Tensor, window: int = WIND
             x = ids[:, s : s + window + 1]
             if x.shape[1] < 2:
                 break
-            cache = DynamicCache()
-            logits = []
-            for a, b in [(0, min(prefill, x.shape[1] - 1))] + [(t, t + 1) for t in range(prefill, x.shape[1] - 1)]:
-                out = model(input_ids=x[:, a:b], past_key_values=cache, use_cache=True)
-                logits.append(out.logits[0].float())
-                cache = out.past_key_values
-            logits = torch.cat(logits)
+            cache = decoder.new_cache(x.shape[1])
+            spans = [(0, min(prefill, x.shape[1] - 1))] + [(t, t + 1) for t in range(prefill, x.shape[1] - 1)]
+            logits = torch.cat([decoder.forward(x[0, a:b], cache, all_logits=True) for a, b in spans])
             nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             n += x.shape[1] - 1
             top.append(logits.argmax(-1))
     return nll / n, torch.cat(top)
 
 
-def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, eos: int | None = None) -> list[int]:
+def greedy(decoder, ids: torch.Tensor, new_tokens: int, eos: int | None = None) -> list[int]:
     """Greedy answer, up to and including the end-of-turn token."""
-    return [s.token_id for s in stream(model, ids, Sampling(max_new_tokens=new_tokens),
+    return [s.token_id for s in stream(decoder, ids, Sampling(max_new_tokens=new_tokens),
                                        eos_ids=frozenset() if eos is None else {eos})]
 
 
-def follows(model: torch.nn.Module, ids: torch.Tensor, answer: list[int]) -> list[int]:
+def follows(decoder, ids: torch.Tensor, answer: list[int]) -> list[int]:
     """The model's argmax at every step of a given answer: prompt prefilled, answer decoded token by token."""
     picks = []
     with torch.inference_mode():
-        cache = DynamicCache()
-        x = ids
+        cache = decoder.new_cache(ids.shape[-1] + len(answer))
+        x = ids.reshape(-1)
         for token in answer:
-            out = model(input_ids=x, past_key_values=cache, use_cache=True)
-            picks.append(int(out.logits[0, -1].argmax()))
-            cache = out.past_key_values
-            x = torch.tensor([[token]])
+            picks.append(int(decoder.forward(x, cache)[-1].argmax()))
+            x = torch.tensor([token])
     return picks
 
 
@@ -78,7 +71,7 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 
-def compare(models: dict[str, torch.nn.Module], reference: str, tokenizer, max_tokens: int = 1024,
+def compare(models: dict, reference: str, tokenizer, max_tokens: int = 1024,
             greedy_tokens: int = 48) -> dict:
     """Perplexity of every model; top-1 agreement and greedy-continuation match of each against `reference`."""
     ids = tokenizer(heldout_text(), return_tensors="pt").input_ids[:, :max_tokens]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from quantize import calibration, card, evaluate, latency, models, recipe
+from quantize.generate import HFDecoder
 
 
 def int8_weight_share(model: torch.nn.Module) -> float:
@@ -36,19 +37,23 @@ def int8_weight_share(model: torch.nn.Module) -> float:
 def measure(names: list[str], model_arg: str | None, samples: int, tokens: int, rounds: int) -> dict:
     src = models.resolve_model(model_arg)
     tok, bf16 = models.load_tokenizer(src), models.load_bf16(src)
+    reference, bf16_run = HFDecoder(bf16, "transformers BF16"), models.open_bf16(src)
     calib = calibration.calibration_ids(tok, samples)
     prompts = [evaluate.prompt_ids(tok, p) for p in evaluate.heldout_prompts()[:2]]
     rows = []
     for name in names:
         work = Path(tempfile.mkdtemp(prefix="frontier-"))
-        try:
-            res = recipe.quantize(bf16, calib, recipe.RECIPES[name], work)
-            q = evaluate.compare({"bf16": bf16, "int8": res.model}, "bf16", tok)["models"]["int8"]
-            s = latency.interleaved({"int8": res.model, "bf16": bf16}, prompts, tokens, rounds)
+        try:  # each variant is saved and served the way the app serves it (the engine where it can)
+            res = recipe.quantize(bf16, calib, recipe.RECIPES[name], work / "inc")
+            recipe.save_int8(res, work / "int8", tok, bf16)
+            int8 = models.open_int8(work / "int8")
+            q = evaluate.compare({"bf16": reference, "int8": int8}, "bf16", tok)["models"]["int8"]
+            s = latency.interleaved({"int8": int8, "bf16": bf16_run}, prompts, tokens, rounds)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         row = {
             "name": name,
+            "engine": int8.label,
             "description": recipe.RECIPES[name].description,
             "smoothquant_applied": res.smoothquant.get("applied", False),
             "perplexity_ratio": q["perplexity_ratio"],
@@ -69,7 +74,7 @@ def measure(names: list[str], model_arg: str | None, samples: int, tokens: int, 
         "cpu": latency.describe_cpu().line(),
         "model": str(model_arg or models.DEFAULT_MODEL_LABEL),
         "calibration_samples": samples,
-        "bench": {"new_tokens": tokens, "rounds": rounds, "prompts": len(prompts)},
+        "bench": {"new_tokens": tokens, "rounds": rounds, "prompts": len(prompts), "bf16": bf16_run.label},
         "variants": rows,
     }
 

@@ -2,6 +2,8 @@
 
 The app streams from it, the benchmark and the quality check time it: INT8 and BF16 always run the same loop,
 so their per-token numbers are comparable and come from the loop itself, not from the UI's streaming cadence.
+A decoder is anything with `new_cache(max_len)` and `forward(ids, cache) -> logits`: the engine
+(quantize/engine.py) for Llama-family models, or `HFDecoder`, the generic path through a transformers model.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 
 def stream(
-    model: torch.nn.Module,
+    decoder,
     input_ids: torch.Tensor,
     sampling: Sampling,
     eos_ids: set[int] | frozenset[int] = frozenset(),
@@ -49,16 +51,54 @@ def stream(
 ) -> Iterator[Step]:
     """Yield each new token with its time stamp. Stops at max_new_tokens, an eos id, or when `stop` is set."""
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
-    cache = DynamicCache()
-    ids = input_ids
+    ids = input_ids.reshape(-1)
+    cache = decoder.new_cache(ids.numel() + sampling.max_new_tokens)
     with torch.inference_mode():
         for _ in range(sampling.max_new_tokens):
             if stop is not None and stop.is_set():
                 return
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            token = next_token(out.logits[0, -1], sampling, generator)
+            token = next_token(decoder.forward(ids, cache)[-1], sampling, generator)
             yield Step(token, time.perf_counter())
             if token in eos_ids:
                 return
-            cache = out.past_key_values
-            ids = torch.tensor([[token]])
+            ids = torch.tensor([token])
+
+
+class HFCache:
+    """What a transformers model hands back as its cache (a DynamicCache or INC's legacy tuples)."""
+
+    def __init__(self) -> None:
+        self.past, self.length = DynamicCache(), 0
+
+
+class HFDecoder:
+    """The generic path: any transformers causal LM (INC's INT8 ones too) behind the engine's interface."""
+
+    def __init__(self, model: torch.nn.Module, label: str) -> None:
+        self.model, self.label, self.config = model.eval(), label, model.config.to_dict()
+        self.max_len = model.config.max_position_embeddings or 4096
+
+    @property
+    def weight_bytes(self) -> int:
+        from quantize.models import weight_bytes
+
+        return weight_bytes(self.model)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads: all but the input embedding, of which one row is gathered. A tied
+        embedding is also lm_head, read in full, so it stays in."""
+        from quantize.models import weight_bytes
+
+        emb, out = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        out_ptrs = {p.data_ptr() for p in out.parameters()} if out is not None else set()
+        tied = any(p.data_ptr() in out_ptrs for p in emb.parameters())
+        return self.weight_bytes - (0 if tied else weight_bytes(emb))
+
+    def new_cache(self, max_len: int | None = None) -> HFCache:
+        return HFCache()
+
+    def forward(self, ids: torch.Tensor, cache: HFCache, all_logits: bool = False) -> torch.Tensor:
+        out = self.model(input_ids=ids.reshape(1, -1), past_key_values=cache.past, use_cache=True)
+        cache.past, cache.length = out.past_key_values, cache.length + ids.numel()
+        return (out.logits[0] if all_logits else out.logits[0, -1:]).float()

@@ -194,6 +194,12 @@ def resolve_int8(model: str, revision: str | None = None, token: str | None = No
     return resolve_model(model, revision=revision, token=token)
 
 
+def default_int8_dir(bf16_arg: str | None = None) -> Path:
+    """Where the app keeps (and builds on first start) the INT8 model of a BF16 model argument."""
+    slug = re.sub(r"[^\w.-]+", "--", bf16_arg or "default").strip("-")
+    return cache_dir() / "int8" / slug
+
+
 def is_int8_folder(path: Path) -> bool:
     return any((Path(path) / m).is_file() for m in INT8_MARKERS)
 
@@ -241,6 +247,34 @@ def load_int8(path: Path) -> torch.nn.Module:
     model.config.return_dict = True
     model.config.use_cache = True
     return model.eval()
+
+
+def open_int8(path: Path):
+    """The decoder that serves an INT8 folder: the engine when the folder has its safetensors and a Llama-family
+    architecture, else INC's model on the generic path (a pickle: only for folders the caller trusts)."""
+    from quantize import engine
+    from quantize.generate import HFDecoder
+
+    path = Path(path)
+    if not is_int8_folder(path):
+        raise ModelError(f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json).")
+    if engine.is_engine_folder(path) and (path / engine.ENGINE_FILE).is_file():
+        try:
+            return engine.load(path)
+        except (KeyError, ValueError, OSError, RuntimeError) as e:
+            raise ModelError(f"Cannot load the INT8 model in {path}: {type(e).__name__}: {str(e)[:200]}") from e
+    return HFDecoder(load_int8(path), "transformers + INC (generic path)")
+
+
+def open_bf16(path: Path, trust_remote_code: bool = False):
+    """The decoder that serves the BF16 original: the engine for Llama-family safetensors folders (so it runs the
+    INT8 model's loop), transformers otherwise."""
+    from quantize import engine
+    from quantize.generate import HFDecoder
+
+    if engine.is_engine_folder(Path(path)):
+        return engine.load(Path(path))
+    return HFDecoder(load_bf16(path, trust_remote_code), "transformers BF16 (generic path)")
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -16,7 +16,7 @@ What the documented recipe gives, and why this one differs (../shared/docs/stack
     token in decode). Both are written into INC's tuning config (`bf16_ops_list`, per-op `quant_mode`), so
     `INCModelForCausalLM.from_pretrained` rebuilds exactly the same graph.
   * lm_head does follow a norm (the final one), but INC's trace does not pair them, so the recipe applies
-    SmoothQuant's scaling to that pair itself before INC runs (`smooth_lm_head`). With it lm_head can be dynamic
+    SmoothQuant's scaling to that pair itself before INC runs (`smooth_pairs`). With it lm_head can be dynamic
     INT8 within the quality bar; in BF16 its 49152x576 GEMV alone was ~4 ms of a ~30 ms INT8 token.
 `python -m quantize.frontier` measures every variant below; DEFAULT_RECIPE is the fastest one that meets the
 quality bar on the real default model.
@@ -36,9 +36,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantize import engine
+
 log = logging.getLogger("q8chat")
 
-SUPPORTED_MODEL_TYPES = {"llama"}  # INC's absorb detection and this recipe are verified on Llama blocks only
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}  # Llama blocks, up to biases and a sliding window
+# INC's SmoothQuant finds and scales norms by class name (waq/graph_trace.py, waq/smooth_quant.py) and knows
+# LlamaRMSNorm only; these compute exactly what it does (same forward source), so INC is shown that class.
+INC_NORM_ALIASES = {"MistralRMSNorm": "LlamaRMSNorm", "Qwen2RMSNorm": "LlamaRMSNorm"}
 # Ops with no norm in front of them, so SmoothQuant cannot fold a scale for them (INC: "150 out of 211").
 O_PROJ, DOWN_PROJ, LM_HEAD = r".*o_proj(\.module)?", r".*down_proj(\.module)?", r"lm_head(\.module)?"
 TAIL_MODES = ("fp32", "dynamic", "bf16")
@@ -56,9 +61,10 @@ class Recipe:
     tail: tuple[tuple[str, str], ...] = ()
     # INC's default for Linear activations is KL calibration, which clips the outliers LLMs depend on.
     activation_algorithm: str = "minmax"
-    # SmoothQuant for lm_head, which INC cannot absorb (it finds no norm in front of it in its trace), done here
-    # the same way before INC runs: the final RMSNorm's output channels scaled down, lm_head's columns up.
-    smooth_lm_head: bool = False
+    # SmoothQuant for the pairs INC cannot absorb (SMOOTH_PAIRS: lm_head, down_proj, o_proj), done here the same
+    # way before INC runs: the producer's output channels scaled down, the consumer's input columns up.
+    smooth_pairs: tuple[str, ...] = ()
+    pair_alpha: float | None = None  # alpha for those pairs (default: `alpha`); down_proj's outliers want more
     description: str = ""
 
     @property
@@ -95,9 +101,13 @@ RECIPES: dict[str, Recipe] = {
                description="as sq-dynamic with lm_head dynamic INT8 too (BF16 GEMV of the 49152x576 lm_head is "
                            "~4 ms of a token here); only down_proj BF16"),
         Recipe("sq-dynamic-lm-smooth", tail=_tail("dynamic", "bf16", "dynamic", qkv_gu="dynamic"),
-               smooth_lm_head=True,
+               smooth_pairs=("lm_head",),
                description="as sq-dynamic-lm, with SmoothQuant's scaling applied to lm_head too (INC does not "
                            "absorb it)"),
+        Recipe("sq-dynamic-all-smooth", tail=_tail("dynamic", "dynamic", "dynamic", qkv_gu="dynamic"),
+               smooth_pairs=("lm_head", "down_proj", "o_proj"),
+               description="every Linear dynamic INT8, with SmoothQuant's scaling also applied to the pairs INC "
+                           "does not absorb: final norm->lm_head, up_proj->down_proj, v_proj->o_proj"),
         Recipe("no-sq-dynamic", smooth_quant=False, tail=_tail("dynamic", "bf16", "bf16", qkv_gu="dynamic"),
                description="as sq-dynamic without SmoothQuant (shows what smoothing buys)"),
     ]
@@ -131,6 +141,16 @@ def untie_embeddings(model: nn.Module) -> bool:
     return True
 
 
+def present_norms_to_inc(model: nn.Module) -> None:
+    """Give norms INC cannot see the class INC knows (INC_NORM_ALIASES): same computation, a name INC matches."""
+    from transformers.models.llama import modeling_llama
+
+    for mod in model.modules():
+        alias = INC_NORM_ALIASES.get(type(mod).__name__)
+        if alias:
+            mod.__class__ = getattr(modeling_llama, alias)
+
+
 def build_config(recipe: Recipe, calibration_size: int):
     from neural_compressor.config import PostTrainingQuantConfig
 
@@ -157,29 +177,62 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def smooth_lm_head(model: nn.Module, calibration: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """SmoothQuant's migration (Xiao et al.) for lm_head: s_j = max|X_j|^alpha / max|W_j|^(1-alpha) per input
-    channel j, X divided by s inside the final RMSNorm's weight and W's column j multiplied by s. The product is
-    unchanged in exact arithmetic; the outlier channels of the last hidden state, which a per-token INT8 scale
-    otherwise spends its range on, shrink. Needs untied embeddings (lm_head scaled alone). Returns s."""
-    norm, head = model.model.norm, model.lm_head
-    x_max = torch.zeros(head.in_features)
+# SmoothQuant pairs INC does not absorb (it only folds into a norm it finds in its trace): where the scale goes
+# (a norm's weight, or a Linear's output rows) and the Linear whose input columns take it. down_proj's input is
+# silu(gate) * up, o_proj's is softmax-weighted rows of v, so scaling up's or v's rows scales them exactly.
+SMOOTH_PAIRS = {
+    "lm_head": ("model.norm", "lm_head"),
+    "down_proj": ("model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj"),
+    "o_proj": ("model.layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.o_proj"),
+}
 
-    def observe(_module, _inputs, out: torch.Tensor) -> None:
-        x_max.copy_(torch.maximum(x_max, out.detach().abs().float().amax(dim=(0, 1))))
 
-    hook = norm.register_forward_hook(observe)
+def smooth_pairs(model: nn.Module, calibration: list[torch.Tensor], alpha: float,
+                 kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """SmoothQuant's migration (Xiao et al.) for the pairs `kinds` of SMOOTH_PAIRS: per input channel j of the
+    consumer, s_j = max|X_j|^alpha / max|W_j|^(1-alpha); X is divided by s where it is produced, W's column j
+    multiplied by s. Exact in real arithmetic; the outlier channels a per-token INT8 scale would spend its range
+    on shrink. Needs untied embeddings (lm_head scaled alone). Returns s per consumer."""
+    layers = len(model.model.layers)
+    pairs = [(p.format(i=i), c.format(i=i)) for k in kinds for i in (range(layers) if "{i}" in SMOOTH_PAIRS[k][0]
+                                                                     else [0]) for p, c in [SMOOTH_PAIRS[k]]]
+    x_max = {c: torch.zeros(model.get_submodule(c).in_features) for _, c in pairs}
+
+    def observe(name: str):
+        def hook(_module, inputs) -> None:
+            x_max[name].copy_(torch.maximum(x_max[name], inputs[0].detach().abs().float().flatten(0, -2).amax(0)))
+        return hook
+
+    hooks = [model.get_submodule(c).register_forward_pre_hook(observe(c)) for _, c in pairs]
     try:
         with torch.inference_mode():
             for ids in calibration:
                 model(input_ids=ids)
     finally:
-        hook.remove()
-    w_max = head.weight.detach().abs().float().amax(dim=0)
-    s = (x_max.clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+        for h in hooks:
+            h.remove()
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    return {c: _migrate(model.get_submodule(p), model.get_submodule(c), x_max[c], alpha, head_dim) for p, c in pairs}
+
+
+def _migrate(producer: nn.Module, consumer: nn.Linear, x_max: torch.Tensor, alpha: float,
+             head_dim: int) -> torch.Tensor:
+    """Divide the producer's output channel r by s_r and multiply the consumer's matching input columns by it.
+    With GQA, o_proj has more input channels than v_proj has rows: each v row feeds `repeat` query heads' columns,
+    which then share one scale (computed over all of them)."""
+    rows = producer.weight.shape[0]
+    repeat = consumer.in_features // rows
+    w_max = consumer.weight.detach().abs().float().amax(0)
+    c = torch.arange(consumer.in_features)  # consumer channel c = (kv * repeat + g) * D + d feeds from kv * D + d
+    index = c // head_dim // repeat * head_dim + c % head_dim
+    x_row = torch.zeros(rows).scatter_reduce(0, index, x_max, "amax")
+    w_row = torch.zeros(rows).scatter_reduce(0, index, w_max, "amax")
+    s = (x_row.clamp(min=1e-5) ** alpha / w_row.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
     with torch.no_grad():
-        norm.weight.div_(s.to(norm.weight.dtype))
-        head.weight.mul_(s.to(head.weight.dtype)[None, :])
+        producer.weight.div_((s[:, None] if producer.weight.dim() == 2 else s).to(producer.weight.dtype))
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.div_(s.to(producer.bias.dtype))
+        consumer.weight.mul_(s[index].to(consumer.weight.dtype)[None, :])
     return s
 
 
@@ -194,8 +247,10 @@ def quantize(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe, 
     start = time.perf_counter()
     model = copy.deepcopy(model).float().eval()
     untie_embeddings(model)
-    if recipe.smooth_lm_head:
-        smooth_lm_head(model, calibration, float(recipe.alpha) if recipe.alpha != "auto" else 0.5)
+    present_norms_to_inc(model)
+    if recipe.smooth_pairs:
+        alpha = recipe.pair_alpha or (float(recipe.alpha) if recipe.alpha != "auto" else 0.5)
+        smooth_pairs(model, calibration, alpha, recipe.smooth_pairs)
     model.config.return_dict = False  # INC's jit trace for SmoothQuant needs tuple outputs
     norms_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("norm.weight")}
 
@@ -234,7 +289,8 @@ def quantize(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe, 
 
 def save_int8(result: QuantizeResult, out: Path, tokenizer, original: nn.Module) -> None:
     """Write the folder INCModelForCausalLM.from_pretrained loads: INC's config files, the state dict with INC's
-    tuning config (now holding the dynamic ops too), and the tokenizer and generation config INC does not save."""
+    tuning config (now holding the dynamic ops too), and the tokenizer and generation config INC does not save;
+    plus engine.safetensors, the same INT8 tensors for the engine (no pickle), when the engine can run them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f in result.workdir.iterdir():
@@ -243,6 +299,7 @@ def save_int8(result: QuantizeResult, out: Path, tokenizer, original: nn.Module)
     state = result.model.state_dict()
     state["best_configure"] = result.q_config
     torch.save(state, out / "pytorch_model.bin")
+    engine.write_engine_file(result.model, out)
     config = json.loads((out / "config.json").read_text())
     # INC's trace needed tuple outputs; whoever loads this folder wants normal ones and a KV cache.
     config.update(return_dict=True, use_cache=True, tie_word_embeddings=False)

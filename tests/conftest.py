@@ -42,6 +42,9 @@ for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "Q8CHAT_INT8_M
     os.environ.pop(var, None)
 
 ARTIFACTS = ROOT / "artifacts"
+# A two-layer Llama: the whole quantize pipeline runs on it in seconds (with the default tokenizer's vocabulary).
+TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2}
 HUB_TOKEN = "hf_test_local_hub_token"
 # Planted in the environment of every app and CLI run the tests start; must never show up in what they print,
 # write or serve (tests/test_secrets.py scans for it).
@@ -90,9 +93,9 @@ def local_hub(data_dir: Path):
 def int8_run(default_dir) -> dict:
     """The real maintainer command on the embedded default model, once per session, pushed to a LocalHub.
     Its output folder is where `python app.py` looks for the default INT8 model, so the app tests reuse it."""
-    from app import default_int8_dir
+    from quantize.models import default_int8_dir
 
-    out = default_int8_dir(None)
+    out = default_int8_dir()
     repo = "test-user/smollm2-int8"
     if os.environ.get("Q8CHAT_TEST_REUSE_INT8") and (out / "inc_config.json").is_file():
         # local iteration on app tests only (with Q8CHAT_TEST_CACHE): skips the 4-minute quantize run, so

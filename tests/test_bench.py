@@ -9,13 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, TINY_LLAMA
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantize import bench, models
-
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2}
 
 
 def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -25,23 +22,32 @@ def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def test_bench_tiny_model(tmp_path, tokenizer):
-    bf16_dir, int8_dir = bench.build_config_model(tmp_path / "tiny", tokenizer, size=TINY, samples=4)
+    bf16_dir, int8_dir = bench.build_config_model(tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4)
     out = tmp_path / "out.json"
     proc = run_bench("--int8", str(int8_dir), "--bf16", str(bf16_dir), "--tokens", "4", "--rounds", "2",
                      "--threads", "1", "--prompts", "1", "--json", str(out), "--profile", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for word in ("median ms", "p10 ms", "p90 ms", "TTFT ms", "tok/s", "MB/token", "floor ms", "x floor",
-                 "copy bandwidth", "speed-up", "peak RSS", "peer", "INT8 decode profile", "Self CPU"):
+                 "copy bandwidth", "speed-up", "added MB", "load peak MB", "resident memory added", "peer",
+                 "INT8 engine", "BF16 engine", "transformers BF16", "INT8 decode profile", "Self CPU"):
         assert word in proc.stdout, (word, proc.stdout)
 
     report = json.loads(out.read_text())
     res = report["threads"]["1"]
     assert res["bandwidth_bytes_per_s"] > 0
-    for name in ("int8", "bf16"):
+    for name in ("int8", "bf16", "hf_bf16"):
         m = res["models"][name]
-        assert m["median_ms"] > 0 and m["ttft_median_ms"] > 0 and m["floor_ms"] > 0 and m["x_floor"] > 0
-        assert len(m["round_median_ms"]) == 2
-        assert 0 < report["models"][name]["bytes_per_token"] < report["models"][name]["weight_bytes"]
+        assert m["median_ms"] > 0 and m["ttft_median_ms"] > 0 and len(m["round_median_ms"]) == 2
+        assert m["floor_ms"] == pytest.approx(m["bytes_per_token"] / res["bandwidth_bytes_per_s"] * 1e3)
+        assert m["x_floor"] == pytest.approx(m["median_ms"] / m["floor_ms"])
+        assert m["added_bytes"] > 0 and m["load_peak_bytes"] >= m["added_bytes"] * 0.5
+    # what an INT8 token streams, counted from the file itself: every tensor but the gathered embedding
+    from safetensors import safe_open
+
+    with safe_open(str(int8_dir / "engine.safetensors"), "pt") as f:
+        streamed = sum(f.get_tensor(k).nbytes for k in f.keys() if not k.startswith("model.embed_tokens"))
+    assert res["models"]["int8"]["bytes_per_token"] == pytest.approx(streamed, rel=0.01)
+    assert res["models"]["bf16"]["bytes_per_token"] > 1.5 * streamed  # BF16 reads ~2x the bytes
     assert len(res["speedup_per_round"]) == 2 and all(r > 0 for r in res["speedup_per_round"])
     # The peer runs where the optional llama_cpp is installed (on a GGUF written from the built model) and is
     # skipped with a line otherwise; either way the run goes on.
@@ -65,7 +71,7 @@ def peer_gguf(tmp_path, tokenizer):
     """A tiny random Llama with the default tokenizer, and the peer's Q8_0 GGUF written from it."""
     torch.manual_seed(0)
     folder = tmp_path / "tiny"
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **TINY))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **TINY_LLAMA))
     model.to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model, folder, bench.gguf_q8_0_from_llama(folder, folder / "peer.Q8_0.gguf")
@@ -77,7 +83,7 @@ def test_peer_gguf_holds_the_same_weights(peer_gguf):
 
     model, _, path = peer_gguf
     tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-    assert len(tensors) == 3 + 9 * TINY["num_hidden_layers"]
+    assert len(tensors) == 3 + 9 * TINY_LLAMA["num_hidden_layers"]
     down = tensors["blk.1.ffn_down.weight"]
     assert down.tensor_type == gguf.GGMLQuantizationType.Q8_0
     ref = model.model.layers[1].mlp.down_proj.weight.detach().float().numpy()

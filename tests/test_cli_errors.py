@@ -115,11 +115,11 @@ def small_disk(tmp_path):
 @pytest.fixture
 def tiny_model(tmp_path, tokenizer):
     """A random two-layer Llama with the default tokenizer: the whole CLI runs on it in seconds."""
+    from conftest import TINY_LLAMA
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = tmp_path / "tiny"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).save_pretrained(model)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_LLAMA)).save_pretrained(model)
     tokenizer.save_pretrained(model)
     return model
 

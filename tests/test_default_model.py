@@ -5,7 +5,7 @@ import math
 import torch
 
 from quantize import evaluate, models
-from quantize.generate import Sampling, stream
+from quantize.generate import HFDecoder, Sampling, stream
 
 
 def test_folder_is_a_cached_bf16_transformers_model(default_dir):
@@ -35,13 +35,13 @@ def test_weights_are_bf16_and_tied(bf16):
 
 def test_answers_sensibly(bf16, tokenizer):
     ids = evaluate.prompt_ids(tokenizer, "What is the capital of France?")
-    out = [s.token_id for s in stream(bf16, ids, Sampling(max_new_tokens=20), eos_ids={tokenizer.eos_token_id})]
+    out = [s.token_id for s in stream(HFDecoder(bf16, "BF16"), ids, Sampling(max_new_tokens=20), eos_ids={tokenizer.eos_token_id})]
     assert "Paris" in tokenizer.decode(out)
     assert out[-1] == tokenizer.eos_token_id  # the chat turn ends by itself
 
 
 def test_heldout_perplexity_is_that_of_a_real_model(bf16, tokenizer):
     ids = tokenizer(evaluate.heldout_text(), return_tensors="pt").input_ids[:, :512]
-    nll, _ = evaluate.teacher_forced(bf16, ids)
+    nll, _ = evaluate.teacher_forced(HFDecoder(bf16, "BF16"), ids)
     # Random weights give ~vocab size (49152); the real model is in the tens (measured ~40 at window 128).
     assert math.exp(nll) < 80

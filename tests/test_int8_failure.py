@@ -14,21 +14,24 @@ from quantize.models import ModelError
 
 @pytest.fixture(scope="module")
 def broken_int8(int8_run, tmp_path_factory):
-    """Copies of the real INT8 folder: one with its weights cut in half, one without them."""
+    """Copies of the real INT8 folder: one with its weights (INC's pickle and the engine's safetensors) cut in
+    half, one without them."""
     root = tmp_path_factory.mktemp("broken")
     corrupt, missing = root / "corrupt", root / "missing"
     shutil.copytree(int8_run["out"], corrupt)
     shutil.copytree(int8_run["out"], missing)
-    weights = corrupt / "pytorch_model.bin"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    (missing / "pytorch_model.bin").unlink()
+    for name in ("pytorch_model.bin", "engine.safetensors"):
+        weights = corrupt / name
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        (missing / name).unlink()
     return {"corrupt": corrupt, "missing": missing}
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "missing"])
-def test_broken_folder_is_a_clear_error(broken_int8, kind):
+@pytest.mark.parametrize("load", [models.load_int8, models.open_int8])
+def test_broken_folder_is_a_clear_error(broken_int8, kind, load):
     with pytest.raises(ModelError, match="Cannot load the INT8 model"):
-        models.load_int8(broken_int8[kind])
+        load(broken_int8[kind])
 
 
 def test_hub_int8_needs_a_commit_pin():
@@ -43,8 +46,8 @@ def test_hub_int8_at_a_pinned_commit_loads_and_a_wrong_one_is_refused(int8_run):
     with local_hub(_SESSION / "hub-int8") as hub:
         head = hub.head(repo)
         path = models.resolve_int8(repo, revision=head, token=HUB_TOKEN)
-        model = models.load_int8(path)
-        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] > 1000
+        model = models.open_int8(path)
+        assert model.forward(torch.tensor([1, 2, 3]), model.new_cache(8)).shape[-1] > 1000
         with pytest.raises(ModelError, match="no revision"):
             models.resolve_int8(repo, revision="0" * 40, token=HUB_TOKEN)
 

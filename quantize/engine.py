@@ -1,0 +1,396 @@
+"""The engine: batch-1 decoding of Llama-family models (llama, mistral, qwen2), INT8 or BF16, in one lean loop.
+
+The app, the benchmark and the quality check run both models through `Engine.forward`, so INT8 and BF16 share
+the cache, the attention, the fusions and the glue, and the speed-up the panel shows is quantization's alone.
+What differs is the Linear: `Int8Linear` (FBGEMM dynamic INT8, one activation scale per token) or
+`FloatLinear` (BF16 or FP32 `F.linear`).
+
+Lean means:
+  * weights are read from safetensors straight into their kernels: INT8 matrices into FBGEMM's packed format,
+    the input embedding memory-mapped (a token gathers one row; the rest stays on disk), no model object is
+    built, and freed load temporaries go back to the OS (`malloc_trim`);
+  * a preallocated KV cache written in place, GQA attention without repeating K/V heads, RoPE tables built
+    once, q/k/v fused into one GEMM and gate/up into another (each group shares its input, so one activation
+    scale: the same numbers as three or two calls).
+Anything else (other architectures, static-INT8 recipes) runs on the generic path, `generate.HFDecoder`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ENGINE_FILE = "engine.safetensors"  # written by `python -m quantize` next to INC's pytorch_model.bin
+FORMAT = "q8chat-int8/1"
+# The families whose blocks are the same up to optional biases (read from the weights) and a sliding window.
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def full_range_activations(flags: set[str] | None = None) -> bool:
+    """u8 activations use all 8 bits only where FBGEMM has a VNNI kernel (vpdpbusd accumulates in int32);
+    without it `vpmaddubsw` adds two u8*s8 products in int16, which saturates, so activations keep 7 bits."""
+    return "avx512_vnni" in (cpu_flags() if flags is None else flags)
+
+
+# ---------------------------------------------------------------- the two kinds of Linear
+
+class Int8Linear:
+    """FBGEMM dynamic INT8: s8 weights per output channel, u8 activations with a scale per call (per token)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 reduce_range: bool) -> None:
+        zero = torch.zeros(scale.numel(), dtype=torch.long)
+        w = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
+        self.packed = torch.ops.quantized.linear_prepack(w, None if bias is None else bias.float())
+        self.reduce_range = reduce_range
+        self.nbytes = qweight.numel() + scale.numel() * 4 + (0 if bias is None else bias.numel() * 4)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+
+
+class FloatLinear:
+    """`F.linear` in the weight's dtype; the result comes back in the activations' dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight.contiguous(), None if bias is None else bias.to(weight.dtype)
+        self.nbytes = weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class Embedding:
+    """Token rows of a table that is only gathered: memory-mapped from the file, so resident memory grows with
+    the rows used. INC stores it weight-only INT8 (u8 per row, float scale and zero point); a BF16 model as is."""
+
+    def __init__(self, tensors: Tensors, name: str) -> None:
+        self.quantized = f"{name}.qweight" in tensors
+        if self.quantized:
+            self.q, self.scale, self.zero = (tensors.get(f"{name}.{k}") for k in ("qweight", "scale", "zero_point"))
+        else:
+            self.weight = tensors.get(f"{name}.weight")
+        self.nbytes = sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return self.weight[ids]
+        return (self.q[ids].float() - self.zero[ids, None]) * self.scale[ids, None]
+
+
+# ---------------------------------------------------------------- reading safetensors without copies
+
+class Tensors:
+    """Every tensor of a folder's safetensors files, memory-mapped: reading one costs its pages, not the file."""
+
+    DTYPES = {"BF16": (np.int16, torch.bfloat16), "F16": (np.float16, None), "F32": (np.float32, None),
+              "I8": (np.int8, None), "I64": (np.int64, None), "U8": (np.uint8, None)}
+
+    def __init__(self, files: list[Path]) -> None:
+        self.where: dict[str, tuple[Path, dict, int]] = {}
+        self.metadata: dict = {}
+        for path in files:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            self.metadata.update(header.pop("__metadata__", None) or {})
+            self.where.update({name: (path, info, 8 + n) for name, info in header.items()})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        path, info, base = self.where[name]
+        np_dtype, view = self.DTYPES[info["dtype"]]
+        # copy-on-write mapping: pages are read from the file when touched, never written back
+        array = np.memmap(path, dtype=np_dtype, mode="c", offset=base + info["data_offsets"][0],
+                          shape=tuple(info["shape"]))
+        t = torch.from_numpy(array)
+        return t.view(view) if view is not None else t
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    if (folder / ENGINE_FILE).is_file():
+        return [folder / ENGINE_FILE]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+
+
+# ---------------------------------------------------------------- the model
+
+@dataclass
+class Block:
+    attn_norm: torch.Tensor
+    qkv: Int8Linear | FloatLinear
+    o: Int8Linear | FloatLinear
+    mlp_norm: torch.Tensor
+    gate_up: Int8Linear | FloatLinear
+    down: Int8Linear | FloatLinear
+
+
+class Cache:
+    """K and V of every layer for one conversation, written in place: [layers, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, layers: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> None:
+        # torch.empty does not touch the pages: memory becomes resident only as positions are written
+        self.k = torch.empty(layers, kv_heads, max_len, head_dim, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+
+class Engine:
+    """One Llama-family model; `forward(ids, cache)` runs a prompt or a token and returns logits."""
+
+    def __init__(self, config: dict, tensors: Tensors, label: str, reduce_range: bool) -> None:
+        self.config, self.label = config, label
+        int8 = tensors.metadata.get("format") == FORMAT
+        self.dtype = torch.float32 if int8 else torch.bfloat16  # the activations INC's INT8 model runs in
+        self.heads, self.kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        self.head_dim = config.get("head_dim") or config["hidden_size"] // self.heads
+        self.eps = config["rms_norm_eps"]
+        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+        self.max_len = min(config.get("max_position_embeddings") or 4096, window or 1 << 30)  # never slides
+        self.reduce_range = reduce_range
+        read = _Reader(tensors, self.dtype, reduce_range)
+        self.blocks = [read.block(f"model.layers.{i}", self.head_dim) for i in range(config["num_hidden_layers"])]
+        self.norm = read.vector("model.norm.weight")
+        tied = "lm_head.weight" not in tensors and "lm_head.qweight" not in tensors
+        self.lm_head = read.linear(["model.embed_tokens" if tied else "lm_head"])
+        self.bytes_per_token = read.nbytes  # what one decode step streams
+        # A tied table is the output matrix, read whole every token; an untied one is only gathered, a row per
+        # token, so it stays memory-mapped and costs resident memory only for the rows used.
+        self.embed = (lambda ids: self.lm_head.weight[ids]) if tied else Embedding(tensors, "model.embed_tokens")
+        self.weight_bytes = read.nbytes + (0 if tied else self.embed.nbytes)
+        self.kinds = read.kinds
+        self.cos, self.sin = rope_tables(config, self.max_len, self.head_dim)
+        malloc_trim()
+
+    def new_cache(self, max_len: int | None = None) -> Cache:
+        n = min(max_len or self.max_len, self.max_len)
+        return Cache(len(self.blocks), self.kv_heads, n, self.head_dim, self.dtype)
+
+    def forward(self, ids: torch.Tensor, cache: Cache, all_logits: bool = False) -> torch.Tensor:
+        """ids: [T] token ids following what `cache` holds. Returns FP32 logits of the last token ([1, vocab]),
+        or of every token with all_logits."""
+        T, start = ids.shape[-1], cache.length
+        if start + T > cache.k.shape[2]:
+            raise ValueError(f"The conversation needs {start + T} positions; this cache holds {cache.k.shape[2]}.")
+        x = self.embed(ids.reshape(-1)).to(self.dtype)
+        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        mask = causal_mask(T, start, self.dtype) if T > 1 else None
+        for layer, block in enumerate(self.blocks):
+            x = x + block.o(self.attention(rms_norm(x, block.attn_norm, self.eps), block, cache, layer, cos, sin,
+                                           mask))
+            gate, up = block.gate_up(rms_norm(x, block.mlp_norm, self.eps)).chunk(2, dim=-1)
+            x = x + block.down(F.silu(gate) * up)
+        cache.length = start + T
+        x = x if all_logits else x[-1:]
+        return self.lm_head(rms_norm(x, self.norm, self.eps)).float()
+
+    def attention(self, x: torch.Tensor, block: Block, cache: Cache, layer: int, cos: torch.Tensor,
+                  sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        T, H, KV, D = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        G = H // KV
+        qkv = block.qkv(x).view(T, H + 2 * KV, D)
+        qk = rope(qkv[:, : H + KV], cos, sin)  # q and k rotated together
+        end = cache.length + T
+        cache.k[layer, :, cache.length : end] = qk[:, H:].transpose(0, 1)
+        cache.v[layer, :, cache.length : end] = qkv[:, H + KV :].transpose(0, 1)
+        # GQA without repeating K/V: the G query heads of a group become G rows against one cached head
+        q = qk[:, :H].reshape(T, KV, G, D).permute(1, 2, 0, 3).reshape(KV, G * T, D)
+        k, v = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [KV, S, D], views of the cache
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(1 / math.sqrt(D))  # [KV, G*T, S]
+        if mask is not None:
+            scores.view(KV, G, T, end).add_(mask)
+        out = torch.bmm(scores.softmax(-1), v)  # [KV, G*T, D]
+        return out.view(KV, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As transformers' LlamaRMSNorm: statistics in FP32, scaled in the activations' dtype."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on [T, heads, D] with pairs interleaved (see _Reader.interleave): one complex product."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * torch.complex(cos, sin)[:, None]).flatten(-2).to(x.dtype)
+
+
+def rope_tables(config: dict, max_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin per position and frequency, built once with transformers' own RoPE variants (llama3, yarn…)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = AutoConfig.for_model(**config)
+    kind = (getattr(hf, "rope_scaling", None) or {}).get("rope_type", "default")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq.float())
+    return angles.cos() * scaling, angles.sin() * scaling
+
+
+def causal_mask(T: int, start: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T, start+T]: a prompt's token i sees the cache and prompt tokens up to itself."""
+    seen = torch.arange(start + T)[None, :] <= torch.arange(start, start + T)[:, None]
+    return torch.zeros(T, start + T, dtype=dtype).masked_fill_(~seen, float("-inf"))
+
+
+def malloc_trim() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise), so resident memory is the model."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---------------------------------------------------------------- loading
+
+class _Reader:
+    """Turns a folder's tensors into the engine's kernels, one layer at a time (peak memory: one layer)."""
+
+    def __init__(self, tensors: Tensors, dtype: torch.dtype, reduce_range: bool) -> None:
+        self.t, self.dtype, self.reduce_range = tensors, dtype, reduce_range
+        self.nbytes, self.kinds = 0, {}
+
+    def vector(self, name: str) -> torch.Tensor:
+        v = self.t.get(name).to(self.dtype).clone()
+        self.nbytes += v.numel() * v.element_size()
+        return v
+
+    def parts(self, name: str, rows: list[int] | None = None) -> dict:
+        """One Linear's stored tensors, rows reordered by `rows` (an exact permutation of its outputs)."""
+        keys = [k for k in ("qweight", "scale", "weight", "bias") if f"{name}.{k}" in self.t]
+        got = {k: self.t.get(f"{name}.{k}") for k in keys}
+        return {k: v[rows] if rows is not None else v for k, v in got.items()}
+
+    def linear(self, names: list[str], rows: list[list[int] | None] | None = None) -> Int8Linear | FloatLinear:
+        """The Linears `names` (which share one input) as one kernel, their outputs concatenated."""
+        parts = [self.parts(n, r) for n, r in zip(names, rows or [None] * len(names))]
+        kinds = {"int8" if "qweight" in p else "float" for p in parts}
+        if len(kinds) != 1:
+            raise ValueError(f"{names} mix INT8 and float weights; the engine fuses only like with like.")
+        has_bias = any("bias" in p for p in parts)
+        bias = torch.cat([p["bias"].float() if "bias" in p else torch.zeros(len(p.get("scale", p.get("weight"))))
+                          for p in parts]) if has_bias else None
+        if kinds == {"int8"}:
+            lin = Int8Linear(torch.cat([p["qweight"] for p in parts]), torch.cat([p["scale"].float() for p in parts]),
+                             bias, self.reduce_range)
+        else:  # an INT8 folder's float tail keeps its stored dtype (BF16 or FP32); a BF16 model is BF16
+            weight = torch.cat([p["weight"] for p in parts])  # a copy in ordinary memory, like the packed INT8
+            lin = FloatLinear(weight.to(torch.bfloat16) if self.dtype == torch.bfloat16 else weight, bias)
+        for n in names:
+            self.kinds[n] = "int8" if kinds == {"int8"} else str(lin.weight.dtype).removeprefix("torch.")
+        self.nbytes += lin.nbytes
+        return lin
+
+    def block(self, prefix: str, head_dim: int) -> Block:
+        malloc_trim()  # the last layer's temporaries go back to the OS: the peak is the model plus one layer
+        q, k, v, o, gate, up, down = (f"{prefix}.{n}" for n in LINEARS)
+        pairs = self.interleave(head_dim, self.out_features(q)), self.interleave(head_dim, self.out_features(k))
+        return Block(
+            attn_norm=self.vector(f"{prefix}.input_layernorm.weight"),
+            qkv=self.linear([q, k, v], [pairs[0], pairs[1], None]),
+            o=self.linear([o]),
+            mlp_norm=self.vector(f"{prefix}.post_attention_layernorm.weight"),
+            gate_up=self.linear([gate, up]),
+            down=self.linear([down]),
+        )
+
+    def out_features(self, name: str) -> int:
+        _, info, _ = self.t.where[f"{name}.qweight" if f"{name}.qweight" in self.t else f"{name}.weight"]
+        return info["shape"][0]
+
+    @staticmethod
+    def interleave(head_dim: int, rows: int) -> list[int]:
+        """transformers rotates dimension i with i + D/2 of each head; reordering q and k rows to (0, D/2, 1,
+        D/2+1, …) makes the pairs adjacent, so RoPE is one complex product. q·k is unchanged: both are reordered
+        the same way, and v is not touched."""
+        half = head_dim // 2
+        per_head = [j for i in range(half) for j in (i, i + half)]
+        return [h * head_dim + j for h in range(rows // head_dim) for j in per_head]
+
+
+def is_engine_folder(folder: Path) -> bool:
+    """A Llama-family folder with safetensors weights the engine can read."""
+    config = folder / "config.json"
+    if not config.is_file() or not safetensors_files(folder):
+        return False
+    return json.loads(config.read_text()).get("model_type") in ARCHITECTURES
+
+
+def load(folder: Path, reduce_range: bool | None = None) -> Engine:
+    """The engine for an INT8 folder (`engine.safetensors`) or a BF16 one (`model.safetensors`)."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    tensors = Tensors(safetensors_files(folder))
+    if reduce_range is None:
+        reduce_range = not full_range_activations()
+    int8 = tensors.metadata.get("format") == FORMAT
+    bits = "7-bit" if reduce_range else "8-bit"
+    label = f"Q8 engine, FBGEMM INT8 ({bits} activations)" if int8 else "Q8 engine, BF16"
+    return Engine(config, tensors, label, reduce_range)
+
+
+# ---------------------------------------------------------------- the file `python -m quantize` writes
+
+def engine_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The INT8 model INC built, as plain tensors under transformers' names: `<linear>.qweight` (s8) and `.scale`
+    (per output channel) for FBGEMM dynamic INT8, `.weight` for a BF16/FP32 Linear, the weight-only INT8
+    embedding and the norms. None when a module is one the engine does not run the same way (static INT8)."""
+    import re
+
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        bare = re.sub(r"(\.module)+$", "", name)
+        kind = f"{type(mod).__module__}.{type(mod).__name__}"
+        if kind == "torch.ao.nn.quantized.dynamic.modules.linear.Linear":
+            w, bias = mod.weight(), mod.bias()
+            if w.qscheme() != torch.per_channel_affine or w.q_per_channel_zero_points().any():
+                return None
+            out |= {f"{bare}.qweight": w.int_repr(), f"{bare}.scale": w.q_per_channel_scales().float()}
+        elif kind == "torch.ao.nn.quantized.modules.embedding_ops.Embedding":
+            w, bias = mod.weight(), None
+            out |= {f"{bare}.qweight": w.int_repr(), f"{bare}.scale": w.q_per_channel_scales().float(),
+                    f"{bare}.zero_point": w.q_per_channel_zero_points().float()}
+        elif type(mod) in (torch.nn.Linear, torch.nn.Embedding):
+            w, bias = mod.weight, getattr(mod, "bias", None)
+            out[f"{bare}.weight"] = w.detach()
+        elif kind.startswith("torch.ao.nn.quantized") and "PackedParams" not in kind:
+            return None  # static INT8 needs the calibrated activation scale: the generic path serves it
+        else:
+            continue
+        if bias is not None:
+            out[f"{bare}.bias"] = bias.detach().float()
+    out |= {n: p.detach().float() for n, p in model.named_parameters() if n.endswith("norm.weight")}
+    return {n: t.contiguous() for n, t in out.items()}
+
+
+def write_engine_file(model: torch.nn.Module, folder: Path) -> bool:
+    """engine.safetensors next to INC's pytorch_model.bin: what the engine (and the app) load, never a pickle."""
+    from safetensors.torch import save_file
+
+    tensors = engine_tensors(model)
+    if tensors is None:
+        return False
+    save_file(tensors, str(Path(folder) / ENGINE_FILE), metadata={"format": FORMAT})
+    return True

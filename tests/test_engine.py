@@ -1,0 +1,154 @@
+"""The engine (quantize/engine.py) against the documented loader, INCModelForCausalLM, on the same folder; its
+cache, its activation paths on this CPU, and what it refuses to read."""
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_LLAMA
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from quantize import calibration, engine, models, recipe
+from quantize.generate import HFDecoder, Sampling, stream
+
+# Random small models, one per family the engine serves; the default tokenizer's vocabulary.
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": 4096},
+    "qwen2": {},  # q/k/v carry biases
+}
+TOKENS = 64
+
+
+def build(tmp_path, tokenizer, family: str):
+    """A random model of `family` saved as BF16, and its INT8 folder made by the default recipe."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), tie_word_embeddings=False,
+                                  max_position_embeddings=512, **TINY_LLAMA, **FAMILIES[family])
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    bf16_dir, int8_dir = tmp_path / "bf16", tmp_path / "int8"
+    model.save_pretrained(bf16_dir)
+    tokenizer.save_pretrained(bf16_dir)
+    result = recipe.quantize(model, calibration.calibration_ids(tokenizer, 4),
+                             recipe.RECIPES[recipe.DEFAULT_RECIPE], tmp_path / "work")
+    assert result.smoothquant["applied"], result.smoothquant
+    recipe.save_int8(result, int8_dir, tokenizer, model)
+    return model, bf16_dir, int8_dir
+
+
+def greedy(decoder, ids, n=TOKENS):
+    return [s.token_id for s in stream(decoder, ids, Sampling(max_new_tokens=n))]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_engine_matches_inc_on_config_models(tmp_path, tokenizer, family):
+    model, bf16_dir, int8_dir = build(tmp_path, tokenizer, family)
+    inc = HFDecoder(models.load_int8(int8_dir), "INC")
+    ours = engine.load(int8_dir, reduce_range=True)  # the activation precision INC's dynamic Linear uses
+    assert set(ours.kinds.values()) <= {"int8", "bfloat16"} and "int8" in ours.kinds.values()
+    ids = torch.tensor(tokenizer("The engine and the documented loader read the same folder.").input_ids)
+    a, b = ours.new_cache(256), inc.new_cache()
+    logits = [(ours.forward(ids, a, all_logits=True), inc.forward(ids, b, all_logits=True))]
+    for token in (5, 77, 1234):
+        logits.append((ours.forward(torch.tensor([token]), a), inc.forward(torch.tensor([token]), b)))
+    for x, y in logits:  # stated tolerance: 1e-4 of the logits' range
+        assert (x - y).abs().max() <= 1e-4 * y.abs().max(), (family, (x - y).abs().max(), y.abs().max())
+    assert greedy(ours, ids) == greedy(inc, ids)
+    # and the BF16 engine against transformers' own BF16 model
+    bf16 = engine.load(bf16_dir)
+    x, y = bf16.forward(ids, bf16.new_cache(64), all_logits=True), HFDecoder(model, "hf").forward(
+        ids, HFDecoder(model, "hf").new_cache(), all_logits=True)
+    assert (x - y).abs().max() <= 0.02 * y.abs().max()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer):
+    return build(tmp_path_factory.mktemp("tiny"), tokenizer, "llama")
+
+
+def test_cache_is_written_in_place_and_equals_one_prefill(tiny, tokenizer):
+    """BF16, because INT8's activation scale is per call: a prompt in one pass shares one scale."""
+    _, bf16_dir, _ = tiny
+    e = engine.load(bf16_dir)
+    ids = torch.tensor(tokenizer("One pass or token by token: the same numbers.").input_ids)
+    whole = e.forward(ids, e.new_cache(64), all_logits=True)
+    cache = e.new_cache(64)
+    k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
+    steps = [e.forward(ids[:4], cache, all_logits=True)] + [e.forward(ids[i : i + 1], cache) for i in range(4, len(ids))]
+    assert cache.k.data_ptr() == k_ptr and cache.v.data_ptr() == v_ptr and cache.length == len(ids)
+    assert torch.allclose(torch.cat(steps), whole, atol=0.02 * whole.abs().max())
+    with pytest.raises(ValueError, match="positions"):
+        e.forward(torch.arange(70), e.new_cache(64))
+
+
+def emulate_dynamic(x: np.ndarray, q: np.ndarray, scale: np.ndarray, levels: int) -> np.ndarray:
+    """Per-tensor asymmetric activation quantization with `levels` steps, integer GEMM, float rescale."""
+    lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+    s = (hi - lo) / levels
+    zero = np.round(-lo / s)
+    xq = np.clip(np.round(x / s) + zero, 0, levels)
+    return ((xq - zero) @ q.T.astype(np.float64)) * s * scale
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_activation_paths(reduce_range):
+    """7-bit activations everywhere; 8-bit only where the CPU has VNNI (else int16 sums would saturate)."""
+    flags = engine.cpu_flags()
+    if not reduce_range and "avx512_vnni" not in flags:
+        pytest.skip(f"this CPU has no AVX-512 VNNI: the engine runs 7-bit activations here (flags: avx2="
+                    f"{'avx2' in flags})")
+    torch.manual_seed(0)
+    w = torch.randn(96, 256)
+    scale = w.abs().amax(1) / 127
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    x = torch.randn(1, 256) * torch.linspace(0.1, 8, 256)
+    got = engine.Int8Linear(q, scale, None, reduce_range)(x).numpy()
+    want = emulate_dynamic(x.numpy().astype(np.float64), q.numpy(), scale.numpy(), 127 if reduce_range else 255)
+    other = emulate_dynamic(x.numpy().astype(np.float64), q.numpy(), scale.numpy(), 255 if reduce_range else 127)
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+    assert np.abs(got - other).max() > 10 * np.abs(got - want).max()
+
+
+def test_engine_picks_activation_bits_from_cpu_flags(tiny):
+    assert engine.full_range_activations({"avx2", "avx512f", "avx512_vnni"})
+    assert not engine.full_range_activations({"avx2", "fma"})
+    assert not engine.full_range_activations({"avx2", "avx512f"})  # AVX-512 without VNNI: vpmaddubsw
+    served = engine.load(tiny[2])
+    vnni = "avx512_vnni" in engine.cpu_flags()
+    assert served.reduce_range is not vnni
+    assert ("8-bit" if vnni else "7-bit") in served.label
+
+
+def test_int8_folder_is_served_without_unpickling(tiny, tmp_path, tokenizer):
+    """The app loads engine.safetensors; the pickle INC reads is never opened (here it would leave a mark)."""
+    _, _, int8_dir = tiny
+    folder = tmp_path / "int8"
+    shutil.copytree(int8_dir, folder)
+    mark = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(mark), "w"))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
+    served = models.open_int8(folder)
+    ids = torch.tensor(tokenizer("Hello").input_ids)
+    assert greedy(served, ids, 4) == greedy(engine.load(int8_dir), ids, 4)
+    assert not mark.exists()
+
+
+def test_engine_file_is_safetensors_with_int8_weights(tiny):
+    _, _, int8_dir = tiny
+    from safetensors import safe_open
+
+    with safe_open(str(int8_dir / engine.ENGINE_FILE), "pt") as f:
+        names = set(f.keys())
+        assert f.metadata()["format"] == engine.FORMAT
+        q = f.get_tensor("model.layers.0.self_attn.q_proj.qweight")
+    assert q.dtype == torch.int8 and q.shape == (TINY_LLAMA["hidden_size"], TINY_LLAMA["hidden_size"])
+    assert "lm_head.qweight" in names and "model.embed_tokens.qweight" in names
+    assert not any(n.endswith("q_proj.weight") for n in names)
+
+
