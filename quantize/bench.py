@@ -12,7 +12,6 @@ import collections
 import json
 import logging
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -159,11 +158,6 @@ def copy_bandwidth(threads: int, mib: int = BANDWIDTH_MIB, repeats: int = 5) -> 
         dst.copy_(src)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() / best
-
-
-def peak_rss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 # ---------------------------------------------------------------- the llama.cpp peer
@@ -365,10 +359,11 @@ def load_footprint(kind: str, folder: str) -> dict:
     gc.collect()
     malloc_trim()
     before = latency.rss_bytes()
+    latency.reset_peak_rss()
     decoder = loader(Path(folder))
     with torch.inference_mode():
         decoder.forward(torch.tensor([1, 2, 3]), decoder.new_cache(8))
-    peak = peak_rss_bytes()
+    peak = latency.peak_rss_bytes()
     gc.collect()
     malloc_trim()
     return {"added_bytes": latency.rss_bytes() - before, "load_peak_bytes": peak - before}

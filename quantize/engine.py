@@ -393,4 +393,5 @@ def write_engine_file(model: torch.nn.Module, folder: Path) -> bool:
     if tensors is None:
         return False
     save_file(tensors, str(Path(folder) / ENGINE_FILE), metadata={"format": FORMAT})
+    (Path(folder) / ENGINE_FILE).chmod(0o644)  # safetensors writes it private; it is a model file like the rest
     return True

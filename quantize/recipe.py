@@ -104,15 +104,15 @@ RECIPES: dict[str, Recipe] = {
                smooth_pairs=("lm_head",),
                description="as sq-dynamic-lm, with SmoothQuant's scaling applied to lm_head too (INC does not "
                            "absorb it)"),
-        Recipe("sq-dynamic-all-smooth", tail=_tail("dynamic", "dynamic", "dynamic", qkv_gu="dynamic"),
+        Recipe("sq-dynamic-all-smooth", alpha=0.75, tail=_tail("dynamic", "dynamic", "dynamic", qkv_gu="dynamic"),
                smooth_pairs=("lm_head", "down_proj", "o_proj"),
-               description="every Linear dynamic INT8, with SmoothQuant's scaling also applied to the pairs INC "
-                           "does not absorb: final norm->lm_head, up_proj->down_proj, v_proj->o_proj"),
+               description="every Linear dynamic INT8, with SmoothQuant's scaling (alpha 0.75) also applied to the "
+                           "pairs INC does not absorb: final norm->lm_head, up_proj->down_proj, v_proj->o_proj"),
         Recipe("no-sq-dynamic", smooth_quant=False, tail=_tail("dynamic", "bf16", "bf16", qkv_gu="dynamic"),
                description="as sq-dynamic without SmoothQuant (shows what smoothing buys)"),
     ]
 }
-DEFAULT_RECIPE = "sq-dynamic-lm-smooth"
+DEFAULT_RECIPE = "sq-dynamic-all-smooth"
 BASELINE_NO_SQ = "no-sq-dynamic"
 
 

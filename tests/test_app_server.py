@@ -61,6 +61,9 @@ def test_chat_api_streams_int8_and_fills_the_panel(app_url):
     medians = re.search(r"\| Median ms / token \| ([\d.]+) \| ([\d.]+) \|", table)
     assert medians and float(medians[1]) > 0 and float(medians[2]) > 0
     assert "Paris" in bf16_answer  # BF16's own answer to the same prompt
+    # the engine keeps only INT8 bytes: the INT8 model adds less resident memory than BF16 (INC's loader: 3.5x more)
+    memory = re.search(r"\| Resident memory \(MB\) \| (\d+) \| (\d+) \|", table)
+    assert memory and 0 < int(memory[1]) < int(memory[2]), table
 
 
 def test_empty_message_is_refused_and_nothing_is_lost(app_url):
@@ -74,6 +77,7 @@ def test_browser_chat_stream_panel_stop(app_url):
     ARTIFACTS.mkdir(exist_ok=True)
     errors: list[str] = []
     with app_page(app_url, errors) as page:
+        assert "Q8 engine, FBGEMM INT8" in page.locator("#header").inner_text()  # which engine serves
         box = page.locator("#message textarea")
         box.fill("Tell me about the moon in three sentences.")
         box.press("Enter")
