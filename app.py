@@ -529,6 +529,10 @@ def examples() -> list[str]:
     return json.loads((ASSETS / "examples.json").read_text())
 
 
+def example_text(picked: gr.SelectData) -> str:
+    return picked.value["text"]
+
+
 def build_ui() -> gr.Blocks:
     with gr.Blocks(title="Q8-Chat — INT8 vs BF16 on a CPU", fill_width=False) as demo:
         gr.Markdown("# Q8-Chat\nChat with an **INT8** model; see what 8-bit quantization buys on this CPU.",
@@ -541,7 +545,8 @@ def build_ui() -> gr.Blocks:
                     chatbot = gr.Chatbot(elem_id="chatbot", height=460, buttons=["copy"], feedback_options=None,
                                          show_label=False,
                                          placeholder="Ask anything. The INT8 model answers; the panel shows "
-                                                     "how fast, next to BF16.")
+                                                     "how fast, next to BF16.",
+                                         examples=[{"text": e} for e in examples()])
                     notice = gr.Markdown(elem_id="notice")
                     with gr.Row():
                         box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
@@ -551,7 +556,6 @@ def build_ui() -> gr.Blocks:
                         stop = gr.Button("Stop", elem_id="stop", size="sm")
                         again = gr.Button("Retry", elem_id="retry", size="sm")
                         clear = gr.Button("Clear", elem_id="clear", size="sm")
-                    gr.Examples(examples(), inputs=box, label="Try")
                     with gr.Accordion("System prompt and generation settings", open=False):
                         system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2)
                         max_new = gr.Slider(*SETTINGS["max_new_tokens"], value=128, step=8, label="Max new tokens")
@@ -585,6 +589,10 @@ def build_ui() -> gr.Blocks:
         box.submit(respond, ins, outs, api_name="chat", **kw)
         send.click(respond, ins, outs, api_visibility="private", **kw)
         again.click(retry, chatbot, [chatbot, box], queue=False, api_visibility="private").then(
+            respond, ins, outs, api_visibility="private", **kw)
+        # The chat's own examples (shown while it is empty): a click sends the example. (gr.Examples' Dataset
+        # throws in the page when its input box is updated in quick succession, as Retry and Clear do.)
+        chatbot.example_select(example_text, None, box, queue=False, api_visibility="private").then(
             respond, ins, outs, api_visibility="private", **kw)
         # Stop and Clear end the run cooperatively (never a cancelled job): the worker stops at the next token,
         # the text so far stays, and the CPU is free at once.

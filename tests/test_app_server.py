@@ -138,4 +138,14 @@ def test_browser_stop_retry_clear_clicked_together(app_url):
         box.press("Enter")
         page.wait_for_selector("#table:has-text('faster'), #table:has-text('slower')", timeout=180_000)
         assert "Paris" in page.locator(BOT).last.inner_text()
+
+        # the empty chat offers examples; a click sends one and it is answered
+        page.click("#clear")
+        example = page.locator("#chatbot button.example").first
+        example.wait_for(timeout=30_000)
+        asked = example.inner_text().strip()
+        example.click()
+        page.wait_for_function(f"[...document.querySelectorAll({BOT!r})].pop()?.innerText.length > 10",
+                               timeout=60_000)
+        assert page.locator('#chatbot [data-testid="user"]').last.inner_text().strip() == asked
     assert not errors, errors
