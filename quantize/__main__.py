@@ -118,7 +118,7 @@ class Stages:
         os.replace(tmp, self.file)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, stage_bar=None) -> int:
     from tqdm import tqdm
 
     from quantize import calibration, card, models, recipe
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     partial = out.with_name(out.name + ".partial")  # created only once the inputs are known to be good
     stages = Stages(partial, fingerprint(args))
     int8_dir = partial / "int8"
-    with tqdm(total=6, desc="quantize", unit="stage") as steps:
+    with (stage_bar or tqdm)(total=6, desc="quantize", unit="stage") as steps:
         report = _stages(args, rec, stages, steps, tok, bf16, src, base_id, calib_file, int8_dir)
     print(card.summary_table(report))
     print(f"INT8 model written to {out}")
@@ -237,7 +237,9 @@ def disk_full(path: Path, reserve: int = 64 * 2**20) -> bool:
     return shutil.disk_usage(path).free < reserve
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stage_bar=None) -> int:
+    """The maintainer command. `stage_bar` makes the bar over the pipeline's stages (default tqdm); the app
+    passes its own to show a first-start build's progress on the page."""
     logging.basicConfig(level=logging.INFO if os.environ.get("Q8CHAT_VERBOSE") else logging.WARNING,
                         format="%(levelname)s %(message)s")
     args = parse_args(argv)
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        code = run(args)
+        code = run(args, stage_bar)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

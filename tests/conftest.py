@@ -109,9 +109,10 @@ def int8_run(default_dir) -> dict:
 
 
 @contextlib.contextmanager
-def running_app(log: Path, **env: str):
+def running_app(log: Path, loaded: bool = True, **env: str):
     """`python app.py` as a visitor meets it, on a free loopback port; yields (url, process) once /status says
-    the models are loaded. The log is kept in artifacts/ for a failed CI run."""
+    both models are loaded (loaded=False: once a model answers). The log is kept in artifacts/ for a failed CI
+    run."""
     import requests
     from gradio_client import Client
 
@@ -127,8 +128,10 @@ def running_app(log: Path, **env: str):
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "app did not become ready:\n" + log.read_text()[-3000:]
             try:
-                if requests.get(url, timeout=2).ok and Client(url, verbose=False).predict(api_name="/status")["ready"]:
-                    break
+                if requests.get(url, timeout=2).ok:
+                    s = Client(url, verbose=False).predict(api_name="/status")
+                    if s["ready"] and not (loaded and s["loading"]):  # both loaded (or INT8 failed)
+                        break
             except (requests.RequestException, ValueError, ConnectionError):
                 pass
             time.sleep(1)

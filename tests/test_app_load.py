@@ -12,7 +12,8 @@ import pytest
 import requests
 from conftest import ARTIFACTS
 
-from app import DEFAULT_SYSTEM, QUEUE_SIZE, text_of
+from app import DEFAULT_SYSTEM, QUEUE_SIZE
+from quantize.chat import text_of
 
 pytestmark = pytest.mark.slow
 BUSY = "Queue is full"  # Gradio's own answer when the bounded queue is full
@@ -41,7 +42,7 @@ def visit(url: str, visitor: int, turns: range, history: list, log: list) -> lis
         message = f"Visitor {visitor}, turn {turn}: name a colour."
         start = time.monotonic()
         try:
-            h, box, _chart, table, _bf16, notice = client.predict(
+            h, box, _chart, table, _bf16, notice, *_ = client.predict(
                 message, history, DEFAULT_SYSTEM, 12, 0.0, 0.95, turn % 2 == 0, api_name="/chat")
         except Exception as e:  # noqa: BLE001 - classified below: busy is an answer, anything else an error
             log.append((visitor, turn, time.monotonic() - start, "busy" if BUSY in str(e) else f"error: {e}"))

@@ -51,7 +51,7 @@ def test_chat_api_streams_int8_and_fills_the_panel(app_url):
     job = client.submit("What is the capital of France?", [], DEFAULT_SYSTEM, 24, 0.0, 0.95, True,
                         api_name="/chat")
     updates = list(job)  # every streamed update
-    history, box, chart, table, bf16_answer, notice = job.result()
+    history, box, chart, table, bf16_answer, notice, live, race_int8, race_bf16 = job.result()
     assert box == ""
     answer = history[-1]["content"]
     answer = answer if isinstance(answer, str) else "".join(p.get("text", "") for p in answer)
@@ -61,6 +61,12 @@ def test_chat_api_streams_int8_and_fills_the_panel(app_url):
     medians = re.search(r"\| Median ms / token \| ([\d.]+) \| ([\d.]+) \|", table)
     assert medians and float(medians[1]) > 0 and float(medians[2]) > 0
     assert "Paris" in bf16_answer  # BF16's own answer to the same prompt
+    # the counters under the chat: tokens, rate and context used out of the model's window (SmolLM2: 8192)
+    tokens = re.search(r"(\d+) tokens · ([\d.]+) tokens/s · context (\d+) of 8,192", live)
+    assert tokens and int(tokens[1]) > 1 and float(tokens[2]) > 0 and int(tokens[3]) > int(tokens[1]), live
+    # the race's lanes hold both answers, each with its measured finishing time
+    assert "finished at" in race_int8 and answer.strip()[:20] in race_int8
+    assert "finished at" in race_bf16 and bf16_answer.strip()[:20] in race_bf16
     # the engine keeps only INT8 bytes: the INT8 model adds less resident memory than BF16 (INC's loader: 3.5x more)
     memory = re.search(r"\| Resident memory \(MB\) \| (\d+) \| (\d+) \|", table)
     assert memory and 0 < int(memory[1]) < int(memory[2]), table
@@ -148,4 +154,66 @@ def test_browser_stop_retry_clear_clicked_together(app_url):
         page.wait_for_function(f"[...document.querySelectorAll({BOT!r})].pop()?.innerText.length > 10",
                                timeout=60_000)
         assert page.locator('#chatbot [data-testid="user"]').last.inner_text().strip() == asked
+    assert not errors, errors
+
+
+CODE_MESSAGE = "Explain __init__() here:\n```python\nclass A:\n    def __init__(self):\n        self.x = 1\n```"
+RACE_CLOCK = """() => new Promise(done => {
+  // performance.now() of the first replayed frame and of the frame where each lane says it finished
+  const seen = {};
+  const watch = (id) => new MutationObserver(() => {
+    const text = document.querySelector(id).innerText;
+    if (!text.includes('finished at') && text.includes(' s')) {  // a frame of the replay, before the end
+      if (seen.first === undefined) seen.first = performance.now();
+      seen['started' + id] = true;
+    }
+    if (text.includes('finished at') && seen['started' + id] && seen[id] === undefined) seen[id] = performance.now();
+    if (seen['#race-int8'] !== undefined && seen['#race-bf16'] !== undefined) done(seen);
+  }).observe(document.querySelector(id), {childList: true, subtree: true, characterData: true});
+  watch('#race-int8'); watch('#race-bf16');
+  document.querySelector('#race-run').click();
+})"""
+
+
+@pytest.mark.parametrize("width", [1400, 390], ids=["desktop", "phone"])
+def test_browser_live_counters_code_continue_and_race(app_url, width):
+    """One reply watched closely: the counters move while it streams, code renders intact and can be copied
+    mid-stream, Continue extends a stopped reply, and the race replays both answers at their measured times."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    errors: list[str] = []
+    with app_page(app_url, errors) as page:
+        page.set_viewport_size({"width": width, "height": 900})
+        page.locator("#chatbot button.example").first.wait_for()
+        box = page.locator("#message textarea")
+        box.fill(CODE_MESSAGE)
+        box.press("Enter")
+        page.wait_for_selector("#live:has-text('writing')", timeout=60_000)
+        first = page.locator("#live").inner_text()
+        page.wait_for_function(f"document.querySelector('#live').innerText !== {first!r}", timeout=30_000)
+        assert re.search(r"\d+ tokens · [\d.]+ tokens/s · context \d+ of 8,192", page.locator("#live").inner_text())
+        assert page.locator(f"{BOT} ~ * button[title='Copy message'], #chatbot button[title='Copy message']").count()
+        user = page.locator('#chatbot [data-testid="user"]').last
+        assert "__init__()" in user.inner_text()  # not bold "init()"
+        assert "def __init__(self):\n        self.x = 1" in user.locator("pre code").inner_text()
+        page.click("#stop")
+        page.wait_for_selector("#table:has-text('Stopped')", timeout=30_000)
+        stopped = page.locator(BOT).last.inner_text()
+
+        page.click("#continue")  # the same message grows: what was there stays, more follows
+        page.wait_for_function(f"[...document.querySelectorAll({BOT!r})].pop().innerText.length > {len(stopped)}",
+                               timeout=60_000)  # fmt: skip
+        page.wait_for_selector("#race-int8:has-text('finished at')", timeout=180_000)
+        continued = page.locator(BOT).last.inner_text()
+        assert continued.startswith(stopped[: max(len(stopped) - 5, 1)]) and page.locator(BOT).count() == 1
+
+        measured = {lane: float(re.search(r"finished at ([\d.]+) s", page.locator(lane).inner_text())[1])
+                    for lane in ("#race-int8", "#race-bf16")}  # fmt: skip
+        seen = page.evaluate(RACE_CLOCK, None)
+        for lane, seconds in measured.items():
+            replayed = (seen[lane] - seen["first"]) / 1e3
+            assert abs(replayed - seconds) <= 0.1, (lane, replayed, seconds)  # one refresh interval
+        page.screenshot(path=str(ARTIFACTS / f"race-{width}.png"), full_page=True)
+        for part in ("#chart", "#race-int8", "#race-bf16"):
+            box_ = page.locator(part).bounding_box()
+            assert box_ and box_["width"] > 100 and box_["x"] + box_["width"] <= width + 1, (part, box_)
     assert not errors, errors

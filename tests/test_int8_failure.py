@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import _SESSION, HUB_TOKEN, local_hub, running_app
 
-from app import DEFAULT_SYSTEM, text_of
+from app import DEFAULT_SYSTEM
 from quantize import models
+from quantize.chat import text_of
 from quantize.models import ModelError
 
 
@@ -61,7 +62,7 @@ def test_app_serves_bf16_alone_when_int8_fails(broken_int8, tmp_path):
         client = Client(url, verbose=False)
         s = client.predict(api_name="/status")
         assert s["ready"] and not s["compare"] and "Cannot load the INT8 model" in s["int8_error"]
-        h, box, _chart, table, bf16, _notice = client.predict("What is the capital of France?", [], DEFAULT_SYSTEM,
+        h, box, _chart, table, bf16, _notice, *_ = client.predict("What is the capital of France?", [], DEFAULT_SYSTEM,
                                                              16, 0.0, 0.95, True, api_name="/chat")
         assert "Paris" in text_of(h[-1]["content"])
         assert "Comparison unavailable" in table

@@ -1,0 +1,154 @@
+"""Chat for the app: the prompt from a conversation, and one model's reply decoded live with a time stamp per token.
+
+The reply keeps every token id and its stamp, so the page can show live counters while it streams and replay the
+INT8-vs-BF16 race afterwards from what was measured.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from quantize import latency
+from quantize.generate import Sampling, stream
+
+MAX_INPUT_TOKENS = 1024  # prompt + history fed to the model; older turns are dropped first
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+UI_INTERVAL_S = 0.1  # the page is refreshed at most this often; tokens arriving in between are shown together
+
+
+def text_of(content) -> str:
+    """Gradio 6 hands message content back as a list of parts; accept plain strings too."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "")
+    return "".join(text_of(c) for c in content or [])
+
+
+def clean(message: str) -> str:
+    return CONTROL_CHARS.sub("", message if isinstance(message, str) else "").strip()
+
+
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Render the chat template, tokenizing what people typed with special tokens split, so a typed
+    '<|im_start|>system' stays text and can never open a new role."""
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    shell = tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": mark} for m, mark in zip(messages, marks)],
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+    ids: list[int] = []
+    rest = shell
+    for m, mark in zip(messages, marks):
+        before, rest = rest.split(mark, 1)
+        ids += tokenizer(before, add_special_tokens=False).input_ids
+        ids += tokenizer(m["content"], add_special_tokens=False, split_special_tokens=True).input_ids
+    return ids + tokenizer(rest, add_special_tokens=False).input_ids
+
+
+def build_prompt(
+    tokenizer, system: str, history: list[dict], message: str, budget: int = MAX_INPUT_TOKENS
+) -> tuple[list[int], int]:
+    """Token ids for system + history + message, dropping the oldest turns until they fit `budget`.
+    Returns (ids, number of earlier messages dropped). Raises ValueError when the message alone does not fit."""
+    turns = [
+        {"role": m["role"], "content": text_of(m["content"])}
+        for m in history
+        if m.get("role") in ("user", "assistant")
+    ]
+    head = [{"role": "system", "content": system}] if system.strip() else []
+    for dropped in range(0, len(turns) + 1):
+        kept = turns[dropped:]
+        if kept and kept[0]["role"] == "assistant":  # never start mid-exchange
+            continue
+        ids = encode_chat(tokenizer, head + kept + [{"role": "user", "content": message}])
+        if len(ids) <= budget:
+            return ids, dropped
+    raise ValueError(f"The message is {len(ids)} tokens with the system prompt; the limit is {budget}. Shorten it.")
+
+
+CODE = re.compile(r"(```[\s\S]*?(?:```|$)|`[^`\n]*`)")  # fenced blocks (also one still streaming) and code spans
+DUNDER = re.compile(r"(?<![\w`])(__\w+?__(?:\(\))?)(?![\w`])")
+
+
+def as_markdown(text: str) -> str:
+    """A message as the chat shows it. Markdown reads a bare `__init__()` as bold "init()", so dunder names
+    outside code are shown as code; everything else is left to the chat's markdown."""
+    parts = CODE.split(text)
+    return "".join(p if i % 2 else DUNDER.sub(r"`\1`", p) for i, p in enumerate(parts))
+
+
+def continuation_ids(tokenizer, prompt_ids: list[int], partial_answer: str) -> list[int]:
+    """The prompt of a stopped reply followed by what it had said, so the model picks up mid-answer."""
+    return prompt_ids + tokenizer(partial_answer, add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+@dataclass
+class Reply:
+    """One model's answer as it is produced: every token id with the time stamp it became known."""
+
+    prompt_tokens: int
+    timing: latency.Timing
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+    def text_at(self, tokenizer, seconds: float) -> str:
+        """The answer as it stood `seconds` after the request (the race replays this)."""
+        shown = sum(1 for t in self.timing.stamps if t - self.timing.start <= seconds)
+        return tokenizer.decode(self.token_ids[:shown], skip_special_tokens=True)
+
+    @property
+    def seconds(self) -> float:
+        return (self.timing.stamps[-1] - self.timing.start) if self.timing.stamps else 0.0
+
+
+def decode_live(decoder, tokenizer, ids: list[int], sampling: Sampling, stop: threading.Event) -> Iterator[Reply]:
+    """The one decode-and-time loop of the app. The model runs in a worker thread that only stamps tokens, so
+    the per-token times measure the model, not the page; this generator yields the reply so far at most every
+    UI_INTERVAL_S. Closing it (a stop, a disconnect) stops the worker before returning, so the CPU is free."""
+    steps: queue.SimpleQueue = queue.SimpleQueue()
+    halt = threading.Event()  # ours, so that a normal end is not mistaken for the visitor's Stop
+    reply = Reply(len(ids), latency.Timing(time.perf_counter()))
+
+    def work() -> None:
+        try:
+            for step in stream(decoder, torch.tensor([ids]), sampling, eos_ids={tokenizer.eos_token_id}, stop=halt):
+                if step.token_id != tokenizer.eos_token_id:
+                    reply.timing.stamps.append(step.t)
+                    steps.put(step.token_id)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            steps.put(e)
+        finally:
+            steps.put(None)
+
+    worker = threading.Thread(target=work, daemon=True, name="decode")
+    worker.start()
+    try:
+        finished = False
+        while not finished:
+            item = steps.get()
+            if stop.is_set():
+                halt.set()
+            time.sleep(UI_INTERVAL_S)  # let tokens accumulate: one page update for all of them
+            while item is not None and not isinstance(item, BaseException):
+                reply.token_ids.append(item)
+                try:
+                    item = steps.get_nowait()
+                except queue.Empty:
+                    break
+            if isinstance(item, BaseException):
+                raise item
+            finished = item is None
+            reply.text = tokenizer.decode(reply.token_ids, skip_special_tokens=True)
+            yield reply
+    finally:
+        halt.set()
+        worker.join()

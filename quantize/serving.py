@@ -1,0 +1,237 @@
+"""What the app serves: the configured model pairs (a BF16 model and its INT8 copy), loading one pair in the
+background, building its INT8 copy on a first start while BF16 already answers, and switching pairs.
+
+Configuration (environment):
+  Q8CHAT_BF16_MODEL / Q8CHAT_INT8_MODEL / Q8CHAT_INT8_REVISION  the first pair (default: the embedded model, its
+                                                                INT8 copy built on first start and cached)
+  Q8CHAT_MODELS   a JSON file with more pairs: [{"name": ..., "bf16": ..., "int8": ..., "revision": ...}];
+                  a pair whose models are on the Hub is offered only when the Hub answers
+  Q8CHAT_THREADS  torch threads (default: all cores)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quantize import latency, models
+
+log = logging.getLogger("q8chat")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A BF16 model and its INT8 copy, as configured. None means the embedded default (bf16), or the INT8
+    copy this app builds from the BF16 model on first start and caches (int8)."""
+
+    name: str
+    bf16: str | None = None
+    int8: str | None = None
+    revision: str | None = None  # the commit a Hub INT8 model is pinned to
+
+
+@dataclass
+class LoadedModel:
+    """One model of the comparison, once loaded: its decoder and what it costs."""
+
+    label: str
+    decoder: object | None = None
+    weight_bytes: int = 0
+    rss_bytes: int = 0  # resident memory added by loading it
+    error: str | None = None
+
+
+@dataclass
+class Serving:
+    """The app's state: which pair serves, how far loading has come, and the lock that gives the CPU to one
+    generation at a time (both models share the cores)."""
+
+    pairs: list[Pair]
+    pair: Pair | None = None
+    status: str = "Starting…"
+    ready: bool = False  # a model answers (BF16 alone while the INT8 copy is built)
+    tokenizer: object = None
+    window: int = 0  # the model's context window, in tokens
+    int8: LoadedModel = field(default_factory=lambda: LoadedModel("INT8"))
+    bf16: LoadedModel = field(default_factory=lambda: LoadedModel("BF16"))
+    report: dict | None = None  # quantize_report.json of the INT8 folder, when it has one
+    building: tqdm | None = None  # the first-start INT8 build's stage bar, while it runs
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def compare_available(self) -> bool:
+        return self.int8.decoder is not None and self.bf16.decoder is not None
+
+    def chat_model(self) -> LoadedModel:
+        """INT8 when it is loaded; BF16 otherwise (while INT8 builds, or when it failed)."""
+        return self.int8 if self.int8.decoder is not None else self.bf16
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def configured_pairs() -> list[Pair]:
+    """The first pair from Q8CHAT_BF16_MODEL / Q8CHAT_INT8_MODEL (default: the embedded model), then the pairs of
+    the Q8CHAT_MODELS file that can be reached from here."""
+    env = os.environ.get
+    bf16 = env("Q8CHAT_BF16_MODEL") or None
+    first = Pair(bf16 or "SmolLM2-135M-Instruct", bf16, env("Q8CHAT_INT8_MODEL") or None, env("Q8CHAT_INT8_REVISION"))
+    pairs = [first]
+    if env("Q8CHAT_MODELS"):
+        try:
+            pairs += [Pair(**entry) for entry in json.loads(Path(env("Q8CHAT_MODELS")).read_text())]
+        except (OSError, ValueError, TypeError) as e:
+            log.error("Q8CHAT_MODELS is not a readable list of {name, bf16, int8, revision}: %s", e)
+    return [p for p in pairs if reachable(p)]
+
+
+def reachable(pair: Pair) -> bool:
+    """Local folders must exist; Hub ids need the Hub to answer (offline, such a pair is not offered)."""
+    sources = [s for s in (pair.bf16, pair.int8) if s]
+    on_hub = [s for s in sources if not Path(s).expanduser().exists()]
+    if on_hub and not models.hub_reachable():
+        log.warning("model pair %r not offered: %s needs the Hub, which does not answer", pair.name, on_hub[0])
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- loading
+
+
+def settled_rss() -> int:
+    """Resident memory once temporaries of a load are freed (glibc keeps freed pages unless trimmed)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return latency.rss_bytes()
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Every reply decodes in a fresh worker thread, and glibc gives threads their own malloc arenas (up to 8 per
+    core), each keeping freed KV-cache pages: resident memory then creeps up with traffic. Two arenas hold it
+    flat (the same as MALLOC_ARENA_MAX=2, set before any thread starts)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+def load_resident(side: LoadedModel, load) -> None:
+    """Load a model and record the resident memory it adds, after one forward pass so that memory-mapped
+    weights are actually paged in."""
+    before = settled_rss()
+    decoder = load()
+    with torch.inference_mode():
+        decoder.forward(torch.tensor([1, 2, 3]), decoder.new_cache(8))
+    side.rss_bytes = max(settled_rss() - before, 0)
+    side.weight_bytes = decoder.weight_bytes
+    side.decoder = decoder
+
+
+def load_pair(state: Serving, pair: Pair) -> None:
+    """Load BF16 (the chat answers from then on), then the INT8 copy, building it first if needed. Runs in a
+    background thread; every failure ends up in the state for the page, never kills the app."""
+    torch.set_num_threads(int(os.environ.get("Q8CHAT_THREADS", os.cpu_count() or 1)))
+    state.pair, state.int8, state.bf16, state.report = pair, LoadedModel("INT8"), LoadedModel("BF16"), None
+    try:
+        state.status = f"Loading the BF16 model of {pair.name}…"
+        src = models.resolve_model(pair.bf16)
+        state.tokenizer = models.load_tokenizer(src)
+        load_resident(state.bf16, lambda: models.open_bf16(src))
+        state.window = int(json.loads((Path(src) / "config.json").read_text()).get("max_position_embeddings", 0))
+        state.bf16.label = f"BF16 · {pair.bf16 or models.DEFAULT_MODEL_LABEL}"
+        state.ready = True
+    except Exception as e:  # noqa: BLE001 - any failure here must reach the page, not kill the app
+        state.bf16.error = str(e)
+        log.exception("BF16 model failed to load")
+    try:
+        load_int8(state, pair)
+    except Exception as e:  # noqa: BLE001
+        state.int8.error = str(e)
+        log.exception("INT8 model failed to load")
+    state.ready = state.chat_model().decoder is not None
+    state.status = "" if state.ready else "No model could be loaded: " + (state.bf16.error or "")
+
+
+def load_int8(state: Serving, pair: Pair) -> None:
+    if pair.int8:
+        state.status = f"Loading the INT8 model {pair.int8}…"
+        int8_dir = models.resolve_int8(pair.int8, revision=pair.revision)
+    else:
+        int8_dir = models.default_int8_dir(pair.bf16)
+        if not models.is_int8_folder(int8_dir):
+            state.status = "First start: building the INT8 model with SmoothQuant; BF16 answers meanwhile."
+            build_int8(state, pair.bf16, int8_dir)
+    state.status = "Loading the INT8 model…"
+    int8 = LoadedModel(f"INT8 · {pair.int8 or int8_dir.name}" + (f" @ {pair.revision[:10]}" if pair.int8 and
+                                                                     pair.revision else ""))
+    load_resident(int8, lambda: models.open_int8(int8_dir))
+    report = Path(int8_dir) / "quantize_report.json"
+    state.report = json.loads(report.read_text()) if report.is_file() else None
+    if state.tokenizer is None:
+        state.tokenizer = models.load_tokenizer(int8_dir)
+    state.int8 = int8  # one assignment: the next reply runs on INT8
+
+
+def build_int8(state: Serving, bf16_arg: str | None, out: Path) -> None:
+    """`python -m quantize` in this process, its stage bar kept in the state so the page can show it."""
+    from quantize.__main__ import main as quantize_main
+
+    def stage_bar(**kwargs) -> tqdm:
+        state.building = tqdm(**kwargs)
+        return state.building
+
+    argv = ["--out", str(out), "--skip-baseline", "--overwrite"] + (["--model", bf16_arg] if bf16_arg else [])
+    try:
+        if quantize_main(argv, stage_bar=stage_bar) != 0:
+            raise models.ModelError("Building the INT8 model failed; see the server log.")
+    finally:
+        state.building = None
+
+
+def unload(state: Serving) -> None:
+    """Drop both models and give their memory back before another pair loads."""
+    state.ready = False
+    state.int8, state.bf16, state.tokenizer, state.report = LoadedModel("INT8"), LoadedModel("BF16"), None, None
+    settled_rss()
+
+
+@functools.cache
+def cpu_line() -> str:
+    return latency.describe_cpu().line()
+
+
+def header_text(state: Serving) -> str:
+    rec = (state.report or {}).get("recipe") or {}
+    recipe = (
+        f"SmoothQuant alpha {rec.get('alpha')} · recipe `{rec.get('name')}`"
+        if rec.get("smooth_quant")
+        else "recipe unknown (no quantize_report.json)"
+    )
+    loaded = [m.decoder for m in (state.int8, state.bf16) if m.decoder is not None]
+    served = " / ".join(dict.fromkeys(d.label for d in loaded))
+    parts = [
+        f"**Chat model:** {state.chat_model().label}",
+        f"**Compared with:** {state.bf16.label}",
+        f"**Recipe:** {recipe}",
+        f"**Runs on:** {served}",
+        f"**CPU:** {cpu_line()}",
+    ]
+    head = " &nbsp;·&nbsp; ".join(parts)
+    if state.int8.error:
+        head += f"\n\n**INT8 unavailable** — serving BF16 alone, comparison off. Reason: {state.int8.error}"
+    elif state.int8.decoder is None and state.ready:
+        head += "\n\n**INT8 is not ready yet** — BF16 answers until it is."
+    return head

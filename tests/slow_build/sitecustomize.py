@@ -1,0 +1,17 @@
+"""On PYTHONPATH of an app a test starts: the app's first-start INT8 build waits before its SmoothQuant step until
+the file named by Q8CHAT_TEST_BUILD_GATE exists, so the test can watch the page while the build is in progress."""
+
+import os
+import time
+
+if os.environ.get("Q8CHAT_TEST_BUILD_GATE"):
+    from quantize import recipe
+
+    _quantize = recipe.quantize
+
+    def gated_quantize(*args, **kwargs):
+        while not os.path.exists(os.environ["Q8CHAT_TEST_BUILD_GATE"]):
+            time.sleep(0.2)
+        return _quantize(*args, **kwargs)
+
+    recipe.quantize = gated_quantize

@@ -1,0 +1,99 @@
+"""The app's models as a visitor meets them, on config-built tiny Llamas (random weights, the default tokenizer):
+a first start where BF16 answers while the INT8 copy is built and the chat then moves to INT8, and a dropdown that
+switches between two configured model pairs."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import ARTIFACTS, ROOT, TINY_LLAMA, running_app
+from test_app_server import BOT, app_page
+
+from app import DEFAULT_SYSTEM
+from quantize import bench, models
+from quantize.chat import as_markdown, build_prompt, text_of
+from quantize.generate import Sampling, stream
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(tmp_path_factory, tokenizer) -> dict:
+    """Two tiny Llamas with different random weights, each with its INT8 copy."""
+    root = tmp_path_factory.mktemp("pairs")
+    return {name: bench.build_config_model(root / name, tokenizer, size=TINY_LLAMA, samples=4, seed=seed)
+            for seed, name in enumerate(("tiny-a", "tiny-b"))}  # fmt: skip
+
+
+def test_first_start_bf16_answers_while_int8_builds(tiny_pairs, tmp_path):
+    """A fresh cache: the page shows the build's stage and progress, BF16 answers meanwhile (the panel says INT8
+    is not ready), and once the build is let through the chat moves to INT8 with a notice."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    bf16_dir, _ = tiny_pairs["tiny-a"]
+    gate = tmp_path / "let-the-build-through"
+    env = dict(Q8CHAT_BF16_MODEL=str(bf16_dir), Q8CHAT_CACHE=str(tmp_path / "cache"),
+               Q8CHAT_TEST_BUILD_GATE=str(gate),
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "slow_build"), str(ROOT)]))  # fmt: skip
+    errors: list[str] = []
+    with running_app(tmp_path / "app-first-start.log", loaded=False, **env) as (url, _):
+        with app_page(url, errors) as page:
+            page.wait_for_selector("#status progress", timeout=120_000)
+            assert "stage" in page.locator("#status").inner_text()
+            assert "Chat model: BF16" in page.locator("#header").inner_text()
+            box = page.locator("#message textarea")
+            box.fill("Hello there")
+            box.press("Enter")
+            page.wait_for_selector("#table:has-text('INT8 is not ready yet')", timeout=120_000)
+            assert page.locator(BOT).count() == 1
+            page.screenshot(path=str(ARTIFACTS / "first-start.png"), full_page=True)
+            gate.touch()
+            page.wait_for_selector(".toast-body:has-text('INT8 is ready'), [data-testid='toast-body']:has-text("
+                                   "'INT8 is ready')", timeout=300_000)  # fmt: skip
+            page.wait_for_selector("#header:has-text('Chat model: INT8')", timeout=30_000)
+            assert page.locator("#status progress").count() == 0
+            box.fill("And now?")
+            box.press("Enter")
+            page.wait_for_selector("#table:has-text('faster'), #table:has-text('slower')", timeout=120_000)
+            page.screenshot(path=str(ARTIFACTS / "first-start-switched.png"), full_page=True)
+    assert not errors, errors
+
+
+def expected_answer(int8_dir, tokenizer, message: str, new_tokens: int) -> str:
+    """What a pair's INT8 model answers, greedy, computed here from its folder."""
+    ids, _ = build_prompt(tokenizer, DEFAULT_SYSTEM, [], message)
+    decoder = models.open_int8(int8_dir)
+    out = [s.token_id for s in stream(decoder, torch.tensor([ids]), Sampling(max_new_tokens=new_tokens),
+                                      eos_ids={tokenizer.eos_token_id})]  # fmt: skip
+    return as_markdown(tokenizer.decode([t for t in out if t != tokenizer.eos_token_id], skip_special_tokens=True))
+
+
+def test_model_dropdown_switches_pairs(tiny_pairs, tokenizer, tmp_path):
+    from gradio_client import Client
+
+    (a_bf16, a_int8), (b_bf16, b_int8) = tiny_pairs["tiny-a"], tiny_pairs["tiny-b"]
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps([{"name": "tiny-b", "bf16": str(b_bf16), "int8": str(b_int8)}]))
+    env = dict(Q8CHAT_BF16_MODEL=str(a_bf16), Q8CHAT_INT8_MODEL=str(a_int8), Q8CHAT_MODELS=str(config))
+    message = "Name three colors."
+    want = {p: expected_answer(tiny_pairs[p][1], tokenizer, message, 8) for p in tiny_pairs}
+    assert want["tiny-a"] != want["tiny-b"]  # the two models can be told apart by their answers
+
+    def ask(client) -> str:
+        h, *_ = client.predict(message, [], DEFAULT_SYSTEM, 8, 0.0, 0.95, False, api_name="/chat")
+        return text_of(h[-1]["content"])
+
+    errors: list[str] = []
+    with running_app(tmp_path / "app-pairs.log", **env) as (url, _):
+        client = Client(url, verbose=False)
+        assert ask(client) == want["tiny-a"]
+        with app_page(url, errors) as page:
+            page.locator("#model input").click()
+            page.locator("[role='option']:has-text('tiny-b')").click()
+            page.wait_for_selector("#header:has-text('tiny-b')", timeout=60_000)
+            page.wait_for_function("!document.querySelector('#status').innerText.trim()", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "model-switched.png"), full_page=True)
+        status = client.predict(api_name="/status")
+        assert status["pair"] == "tiny-b" and status["compare"]
+        assert ask(client) == want["tiny-b"]
+    assert not errors, errors
