@@ -383,12 +383,13 @@ def status_html(state: serving.Serving = STATE) -> str:
 
 
 def poll(shown: str | None):
-    """Every second: the header, the status and, when the chat has just moved to INT8, a notice."""
+    """Every second: the header, the status and, when the chat has just moved to INT8, a notice under the chat
+    (a toast would need a queued event, and a queued tick per page and second would crowd out the replies)."""
     label = STATE.chat_model().label if STATE.ready else None
-    if shown and label and label != shown and label.startswith("INT8") and not shown.startswith("INT8"):
-        gr.Info("INT8 is ready: replies now come from the INT8 model, compared with BF16.")
+    moved = bool(shown and label and label != shown and label.startswith("INT8") and not shown.startswith("INT8"))
     header = serving.header_text(STATE) if STATE.ready or STATE.status.startswith("No model") else ""
-    return header, status_html(), quality_md(), label
+    notice = "INT8 is ready: replies now come from the INT8 model, compared with BF16." if moved else gr.skip()
+    return header, status_html(), quality_md(), label, notice
 
 
 def switch_pair(name: str):
@@ -581,7 +582,7 @@ def build_ui() -> gr.Blocks:
         wire_chat()
         gr.api(status, api_name="status")
         shown = gr.State(None)  # the chat model this page last showed, to notice the move to INT8
-        ticks = [header, status_line, UI.quality, shown]
+        ticks = [header, status_line, UI.quality, shown, UI.notice]
         gr.Timer(1.0).tick(poll, shown, ticks, queue=False, api_visibility="private")
         demo.load(poll, shown, ticks, queue=False, api_visibility="private")
     return demo

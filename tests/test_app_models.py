@@ -48,8 +48,7 @@ def test_first_start_bf16_answers_while_int8_builds(tiny_pairs, tmp_path):
             assert page.locator(BOT).count() == 1
             page.screenshot(path=str(ARTIFACTS / "first-start.png"), full_page=True)
             gate.touch()
-            page.wait_for_selector(".toast-body:has-text('INT8 is ready'), [data-testid='toast-body']:has-text("
-                                   "'INT8 is ready')", timeout=300_000)  # fmt: skip
+            page.wait_for_selector("#notice:has-text('INT8 is ready')", timeout=300_000)
             page.wait_for_selector("#header:has-text('Chat model: INT8')", timeout=30_000)
             assert page.locator("#status progress").count() == 0
             box.fill("And now?")
@@ -65,7 +64,7 @@ def expected_answer(int8_dir, tokenizer, message: str, new_tokens: int) -> str:
     decoder = models.open_int8(int8_dir)
     out = [s.token_id for s in stream(decoder, torch.tensor([ids]), Sampling(max_new_tokens=new_tokens),
                                       eos_ids={tokenizer.eos_token_id})]  # fmt: skip
-    return as_markdown(tokenizer.decode([t for t in out if t != tokenizer.eos_token_id], skip_special_tokens=True))
+    return as_markdown(tokenizer.decode([t for t in out if t != tokenizer.eos_token_id], skip_special_tokens=True)).strip()
 
 
 def test_model_dropdown_switches_pairs(tiny_pairs, tokenizer, tmp_path):
@@ -81,7 +80,7 @@ def test_model_dropdown_switches_pairs(tiny_pairs, tokenizer, tmp_path):
 
     def ask(client) -> str:
         h, *_ = client.predict(message, [], DEFAULT_SYSTEM, 8, 0.0, 0.95, False, api_name="/chat")
-        return text_of(h[-1]["content"])
+        return text_of(h[-1]["content"]).strip()
 
     errors: list[str] = []
     with running_app(tmp_path / "app-pairs.log", **env) as (url, _):
