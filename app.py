@@ -79,11 +79,17 @@ def table_md(a: dict | None, b: dict | None, state: serving.Serving = STATE, spr
         ("p90 ms / token", _cell(a.get("p90_ms"), ".1f"), _cell(b.get("p90_ms"), ".1f")),
         ("Tokens / s", _cell(a.get("tokens_per_s"), ".1f"), _cell(b.get("tokens_per_s"), ".1f")),
         ("Tokens generated", _cell(a.get("tokens"), "d"), _cell(b.get("tokens"), "d")),
-        ("Weights (MB)", _cell(state.int8.weight_bytes / 1e6 or None, ".0f"),
-         _cell(state.bf16.weight_bytes / 1e6 or None, ".0f")),
-        ("Resident memory (MB)", _cell(state.int8.rss_bytes / 1e6 or None, ".0f"),
-         _cell(state.bf16.rss_bytes / 1e6 or None, ".0f")),
-    ]  # fmt: skip
+        (
+            "Weights (MB)",
+            _cell(state.int8.weight_bytes / 1e6 or None, ".0f"),
+            _cell(state.bf16.weight_bytes / 1e6 or None, ".0f"),
+        ),
+        (
+            "Resident memory (MB)",
+            _cell(state.int8.rss_bytes / 1e6 or None, ".0f"),
+            _cell(state.bf16.rss_bytes / 1e6 or None, ".0f"),
+        ),
+    ]
     if spread:
         rows.insert(3, ("p10 ms / token", _cell(a.get("p10_ms"), ".1f"), _cell(b.get("p10_ms"), ".1f")))
     lines = ["| | INT8 | BF16 |", "|---|---:|---:|"] + [f"| {r} | {x} | {y} |" for r, x, y in rows]
@@ -153,7 +159,9 @@ class Run:
 
 RUNS: dict[str, Run] = {}
 MAX_SESSIONS_REMEMBERED = 10_000
-CLEARS: dict[str, int] = {}  # per session, how many times Clear was pressed: replies asked for before are dropped
+CLEARS: dict[
+    str, int
+] = {}  # per session, how many times Clear was pressed: replies asked for before are dropped
 
 # The sliders' ranges. Gradio refuses API values outside them with its own sentence ("Value 300 is greater than
 # maximum value 256."); read_settings clamps again for callers that bypass the sliders.
@@ -179,8 +187,12 @@ def read_settings(max_new_tokens, temperature, top_p) -> tuple[Sampling, list[st
         if not lo <= v <= hi:
             notes.append(f"{name} {raw} is outside [{lo}, {hi}]; used {min(max(v, lo), hi):g}.")
         values[name] = min(max(v, lo), hi)
-    sampling = Sampling(max_new_tokens=int(values["max_new_tokens"]), temperature=values["temperature"],
-                        top_p=values["top_p"], seed=int(time.time()))  # fmt: skip
+    sampling = Sampling(
+        max_new_tokens=int(values["max_new_tokens"]),
+        temperature=values["temperature"],
+        top_p=values["top_p"],
+        seed=int(time.time()),
+    )
     return sampling, notes
 
 
@@ -200,21 +212,33 @@ def check_message(message, history: list[dict], system) -> tuple[str, list[int],
     if not text:
         raise Refused("Type a message first.")
     if len(text) > MAX_MESSAGE_CHARS:
-        raise Refused(f"That message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}. "
-                      "Shorten it — your text is still in the box.")  # fmt: skip
+        raise Refused(
+            f"That message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}. "
+            "Shorten it — your text is still in the box."
+        )
     try:
         ids, dropped = build_prompt(STATE.tokenizer, system if isinstance(system, str) else "", history, text)
     except ValueError as e:
         raise Refused(f"{e} Your text is still in the box.") from None
-    note = (f"The conversation is longer than the model's window: the {dropped} oldest messages were left out "
-            "of this prompt.") if dropped else ""  # fmt: skip
+    note = (
+        (
+            f"The conversation is longer than the model's window: the {dropped} oldest messages were left out "
+            "of this prompt."
+        )
+        if dropped
+        else ""
+    )
     return text, ids, note
 
 
 def refusal(why: str, history, message) -> dict:
     """The reason as a toast and under the chat; the history and the typed text are kept as they were."""
     gr.Warning(why)
-    return {UI.chatbot: history if isinstance(history, list) else [], UI.box: message, UI.notice: "Not sent: " + why}
+    return {
+        UI.chatbot: history if isinstance(history, list) else [],
+        UI.box: message,
+        UI.notice: "Not sent: " + why,
+    }
 
 
 def dropped_by_clear(clears, request) -> bool:
@@ -223,8 +247,17 @@ def dropped_by_clear(clears, request) -> bool:
     return bool(session) and (clears or 0) < CLEARS.get(session, 0)
 
 
-def respond(message: str, history: list[dict], system: str, max_new_tokens: float, temperature: float,
-            top_p: float, compare: bool, clears: int = 0, request: gr.Request = None):  # fmt: skip
+def respond(
+    message: str,
+    history: list[dict],
+    system: str,
+    max_new_tokens: float,
+    temperature: float,
+    top_p: float,
+    compare: bool,
+    clears: int = 0,
+    request: gr.Request = None,
+):
     """A new message: checked, then answered by the chat model (INT8) and, for the comparison, by BF16.
     A refused message stays in the box."""
     if dropped_by_clear(clears, request):
@@ -235,15 +268,25 @@ def respond(message: str, history: list[dict], system: str, max_new_tokens: floa
         sampling, adjusted = read_settings(max_new_tokens, temperature, top_p)
         text, ids, note = check_message(message, history, system)
     except (Refused, ValueError) as e:
-        yield refusal(str(e) if isinstance(e, Refused) else f"{e} Your text is still in the box.", history, message)
+        yield refusal(
+            str(e) if isinstance(e, Refused) else f"{e} Your text is still in the box.", history, message
+        )
         return
     notice = " ".join(f"Note: {n}" for n in adjusted + [note] if n)
     history += [{"role": "user", "content": as_markdown(text)}, {"role": "assistant", "content": ""}]
     yield from answer(history, ids, ids, sampling, compare, notice, request)
 
 
-def continue_reply(history: list[dict], last_prompt: list[int] | None, max_new_tokens: float, temperature: float,
-                   top_p: float, compare: bool, clears: int = 0, request: gr.Request = None):  # fmt: skip
+def continue_reply(
+    history: list[dict],
+    last_prompt: list[int] | None,
+    max_new_tokens: float,
+    temperature: float,
+    top_p: float,
+    compare: bool,
+    clears: int = 0,
+    request: gr.Request = None,
+):
     """Continue: the model picks up the last answer where it stopped, and the answer grows in place."""
     if dropped_by_clear(clears, request):
         yield {}
@@ -260,12 +303,21 @@ def continue_reply(history: list[dict], last_prompt: list[int] | None, max_new_t
     yield from answer(history, ids, last_prompt, sampling, compare, "", request)
 
 
-STOPPED = {False: "Stopped: BF16 was not run for this reply.\n\n",
-           True: "Stopped during the BF16 run: its numbers cover the tokens it produced.\n\n"}
+STOPPED = {
+    False: "Stopped: BF16 was not run for this reply.\n\n",
+    True: "Stopped during the BF16 run: its numbers cover the tokens it produced.\n\n",
+}
 
 
-def answer(history: list[dict], ids: list[int], prompt: list[int], sampling: Sampling, compare: bool,
-           notice: str, request: gr.Request | None):  # fmt: skip
+def answer(
+    history: list[dict],
+    ids: list[int],
+    prompt: list[int],
+    sampling: Sampling,
+    compare: bool,
+    notice: str,
+    request: gr.Request | None,
+):
     """Streams the chat model's answer into the last message (after what it already says), then BF16's answer
     to the same ids for the comparison, then the panel and the race of the two."""
     session = getattr(request, "session_hash", None) or f"anon-{time.monotonic_ns()}"
@@ -288,39 +340,57 @@ def answer(history: list[dict], ids: list[int], prompt: list[int], sampling: Sam
                 if run.abandoned:
                     yield dict(zip(UI.cleared, cleared()))
                     return
-            out = panel(int8, bf16) | {UI.chatbot: history, UI.box: "", UI.notice: notice,
-                                       UI.bf16_text: bf16.text if compared else "",
-                                       UI.live: live_line(model.label, first, done=True)}  # fmt: skip
+            out = panel(int8, bf16) | {
+                UI.chatbot: history,
+                UI.box: "",
+                UI.notice: notice,
+                UI.bf16_text: bf16.text if compared else "",
+                UI.live: live_line(model.label, first, done=True),
+            }
             if run.stop.is_set():
                 out[UI.table] = STOPPED[compared] + out[UI.table]
             if int8 and compared:
-                out |= {UI.race: {"INT8": int8, "BF16": bf16}, UI.race_int8: race_md("INT8", int8, int8.seconds),
-                        UI.race_bf16: race_md("BF16", bf16, bf16.seconds)}  # fmt: skip
+                out |= {
+                    UI.race: {"INT8": int8, "BF16": bf16},
+                    UI.race_int8: race_md("INT8", int8, int8.seconds),
+                    UI.race_bf16: race_md("BF16", bf16, bf16.seconds),
+                }
             yield out
         finally:
             if RUNS.get(session) is run:
                 del RUNS[session]
 
 
-def stream_one(model: serving.LoadedModel, ids: list[int], sampling: Sampling, run: Run,
-               history: list[dict] | None = None, prefix: str = ""):  # fmt: skip
+def stream_one(
+    model: serving.LoadedModel,
+    ids: list[int],
+    sampling: Sampling,
+    run: Run,
+    history: list[dict] | None = None,
+    prefix: str = "",
+):
     """Streams one model's reply: into the chat's last message (`history`), or into the BF16 answer box.
     Returns the Reply; the live counters follow it."""
-    reply = None
-    for reply in decode_live(model.decoder, STATE.tokenizer, ids, sampling, run.stop):
-        if run.abandoned:
-            break
-        out = {UI.live: live_line(model.label, reply)}
-        if history is not None:
-            history[-1] = {"role": "assistant", "content": as_markdown(prefix + reply.text)}
-            out[UI.chatbot] = history
-        else:
-            out[UI.bf16_text] = reply.text
-        yield out
+    reply, why = None, ""
+    try:
+        for reply in decode_live(model.decoder, STATE.tokenizer, ids, sampling, run.stop):
+            if run.abandoned:
+                break
+            out = {UI.live: live_line(model.label, reply)}
+            if history is not None:
+                history[-1] = {"role": "assistant", "content": as_markdown(prefix + reply.text)}
+                out[UI.chatbot] = history
+            else:
+                out[UI.bf16_text] = reply.text
+            yield out
+        why = " (stopped)" if run.stop.is_set() else ""
+    except GeneratorExit:  # Gradio closes us when the visitor disconnects; decode_live has stopped the model
+        why = " (stopped: visitor left)"
+        raise
+    finally:
+        log.info("reply: %d tokens on %s%s", len(reply.token_ids) if reply else 0, model.label, why)
     if reply is not None and not run.abandoned:
         yield {UI.live: live_line(model.label, reply, done=True)}
-    log.info("reply: %d tokens on %s%s", len(reply.token_ids) if reply else 0, model.label,
-             " (stopped)" if run.stop.is_set() else "")  # fmt: skip
     return reply
 
 
@@ -341,7 +411,9 @@ def clear_run(request: gr.Request):
     dropped. A second, queued step (`cleared`) repeats the emptying after the stopped run's last update, so a
     late streamed update cannot bring the old chat back."""
     CLEARS[request.session_hash] = CLEARS.get(request.session_hash, 0) + 1
-    if len(CLEARS) > MAX_SESSIONS_REMEMBERED:  # bounded (demo.unload would do it, but breaks Gradio 6's Examples)
+    if (
+        len(CLEARS) > MAX_SESSIONS_REMEMBERED
+    ):  # bounded (demo.unload would do it, but breaks Gradio 6's Examples)
         CLEARS.pop(next(iter(CLEARS)))
     run = RUNS.get(request.session_hash)
     if run is not None:
@@ -378,17 +450,23 @@ def status_html(state: serving.Serving = STATE) -> str:
     if bar is None or not bar.total:
         return line
     stage = min(bar.n + 1, bar.total)
-    return (f'{line}<progress value="{bar.n}" max="{bar.total}"></progress> '
-            f"<span>stage {stage} of {bar.total}: {html.escape(bar.desc)}</span>")  # fmt: skip
+    return (
+        f'{line}<progress value="{bar.n}" max="{bar.total}"></progress> '
+        f"<span>stage {stage} of {bar.total}: {html.escape(bar.desc)}</span>"
+    )
 
 
 def poll(shown: str | None):
     """Every second: the header, the status and, when the chat has just moved to INT8, a notice under the chat
     (a toast would need a queued event, and a queued tick per page and second would crowd out the replies)."""
     label = STATE.chat_model().label if STATE.ready else None
-    moved = bool(shown and label and label != shown and label.startswith("INT8") and not shown.startswith("INT8"))
+    moved = bool(
+        shown and label and label != shown and label.startswith("INT8") and not shown.startswith("INT8")
+    )
     header = serving.header_text(STATE) if STATE.ready or STATE.status.startswith("No model") else ""
-    notice = "INT8 is ready: replies now come from the INT8 model, compared with BF16." if moved else gr.skip()
+    notice = (
+        "INT8 is ready: replies now come from the INT8 model, compared with BF16." if moved else gr.skip()
+    )
     return header, status_html(), quality_md(), label, notice
 
 
@@ -421,21 +499,31 @@ def quality_md(state: serving.Serving = STATE) -> str:
     if not r:
         return "No quality report found next to the INT8 model."
     q = r["quality"]
-    lines = ["| model | perplexity | x BF16 | top-1 agreement | chat top-1 agreement |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| model | perplexity | x BF16 | top-1 agreement | chat top-1 agreement |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, v in q.items():
-        lines.append(f"| {name} | {v['perplexity']:.2f} | {v['perplexity_ratio']:.3f} | "
-                     f"{v['top1_agreement']:.3f} | {v.get('chat_top1_agreement', float('nan')):.3f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {v['perplexity']:.2f} | {v['perplexity_ratio']:.3f} | "
+            f"{v['top1_agreement']:.3f} | {v.get('chat_top1_agreement', float('nan')):.3f} |"
+        )
     bar = r["quality_bar"]
     verdict = "meets" if bar["met"] else "does not meet"
-    return (f"From the model card (measured by `python -m quantize` on {r['cpu']['model']}, {r['created']}): "
-            f"the INT8 model {verdict} the quality bar (perplexity ≤ {bar['max_perplexity_ratio']}x, "
-            f"top-1 ≥ {bar['min_top1_agreement']}).\n\n" + "\n".join(lines))  # fmt: skip
+    return (
+        f"From the model card (measured by `python -m quantize` on {r['cpu']['model']}, {r['created']}): "
+        f"the INT8 model {verdict} the quality bar (perplexity ≤ {bar['max_perplexity_ratio']}x, "
+        f"top-1 ≥ {bar['min_top1_agreement']}).\n\n" + "\n".join(lines)
+    )
 
 
 # ---------------------------------------------------------------- benchmark tab
 
-BENCH_PROMPTS = ["Explain why the sky is blue in two sentences.", "Write a haiku about a CPU.",
-                 "List three uses of a paperclip."]  # fmt: skip
+BENCH_PROMPTS = [
+    "Explain why the sky is blue in two sentences.",
+    "Write a haiku about a CPU.",
+    "List three uses of a paperclip.",
+]
 
 
 def run_benchmark(new_tokens: float, rounds: float, progress=gr.Progress()):
@@ -443,7 +531,9 @@ def run_benchmark(new_tokens: float, rounds: float, progress=gr.Progress()):
         raise gr.Error("The benchmark needs both models; the INT8 model is not loaded.")
     from quantize.chat import encode_chat
 
-    prompts = [torch.tensor([encode_chat(STATE.tokenizer, [{"role": "user", "content": p}])]) for p in BENCH_PROMPTS]
+    prompts = [
+        torch.tensor([encode_chat(STATE.tokenizer, [{"role": "user", "content": p}])]) for p in BENCH_PROMPTS
+    ]
     total = int(rounds) * len(prompts) * 2
 
     class Bar:
@@ -454,16 +544,35 @@ def run_benchmark(new_tokens: float, rounds: float, progress=gr.Progress()):
             progress(Bar.done / total, desc="INT8 and BF16, interleaved")
 
     with STATE.lock:
-        res = latency.interleaved({"INT8": STATE.int8.decoder, "BF16": STATE.bf16.decoder}, prompts,
-                                  int(new_tokens), int(rounds), progress=Bar())  # fmt: skip
+        res = latency.interleaved(
+            {"INT8": STATE.int8.decoder, "BF16": STATE.bf16.decoder},
+            prompts,
+            int(new_tokens),
+            int(rounds),
+            progress=Bar(),
+        )
     m = res["models"]
-    rows = [{"round": i + 1, "ms": v, "model": name} for name in m for i, v in enumerate(m[name]["round_median_ms"])]
-    summary = {n: {"median_ms": m[n]["median_ms"], "p10_ms": m[n]["p10_ms"], "p90_ms": m[n]["p90_ms"],
-                   "tokens_per_s": m[n]["tokens_per_s"], "ttft_ms": m[n]["ttft_median_ms"],
-                   "tokens": int(new_tokens)} for n in m}  # fmt: skip
-    spread = (f"Speed-up per round: {', '.join(f'{r:.2f}x' for r in res['speedup_per_round'])} "
-              f"(median {res['speedup_median']:.2f}x, {len(prompts)} prompts × {int(new_tokens)} tokens "
-              f"× {int(rounds)} rounds, greedy)")  # fmt: skip
+    rows = [
+        {"round": i + 1, "ms": v, "model": name}
+        for name in m
+        for i, v in enumerate(m[name]["round_median_ms"])
+    ]
+    summary = {
+        n: {
+            "median_ms": m[n]["median_ms"],
+            "p10_ms": m[n]["p10_ms"],
+            "p90_ms": m[n]["p90_ms"],
+            "tokens_per_s": m[n]["tokens_per_s"],
+            "ttft_ms": m[n]["ttft_median_ms"],
+            "tokens": int(new_tokens),
+        }
+        for n in m
+    }
+    spread = (
+        f"Speed-up per round: {', '.join(f'{r:.2f}x' for r in res['speedup_per_round'])} "
+        f"(median {res['speedup_median']:.2f}x, {len(prompts)} prompts × {int(new_tokens)} tokens "
+        f"× {int(rounds)} rounds, greedy)"
+    )
     table = table_md(summary["INT8"], summary["BF16"], spread=True) + "\n\n" + spread
     return gr.LinePlot(pd.DataFrame(rows), visible=True), table
 
@@ -476,15 +585,26 @@ def examples() -> list[str]:
 
 
 def chat_column() -> None:
-    UI.chatbot = gr.Chatbot(elem_id="chatbot", height=460, buttons=["copy"], feedback_options=None,
-                            show_label=False, examples=[{"text": e} for e in examples()],
-                            placeholder="Ask anything. The INT8 model answers; the panel shows how fast, next to "
-                                        "BF16.")  # fmt: skip
+    UI.chatbot = gr.Chatbot(
+        elem_id="chatbot",
+        height=460,
+        buttons=["copy"],
+        feedback_options=None,
+        show_label=False,
+        examples=[{"text": e} for e in examples()],
+        placeholder="Ask anything. The INT8 model answers; the panel shows how fast, next to BF16.",
+    )
     UI.live = gr.Markdown(elem_id="live")
     UI.notice = gr.Markdown(elem_id="notice")
     with gr.Row():
-        UI.box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5,
-                            elem_id="message", max_lines=8, autofocus=True)  # fmt: skip
+        UI.box = gr.Textbox(
+            placeholder="Type a message and press Enter",
+            show_label=False,
+            scale=5,
+            elem_id="message",
+            max_lines=8,
+            autofocus=True,
+        )
         UI.send = gr.Button("Send", variant="primary", scale=1, elem_id="send", min_width=80)
     with gr.Row():
         UI.stop = gr.Button("Stop", elem_id="stop", size="sm")
@@ -494,7 +614,9 @@ def chat_column() -> None:
     with gr.Accordion("System prompt and generation settings", open=False):
         UI.system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2)
         UI.max_new = gr.Slider(*SETTINGS["max_new_tokens"], value=128, step=8, label="Max new tokens")
-        UI.temperature = gr.Slider(*SETTINGS["temperature"], value=0.0, step=0.05, label="Temperature (0 = greedy)")
+        UI.temperature = gr.Slider(
+            *SETTINGS["temperature"], value=0.0, step=0.05, label="Temperature (0 = greedy)"
+        )
         UI.top_p = gr.Slider(*SETTINGS["top_p"], value=0.95, step=0.05, label="Top-p")
         UI.compare = gr.Checkbox(True, label="After each reply, run BF16 on the same prompt")
 
@@ -503,8 +625,18 @@ def panel_column() -> None:
     names = [p.name for p in STATE.pairs]
     UI.model = gr.Dropdown(names, value=names[0], label="Model", elem_id="model", interactive=len(names) > 1)
     gr.Markdown("### Per-token latency, this reply")
-    UI.chart = gr.LinePlot(None, x="token", y="ms", color="model", elem_id="chart", height=260, x_title="token",
-                           y_title="ms per token", x_axis_format="d", color_map=CHART_COLORS)  # fmt: skip
+    UI.chart = gr.LinePlot(
+        None,
+        x="token",
+        y="ms",
+        color="model",
+        elem_id="chart",
+        height=260,
+        x_title="token",
+        y_title="ms per token",
+        x_axis_format="d",
+        color_map=CHART_COLORS,
+    )
     UI.table = gr.Markdown(PANEL_PLACEHOLDER, elem_id="table")
     with gr.Accordion("The race: both answers replayed at their measured times", open=True, elem_id="race"):
         UI.race_run = gr.Button("Replay the race", size="sm", elem_id="race-run")
@@ -521,54 +653,106 @@ def benchmark_tab() -> None:
         UI.b_tokens = gr.Slider(8, 64, value=32, step=8, label="New tokens per prompt")
         UI.b_rounds = gr.Slider(1, 5, value=2, step=1, label="Rounds")
         UI.b_run = gr.Button("Run benchmark", variant="primary", elem_id="run-bench")
-    UI.b_chart = gr.LinePlot(None, x="round", y="ms", color="model", height=240, visible=False,
-                             y_title="median ms per token", elem_id="bench-chart")  # fmt: skip
+    UI.b_chart = gr.LinePlot(
+        None,
+        x="round",
+        y="ms",
+        color="model",
+        height=240,
+        visible=False,
+        y_title="median ms per token",
+        elem_id="bench-chart",
+    )
     UI.b_table = gr.Markdown(elem_id="bench-table")
     UI.quality = gr.Markdown(elem_id="quality")
 
 
 def wire_chat() -> None:
     UI.clears, UI.last_prompt, UI.race = gr.State(0), gr.State(None), gr.State(None)
-    UI.cleared = [UI.chatbot, UI.notice, UI.bf16_text, UI.chart, UI.table, UI.live, UI.race, UI.race_int8,
-                  UI.race_bf16]  # fmt: skip
-    outputs = [UI.chatbot, UI.box, UI.chart, UI.table, UI.bf16_text, UI.notice, UI.live, UI.last_prompt, UI.race,
-               UI.race_int8, UI.race_bf16]  # fmt: skip
+    UI.cleared = [
+        UI.chatbot,
+        UI.notice,
+        UI.bf16_text,
+        UI.chart,
+        UI.table,
+        UI.live,
+        UI.race,
+        UI.race_int8,
+        UI.race_bf16,
+    ]
+    outputs = [
+        UI.chatbot,
+        UI.box,
+        UI.chart,
+        UI.table,
+        UI.bf16_text,
+        UI.notice,
+        UI.live,
+        UI.last_prompt,
+        UI.race,
+        UI.race_int8,
+        UI.race_bf16,
+    ]
     settings = [UI.max_new, UI.temperature, UI.top_p, UI.compare, UI.clears]
     message = [UI.box, UI.chatbot, UI.system, *settings]
-    cpu = dict(concurrency_id="cpu", concurrency_limit=1)  # one CPU-bound job at a time: the models share cores
+    cpu = dict(
+        concurrency_id="cpu", concurrency_limit=1
+    )  # one CPU-bound job at a time: the models share cores
     UI.box.submit(respond, message, outputs, api_name="chat", **cpu)
     UI.send.click(respond, message, outputs, api_visibility="private", **cpu)
-    UI.resume.click(continue_reply, [UI.chatbot, UI.last_prompt, *settings], outputs, api_name="continue", **cpu)
+    UI.resume.click(
+        continue_reply, [UI.chatbot, UI.last_prompt, *settings], outputs, api_name="continue", **cpu
+    )
     UI.retry.click(retry, UI.chatbot, [UI.chatbot, UI.box], queue=False, api_visibility="private").then(
-        respond, message, outputs, api_visibility="private", **cpu)
+        respond, message, outputs, api_visibility="private", **cpu
+    )
     # The chat's own examples (shown while it is empty): a click sends the example. (gr.Examples' Dataset
     # throws in the page when its input box is updated in quick succession, as Retry and Clear do.)
     UI.chatbot.example_select(example_text, None, UI.box, queue=False, api_visibility="private").then(
-        respond, message, outputs, api_visibility="private", **cpu)
+        respond, message, outputs, api_visibility="private", **cpu
+    )
     # Stop and Clear end the run cooperatively (never a cancelled job): the worker stops at the next token,
     # the text so far stays, and the CPU is free at once.
     UI.stop.click(stop_run, None, None, queue=False, api_name="stop")
-    UI.clear.click(clear_run, None, [*UI.cleared, UI.box, UI.clears], queue=False, api_visibility="private").then(
-        cleared, None, UI.cleared, api_visibility="private", **cpu)
-    UI.race_run.click(replay_race, UI.race, [UI.race_int8, UI.race_bf16], api_visibility="private",
-                      concurrency_id="race", concurrency_limit=8)  # fmt: skip
-    UI.b_run.click(run_benchmark, [UI.b_tokens, UI.b_rounds], [UI.b_chart, UI.b_table], api_name="benchmark", **cpu)
+    UI.clear.click(
+        clear_run, None, [*UI.cleared, UI.box, UI.clears], queue=False, api_visibility="private"
+    ).then(cleared, None, UI.cleared, api_visibility="private", **cpu)
+    UI.race_run.click(
+        replay_race,
+        UI.race,
+        [UI.race_int8, UI.race_bf16],
+        api_visibility="private",
+        concurrency_id="race",
+        concurrency_limit=8,
+    )
+    UI.b_run.click(
+        run_benchmark, [UI.b_tokens, UI.b_rounds], [UI.b_chart, UI.b_table], api_name="benchmark", **cpu
+    )
     UI.model.change(switch_pair, UI.model, UI.model, api_name="switch_model", **cpu)
 
 
 def status() -> dict:
     """Whether a model answers, which, and what is loading; for clients and health checks."""
-    return {"ready": STATE.ready, "status": STATE.status, "int8_error": STATE.int8.error,
-            "bf16_error": STATE.bf16.error, "compare": STATE.compare_available, "busy": STATE.lock.locked(),
-            "chat_model": STATE.chat_model().label if STATE.ready else None,
-            "pair": STATE.pair.name if STATE.pair else None, "loading": loading(),
-            "rss_bytes": serving.settled_rss()}  # fmt: skip
+    return {
+        "ready": STATE.ready,
+        "status": STATE.status,
+        "int8_error": STATE.int8.error,
+        "bf16_error": STATE.bf16.error,
+        "compare": STATE.compare_available,
+        "busy": STATE.lock.locked(),
+        "chat_model": STATE.chat_model().label if STATE.ready else None,
+        "pair": STATE.pair.name if STATE.pair else None,
+        "loading": loading(),
+        "rss_bytes": serving.settled_rss(),
+    }
 
 
 def build_ui() -> gr.Blocks:
     with gr.Blocks(title="Q8-Chat — INT8 vs BF16 on a CPU", fill_width=False) as demo:
-        gr.Markdown("# Q8-Chat\nChat with an **INT8** model; see what 8-bit quantization buys on this CPU.",
-                    elem_id="title")  # fmt: skip
+        gr.Markdown(
+            "# Q8-Chat\nChat with an **INT8** model; see what 8-bit quantization buys on this CPU.",
+            elem_id="title",
+        )
         header = gr.Markdown(elem_id="header")
         status_line = gr.HTML("<p>Starting…</p>", elem_id="status")
         with gr.Tab("Chat"):

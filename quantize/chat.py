@@ -72,10 +72,14 @@ def build_prompt(
         ids = encode_chat(tokenizer, head + kept + [{"role": "user", "content": message}])
         if len(ids) <= budget:
             return ids, dropped
-    raise ValueError(f"The message is {len(ids)} tokens with the system prompt; the limit is {budget}. Shorten it.")
+    raise ValueError(
+        f"The message is {len(ids)} tokens with the system prompt; the limit is {budget}. Shorten it."
+    )
 
 
-CODE = re.compile(r"(```[\s\S]*?(?:```|$)|`[^`\n]*`)")  # fenced blocks (also one still streaming) and code spans
+CODE = re.compile(
+    r"(```[\s\S]*?(?:```|$)|`[^`\n]*`)"
+)  # fenced blocks (also one still streaming) and code spans
 DUNDER = re.compile(r"(?<![\w`])(__\w+?__(?:\(\))?)(?![\w`])")
 
 
@@ -88,7 +92,9 @@ def as_markdown(text: str) -> str:
 
 def continuation_ids(tokenizer, prompt_ids: list[int], partial_answer: str) -> list[int]:
     """The prompt of a stopped reply followed by what it had said, so the model picks up mid-answer."""
-    return prompt_ids + tokenizer(partial_answer, add_special_tokens=False, split_special_tokens=True).input_ids
+    return (
+        prompt_ids + tokenizer(partial_answer, add_special_tokens=False, split_special_tokens=True).input_ids
+    )
 
 
 @dataclass
@@ -110,7 +116,9 @@ class Reply:
         return (self.timing.stamps[-1] - self.timing.start) if self.timing.stamps else 0.0
 
 
-def decode_live(decoder, tokenizer, ids: list[int], sampling: Sampling, stop: threading.Event) -> Iterator[Reply]:
+def decode_live(
+    decoder, tokenizer, ids: list[int], sampling: Sampling, stop: threading.Event
+) -> Iterator[Reply]:
     """The one decode-and-time loop of the app. The model runs in a worker thread that only stamps tokens, so
     the per-token times measure the model, not the page; this generator yields the reply so far at most every
     UI_INTERVAL_S. Closing it (a stop, a disconnect) stops the worker before returning, so the CPU is free."""
@@ -120,7 +128,9 @@ def decode_live(decoder, tokenizer, ids: list[int], sampling: Sampling, stop: th
 
     def work() -> None:
         try:
-            for step in stream(decoder, torch.tensor([ids]), sampling, eos_ids={tokenizer.eos_token_id}, stop=halt):
+            for step in stream(
+                decoder, torch.tensor([ids]), sampling, eos_ids={tokenizer.eos_token_id}, stop=halt
+            ):
                 if step.token_id != tokenizer.eos_token_id:
                     reply.timing.stamps.append(step.t)
                     steps.put(step.token_id)

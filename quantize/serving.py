@@ -85,7 +85,9 @@ def configured_pairs() -> list[Pair]:
     the Q8CHAT_MODELS file that can be reached from here."""
     env = os.environ.get
     bf16 = env("Q8CHAT_BF16_MODEL") or None
-    first = Pair(bf16 or "SmolLM2-135M-Instruct", bf16, env("Q8CHAT_INT8_MODEL") or None, env("Q8CHAT_INT8_REVISION"))
+    first = Pair(
+        bf16 or "SmolLM2-135M-Instruct", bf16, env("Q8CHAT_INT8_MODEL") or None, env("Q8CHAT_INT8_REVISION")
+    )
     pairs = [first]
     if env("Q8CHAT_MODELS"):
         try:
@@ -100,7 +102,9 @@ def reachable(pair: Pair) -> bool:
     sources = [s for s in (pair.bf16, pair.int8) if s]
     on_hub = [s for s in sources if not Path(s).expanduser().exists()]
     if on_hub and not models.hub_reachable():
-        log.warning("model pair %r not offered: %s needs the Hub, which does not answer", pair.name, on_hub[0])
+        log.warning(
+            "model pair %r not offered: %s needs the Hub, which does not answer", pair.name, on_hub[0]
+        )
         return False
     return True
 
@@ -150,7 +154,9 @@ def load_pair(state: Serving, pair: Pair) -> None:
         src = models.resolve_model(pair.bf16)
         state.tokenizer = models.load_tokenizer(src)
         load_resident(state.bf16, lambda: models.open_bf16(src))
-        state.window = int(json.loads((Path(src) / "config.json").read_text()).get("max_position_embeddings", 0))
+        state.window = int(
+            json.loads((Path(src) / "config.json").read_text()).get("max_position_embeddings", 0)
+        )
         state.bf16.label = f"BF16 · {pair.bf16 or models.DEFAULT_MODEL_LABEL}"
         state.ready = True
     except Exception as e:  # noqa: BLE001 - any failure here must reach the page, not kill the app
@@ -175,8 +181,10 @@ def load_int8(state: Serving, pair: Pair) -> None:
             state.status = "First start: building the INT8 model with SmoothQuant; BF16 answers meanwhile."
             build_int8(state, pair.bf16, int8_dir)
     state.status = "Loading the INT8 model…"
-    int8 = LoadedModel(f"INT8 · {pair.int8 or int8_dir.name}" + (f" @ {pair.revision[:10]}" if pair.int8 and
-                                                                     pair.revision else ""))
+    int8 = LoadedModel(
+        f"INT8 · {pair.int8 or int8_dir.name}"
+        + (f" @ {pair.revision[:10]}" if pair.int8 and pair.revision else "")
+    )
     load_resident(int8, lambda: models.open_int8(int8_dir))
     report = Path(int8_dir) / "quantize_report.json"
     state.report = json.loads(report.read_text()) if report.is_file() else None
@@ -204,7 +212,12 @@ def build_int8(state: Serving, bf16_arg: str | None, out: Path) -> None:
 def unload(state: Serving) -> None:
     """Drop both models and give their memory back before another pair loads."""
     state.ready = False
-    state.int8, state.bf16, state.tokenizer, state.report = LoadedModel("INT8"), LoadedModel("BF16"), None, None
+    state.int8, state.bf16, state.tokenizer, state.report = (
+        LoadedModel("INT8"),
+        LoadedModel("BF16"),
+        None,
+        None,
+    )
     settled_rss()
 
 

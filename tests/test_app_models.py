@@ -22,8 +22,10 @@ pytestmark = pytest.mark.slow
 def tiny_pairs(tmp_path_factory, tokenizer) -> dict:
     """Two tiny Llamas with different random weights, each with its INT8 copy."""
     root = tmp_path_factory.mktemp("pairs")
-    return {name: bench.build_config_model(root / name, tokenizer, size=TINY_LLAMA, samples=4, seed=seed)
-            for seed, name in enumerate(("tiny-a", "tiny-b"))}  # fmt: skip
+    return {
+        name: bench.build_config_model(root / name, tokenizer, size=TINY_LLAMA, samples=4, seed=seed)
+        for seed, name in enumerate(("tiny-a", "tiny-b"))
+    }
 
 
 def test_first_start_bf16_answers_while_int8_builds(tiny_pairs, tmp_path):
@@ -32,9 +34,12 @@ def test_first_start_bf16_answers_while_int8_builds(tiny_pairs, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     bf16_dir, _ = tiny_pairs["tiny-a"]
     gate = tmp_path / "let-the-build-through"
-    env = dict(Q8CHAT_BF16_MODEL=str(bf16_dir), Q8CHAT_CACHE=str(tmp_path / "cache"),
-               Q8CHAT_TEST_BUILD_GATE=str(gate),
-               PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "slow_build"), str(ROOT)]))  # fmt: skip
+    env = dict(
+        Q8CHAT_BF16_MODEL=str(bf16_dir),
+        Q8CHAT_CACHE=str(tmp_path / "cache"),
+        Q8CHAT_TEST_BUILD_GATE=str(gate),
+        PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "slow_build"), str(ROOT)]),
+    )
     errors: list[str] = []
     with running_app(tmp_path / "app-first-start.log", loaded=False, **env) as (url, _):
         with app_page(url, errors) as page:
@@ -62,9 +67,18 @@ def expected_answer(int8_dir, tokenizer, message: str, new_tokens: int) -> str:
     """What a pair's INT8 model answers, greedy, computed here from its folder."""
     ids, _ = build_prompt(tokenizer, DEFAULT_SYSTEM, [], message)
     decoder = models.open_int8(int8_dir)
-    out = [s.token_id for s in stream(decoder, torch.tensor([ids]), Sampling(max_new_tokens=new_tokens),
-                                      eos_ids={tokenizer.eos_token_id})]  # fmt: skip
-    return as_markdown(tokenizer.decode([t for t in out if t != tokenizer.eos_token_id], skip_special_tokens=True)).strip()
+    out = [
+        s.token_id
+        for s in stream(
+            decoder,
+            torch.tensor([ids]),
+            Sampling(max_new_tokens=new_tokens),
+            eos_ids={tokenizer.eos_token_id},
+        )
+    ]
+    return as_markdown(
+        tokenizer.decode([t for t in out if t != tokenizer.eos_token_id], skip_special_tokens=True)
+    ).strip()
 
 
 def test_model_dropdown_switches_pairs(tiny_pairs, tokenizer, tmp_path):
