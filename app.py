@@ -62,7 +62,7 @@ def chart_update(int8: Reply | None, bf16: Reply | None) -> gr.LinePlot:
     return gr.LinePlot(
         pd.DataFrame(rows),
         x_lim=[1, max(last, 12)],
-        title=("Time to first token: " + " · ".join(ttft)) if ttft else None,
+        title=("TTFT " + " · ".join(ttft)) if ttft else None,
     )
 
 
