@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from quantize import evaluate, latency, models
+from quantize import evaluate, files, latency, models
 from quantize.generate import HFDecoder
 from quantize.models import ModelError
 
@@ -34,47 +34,63 @@ The peer (llama.cpp, `pip install llama-cpp-python`) runs a Q8_0 GGUF: for the e
 made once from the shipped GGUF with llama.cpp's own quantizer; for any other model pass --peer-gguf."""
 
 # ~0.38B parameters with SmolLM2's 49152-token vocabulary: big enough that decode is memory-bound on any CPU.
-BUILD_CONFIG = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
-                "num_key_value_heads": 8}
+BUILD_CONFIG = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+}
 BANDWIDTH_MIB = 512  # far beyond any last-level cache, so the copy runs from DRAM
-PEER_LABEL = "llama.cpp Q8_0"
 # What the bench times, in this order: the engine on both models (the panel's comparison), transformers' own BF16
 # loop (what a visitor would get without Q8-Chat) and llama.cpp (the pace to beat).
-LABELS = {"int8": "INT8 engine", "bf16": "BF16 engine", "hf_bf16": "transformers BF16", "peer": PEER_LABEL}
+
+
+# The command's options: flag -> argparse keywords.
+OPTIONS = {
+    "--int8": dict(default=None, help="INT8 folder or Hub id (default: the app's cached default INT8 folder, "
+                   "written by `python -m quantize`)"),
+    "--int8-revision": dict(default=os.environ.get("Q8CHAT_INT8_REVISION"), help="commit hash of a Hub INT8 model "
+                            "(its weights are a pickle; default $Q8CHAT_INT8_REVISION)"),
+    "--bf16": dict(default=None, help="BF16 folder or Hub id (default: the embedded SmolLM2-135M)"),
+    "--tokens": dict(type=int, default=128, help="new tokens per generation, no eos stop (default 128)"),
+    "--prompts": dict(default="2", help="first N held-out chat prompts, or a JSON file of strings (default 2)"),
+    "--rounds": dict(type=int, default=5, help="interleaved rounds per thread count (default 5)"),
+    "--threads": dict(type=int, nargs="+", default=sorted({1, torch.get_num_threads()}),
+                      help="torch (and llama.cpp) thread counts to measure (default: 1 and all)"),
+    "--json": dict(type=Path, default=None, help="write every measurement to this JSON file"),
+    "--peer": dict(action=argparse.BooleanOptionalAction, default=True,
+                   help="time llama.cpp Q8_0 too when llama_cpp is installed (default on)"),
+    "--peer-gguf": dict(type=Path, default=None, help="the peer's GGUF (Q8_0) of the --bf16 model"),
+    "--build-config-model": dict(type=Path, metavar="DIR", default=None, help="build a random ~0.4B Llama "
+                                 "(DIR/bf16) and its INT8 (DIR/int8), then benchmark them"),
+    "--profile": dict(type=int, metavar="TOKENS", default=0, help="also print where INT8 decode time goes "
+                      "(torch.profiler over TOKENS tokens, last thread count)"),
+}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m quantize.bench", description=__doc__.split("\n\n")[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--int8", default=None, help="INT8 folder or Hub id (default: the app's cached default INT8 "
-                   "folder, written by `python -m quantize`)")
-    p.add_argument("--int8-revision", default=os.environ.get("Q8CHAT_INT8_REVISION"),
-                   help="commit hash of a Hub INT8 model (its weights are a pickle; default $Q8CHAT_INT8_REVISION)")
-    p.add_argument("--bf16", default=None, help="BF16 folder or Hub id (default: the embedded SmolLM2-135M)")
-    p.add_argument("--tokens", type=int, default=128, help="new tokens per generation, no eos stop (default 128)")
-    p.add_argument("--prompts", default="2", help="first N held-out chat prompts, or a JSON file of strings "
-                   "(default 2)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per thread count (default 5)")
-    p.add_argument("--threads", type=int, nargs="+", default=sorted({1, torch.get_num_threads()}),
-                   help="torch (and llama.cpp) thread counts to measure (default: 1 and all)")
-    p.add_argument("--json", type=Path, default=None, help="write every measurement to this JSON file")
-    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
-                   help="time llama.cpp Q8_0 too when llama_cpp is installed (default on)")
-    p.add_argument("--peer-gguf", type=Path, default=None, help="the peer's GGUF (Q8_0) of the --bf16 model")
-    p.add_argument("--build-config-model", type=Path, metavar="DIR", default=None,
-                   help="build a random ~0.4B Llama (DIR/bf16) and its INT8 (DIR/int8), then benchmark them")
-    p.add_argument("--profile", type=int, metavar="TOKENS", default=0,
-                   help="also print where INT8 decode time goes (torch.profiler over TOKENS tokens, last thread count)")
+    p = argparse.ArgumentParser(
+        prog="python -m quantize.bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flag, keywords in OPTIONS.items():
+        p.add_argument(flag, **keywords)
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- inputs
 
+
 def load_prompts(spec: str) -> list[str]:
     held_out = evaluate.heldout_prompts()
     if spec.isdigit():
         if not 1 <= int(spec) <= len(held_out):
-            raise ModelError(f"--prompts must be between 1 and {len(held_out)} (the held-out prompts), or a JSON file.")
+            raise ModelError(
+                f"--prompts must be between 1 and {len(held_out)} (the held-out prompts), or a JSON file."
+            )
         return held_out[: int(spec)]
     try:
         prompts = json.loads(Path(spec).read_text())
@@ -98,16 +114,20 @@ def resolve_int8(arg: str | None, revision: str | None) -> Path:
     if arg is None:
         path = models.default_int8_dir()
         if not models.is_int8_folder(path):
-            raise ModelError(f"There is no default INT8 model in {path}: make it with "
-                             f"`python -m quantize --out {path}` or pass --int8.")
+            raise ModelError(
+                f"There is no default INT8 model in {path}: make it with "
+                f"`python -m quantize --out {path}` or pass --int8."
+            )
         return path
     return models.resolve_int8(arg, revision=revision)
 
 
 # ---------------------------------------------------------------- a bigger random model
 
-def build_config_model(root: Path, tokenizer, size: dict = BUILD_CONFIG, samples: int = 8,
-                       seed: int = 0) -> tuple[Path, Path]:
+
+def build_config_model(
+    root: Path, tokenizer, size: dict = BUILD_CONFIG, samples: int = 8, seed: int = 0
+) -> tuple[Path, Path]:
     """A Llama with random weights saved as BF16 (root/bf16) with `tokenizer`, and its INT8 made with the default
     recipe (root/int8), the way `python -m quantize` makes it minus the quality checks. Reused when root/int8 is
     already an INT8 folder. Only its speed means anything."""
@@ -120,8 +140,11 @@ def build_config_model(root: Path, tokenizer, size: dict = BUILD_CONFIG, samples
     if models.is_int8_folder(int8_dir) and (bf16_dir / "config.json").is_file():
         return bf16_dir, int8_dir
     torch.manual_seed(seed)
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     # Untied, like most Llamas of this size: lm_head is then read in full per token, the embedding only gathered.
     config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **ids, **size)
     bf16 = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16).eval()
@@ -129,21 +152,18 @@ def build_config_model(root: Path, tokenizer, size: dict = BUILD_CONFIG, samples
     bf16.save_pretrained(bf16_dir, safe_serialization=True)
     tokenizer.save_pretrained(bf16_dir)
 
-    rec = recipe.RECIPES[recipe.DEFAULT_RECIPE]
     calib = calibration.calibration_ids(tokenizer, samples)
-    result = recipe.quantize(bf16, calib, rec, root / "inc-work")
-    if rec.smooth_quant and not result.smoothquant.get("applied"):
-        raise ModelError(f"SmoothQuant was not applied (INC said: {result.smoothquant.get('inc_log')}).")
-    partial = root / "int8.partial"
+    partial = (
+        root / "int8.partial"
+    )  # int8_dir is only ever a complete folder, so "already built" can trust it
     shutil.rmtree(partial, ignore_errors=True)
-    recipe.save_int8(result, partial, tokenizer, bf16)
-    shutil.rmtree(int8_dir, ignore_errors=True)
-    os.replace(partial, int8_dir)  # int8_dir is only ever a complete folder, so "already built" can trust it
-    shutil.rmtree(root / "inc-work", ignore_errors=True)
+    recipe.build_int8(bf16, tokenizer, calib, recipe.RECIPES[recipe.DEFAULT_RECIPE], partial)
+    files.replace_dir(partial, int8_dir)
     return bf16_dir, int8_dir
 
 
 # ---------------------------------------------------------------- bytes, bandwidth, memory
+
 
 def copy_bandwidth(threads: int, mib: int = BANDWIDTH_MIB, repeats: int = 5) -> float:
     """DRAM bandwidth in bytes/s as a large tensor copy sees it with `threads` torch threads: best of `repeats`,
@@ -162,6 +182,7 @@ def copy_bandwidth(threads: int, mib: int = BANDWIDTH_MIB, repeats: int = 5) -> 
 
 # ---------------------------------------------------------------- the llama.cpp peer
 
+
 class Peer:
     """llama.cpp via llama-cpp-python, stamped like quantize.generate.stream: one time stamp per token, taken
     once its forward pass and the greedy pick are done; the prompt goes in as the same token ids."""
@@ -169,8 +190,13 @@ class Peer:
     def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                                   verbose=False)
+        self.llm = llama_cpp.Llama(
+            str(path),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            verbose=False,
+        )
 
     def time_generation(self, input_ids: torch.Tensor, new_tokens: int) -> latency.Timing:
         llm = self.llm
@@ -192,7 +218,9 @@ def gguf_type(path: Path) -> str:
     """The quantization type most matrices of a GGUF file use (1-D tensors such as norms are always F32)."""
     import gguf
 
-    kinds = collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) > 1)
+    kinds = collections.Counter(
+        t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) > 1
+    )
     return kinds.most_common(1)[0][0]
 
 
@@ -209,7 +237,9 @@ def default_peer_gguf() -> Path:
     quantizer requantizes it (dequantize, then Q8_0). The BF16 folder is that same Q4_1 file dequantized, so BF16,
     INT8 and the peer all start from the same weights."""
     import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr  # what Llama(verbose=False) silences the C logs with
+    from llama_cpp._utils import (
+        suppress_stdout_stderr,
+    )  # what Llama(verbose=False) silences the C logs with
 
     src = models.default_gguf_path()
     if gguf_type(src) == "Q8_0":
@@ -231,20 +261,47 @@ def default_peer_gguf() -> Path:
     return dst
 
 
+# HF Llama tensor names -> llama.cpp's (as its converter names them)
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}  # fmt: skip
+GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                    "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+
+
 def gguf_q8_0_from_llama(folder: Path, dst: Path) -> Path:
     """A Q8_0 GGUF of a Llama folder that uses the default model's tokenizer (the --build-config-model model):
     its weights quantized with gguf-py's reference Q8_0, the tokenizer copied from the shipped GGUF. llama.cpp's
     own converter is not part of any pinned package; this covers the one architecture the bench builds."""
     import gguf
-    import numpy as np
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(folder)
     src = gguf.GGUFReader(str(models.default_gguf_path()))
     if cfg.model_type != "llama" or cfg.vocab_size != int(src.fields["llama.vocab_size"].contents()):
-        raise ModelError(f"{folder} is not a Llama with the default tokenizer; pass --peer-gguf with its Q8_0 GGUF.")
+        raise ModelError(
+            f"{folder} is not a Llama with the default tokenizer; pass --peer-gguf with its Q8_0 GGUF."
+        )
     tmp = dst.with_name(dst.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
+    _gguf_header(w, cfg)
+    for key, field in src.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[1] if len(field.types) > 1 else None
+            w.add_key_value(key, field.contents(), field.types[0], sub)
+    _gguf_tensors(w, cfg, models.load_bf16(folder).state_dict())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, dst)
+    return dst
+
+
+def _gguf_header(w, cfg) -> None:
+    import gguf
+
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -256,39 +313,36 @@ def gguf_q8_0_from_llama(folder: Path, dst: Path) -> Path:
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    for key, field in src.fields.items():
-        if key.startswith("tokenizer."):
-            sub = field.types[1] if len(field.types) > 1 else None
-            w.add_key_value(key, field.contents(), field.types[0], sub)
 
-    def permute(t: np.ndarray, heads: int) -> np.ndarray:  # HF's rotary layout -> llama.cpp's (as its converter)
+
+def _gguf_tensors(w, cfg, state: dict) -> None:
+    """Every weight as Q8_0 (norms stay F32, as llama.cpp's converter keeps them); q and k rows permuted from
+    HF's rotary layout to llama.cpp's."""
+    import gguf
+    import numpy as np
+
+    def permute(t: np.ndarray, heads: int) -> np.ndarray:
         return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
-    state = models.load_bf16(folder).state_dict()
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = dict(GGUF_NAMES)
     for i in range(cfg.num_hidden_layers):
-        names.update({f"model.layers.{i}.{k}.weight": f"blk.{i}.{v}.weight" for k, v in per_layer.items()})
+        names.update(
+            {f"model.layers.{i}.{k}.weight": f"blk.{i}.{v}.weight" for k, v in GGUF_LAYER_NAMES.items()}
+        )
+    heads = {
+        "attn_q.weight": cfg.num_attention_heads,
+        "attn_k.weight": cfg.num_key_value_heads,
+    }
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
     for hf_name, gg_name in names.items():
         t = state[hf_name].float().numpy()
-        if gg_name.endswith("attn_q.weight"):
-            t = permute(t, cfg.num_attention_heads)
-        elif gg_name.endswith("attn_k.weight"):
-            t = permute(t, cfg.num_key_value_heads)
-        if t.ndim == 1:  # norms stay F32, as llama.cpp's converter keeps them
+        kind = gg_name.split(".", 2)[-1]
+        if kind in heads:
+            t = permute(t, heads[kind])
+        if t.ndim == 1:
             w.add_tensor(gg_name, t.astype(np.float32))
         else:
-            w.add_tensor(gg_name, gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, dst)
-    return dst
+            w.add_tensor(gg_name, gguf.quants.quantize(t, q8_0), raw_dtype=q8_0)
 
 
 def find_peer(args: argparse.Namespace, bf16_is_default: bool) -> tuple[Path | None, str]:
@@ -298,7 +352,10 @@ def find_peer(args: argparse.Namespace, bf16_is_default: bool) -> tuple[Path | N
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        return None, "peer skipped: llama_cpp is not installed (pip install llama-cpp-python)"
+        return (
+            None,
+            "peer skipped: llama_cpp is not installed (pip install llama-cpp-python)",
+        )
     if args.peer_gguf is not None:
         try:
             kind = gguf_type(args.peer_gguf)
@@ -311,21 +368,33 @@ def find_peer(args: argparse.Namespace, bf16_is_default: bool) -> tuple[Path | N
             path = dst if dst.is_file() else gguf_q8_0_from_llama(Path(args.bf16_dir), dst)
         except Exception as e:  # noqa: BLE001 - the peer is a bonus: a failed conversion must not stop the bench
             return None, f"peer skipped: {type(e).__name__}: {e}"
-        return path, f"peer: {path} (Q8_0, written from the BF16 folder by gguf-py's Q8_0 quantizer)"
+        return (
+            path,
+            f"peer: {path} (Q8_0, written from the BF16 folder by gguf-py's Q8_0 quantizer)",
+        )
     try:
         shipped = models.default_gguf_path()
         kind = gguf_type(shipped)
         path = default_peer_gguf()
     except ModelError as e:  # the peer is a bonus: no GGUF or no conversion must not stop the benchmark
         return None, f"peer skipped: {e}"
-    how = "the shipped GGUF, used as is" if path == shipped else f"requantized by llama.cpp from the shipped {kind}"
+    how = (
+        "the shipped GGUF, used as is"
+        if path == shipped
+        else f"requantized by llama.cpp from the shipped {kind}"
+    )
     return path, f"peer: {path} (Q8_0, {how})"
 
 
 # ---------------------------------------------------------------- measuring
 
-def measure(decoders: dict, peer_gguf: Path | None, prompts: list[torch.Tensor],
-            args: argparse.Namespace) -> dict[int, dict]:
+
+def measure_threads(
+    decoders: dict,
+    peer_gguf: Path | None,
+    prompts: list[torch.Tensor],
+    args: argparse.Namespace,
+) -> dict[int, dict]:
     """Per thread count: every decoder (and the peer) interleaved, with the order alternating every round."""
     from tqdm import tqdm
 
@@ -336,8 +405,12 @@ def measure(decoders: dict, peer_gguf: Path | None, prompts: list[torch.Tensor],
         engines = dict(decoders)
         if peer_gguf is not None:
             engines["peer"] = Peer(peer_gguf, threads, n_ctx)
-        with tqdm(total=args.rounds * len(prompts) * len(engines), desc=f"{threads} threads", unit="gen",
-                  leave=False) as bar:
+        with tqdm(
+            total=args.rounds * len(prompts) * len(engines),
+            desc=f"{threads} threads",
+            unit="gen",
+            leave=False,
+        ) as bar:
             res = latency.interleaved(engines, prompts, args.tokens, args.rounds, progress=bar)
         if peer_gguf is not None:
             engines["peer"].close()
@@ -354,8 +427,11 @@ def load_footprint(kind: str, folder: str) -> dict:
 
     from quantize.engine import malloc_trim
 
-    loader = {"int8": models.open_int8, "bf16": models.open_bf16,
-              "hf_bf16": lambda p: HFDecoder(models.load_bf16(p), "transformers BF16")}[kind]
+    loader = {
+        "int8": models.open_int8,
+        "bf16": models.open_bf16,
+        "hf_bf16": lambda p: HFDecoder(models.load_bf16(p), "transformers BF16"),
+    }[kind]
     gc.collect()
     malloc_trim()
     before = latency.rss_bytes()
@@ -366,7 +442,10 @@ def load_footprint(kind: str, folder: str) -> dict:
     peak = latency.peak_rss_bytes()
     gc.collect()
     malloc_trim()
-    return {"added_bytes": latency.rss_bytes() - before, "load_peak_bytes": peak - before}
+    return {
+        "added_bytes": latency.rss_bytes() - before,
+        "load_peak_bytes": peak - before,
+    }
 
 
 def footprints(folders: dict[str, Path]) -> dict[str, dict]:
@@ -392,102 +471,126 @@ def profile_decode(model: torch.nn.Module, input_ids: torch.Tensor, tokens: int,
     return f"INT8 decode profile, {tokens} tokens ({torch.get_num_threads()} threads):\n{table}"
 
 
-def ratios(res: dict, slow: str, fast: str) -> list[float]:
-    """Per round: how many times faster `fast` decodes than `slow` (slow ms / fast ms)."""
-    m = res["models"]
-    return [s / f for s, f in zip(m[slow]["round_median_ms"], m[fast]["round_median_ms"])]
-
-
 def table(threads: int, res: dict) -> str:
-    lines = [f"== {threads} thread{'s' if threads > 1 else ''}: {res['cpu']}",
-             f"copy bandwidth {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({BANDWIDTH_MIB} MiB copy, best of 5); "
-             f"{res['prompts']} prompts x {res['new_tokens']} tokens x {res['rounds']} rounds, greedy",
-             f"{'model':<19}{'median ms':>10}{'p10 ms':>8}{'p90 ms':>8}{'TTFT ms':>9}{'tok/s':>8}"
-             f"{'MB/token':>10}{'floor ms':>10}{'x floor':>9}{'added MB':>10}{'load peak MB':>14}"]
+    lines = [
+        f"== {threads} thread{'s' if threads > 1 else ''}: {res['cpu']}",
+        f"copy bandwidth {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({BANDWIDTH_MIB} MiB copy, best of 5); "
+        f"{res['prompts']} prompts x {res['new_tokens']} tokens x {res['rounds']} rounds, greedy",
+        f"{'model':<19}{'median ms':>10}{'p10 ms':>8}{'p90 ms':>8}{'TTFT ms':>9}{'tok/s':>8}"
+        f"{'MB/token':>10}{'floor ms':>10}{'x floor':>9}{'added MB':>10}{'load peak MB':>14}",
+    ]
     for name, m in res["models"].items():
-        mem = "".join(f"{m[k] / 1e6:>{w}.0f}" if k in m else f"{'–':>{w}}"
-                      for k, w in (("added_bytes", 10), ("load_peak_bytes", 14)))
-        lines.append(f"{LABELS[name]:<19}{m['median_ms']:>10.2f}{m['p10_ms']:>8.2f}{m['p90_ms']:>8.2f}"
-                     f"{m['ttft_median_ms']:>9.1f}{m['tokens_per_s']:>8.1f}{m['bytes_per_token'] / 1e6:>10.1f}"
-                     f"{m['floor_ms']:>10.2f}{m['x_floor']:>9.2f}" + mem)
-    for slow, fast, what in (("bf16", "int8", "INT8 engine over BF16 engine"),
-                             ("hf_bf16", "int8", "INT8 engine over transformers BF16"),
-                             ("int8", "peer", f"{PEER_LABEL} over INT8 engine (>1: llama.cpp is faster)")):
+        mem = "".join(
+            f"{m[k] / 1e6:>{w}.0f}" if k in m else f"{'–':>{w}}"
+            for k, w in (("added_bytes", 10), ("load_peak_bytes", 14))
+        )
+        lines.append(
+            f"{latency.LABELS[name]:<19}{m['median_ms']:>10.2f}{m['p10_ms']:>8.2f}{m['p90_ms']:>8.2f}"
+            f"{m['ttft_ms']:>9.1f}{m['tokens_per_s']:>8.1f}{m['bytes_per_token'] / 1e6:>10.1f}"
+            f"{m['floor_ms']:>10.2f}{m['x_floor']:>9.2f}" + mem
+        )
+    for slow, fast in (("bf16", "int8"), ("hf_bf16", "int8"), ("int8", "peer")):
         if slow in res["models"] and fast in res["models"]:
-            r = ratios(res, slow, fast)
-            lines.append(f"speed-up, {what}: median {statistics.median(r):.2f}x (rounds {' '.join(f'{x:.2f}' for x in r)})")
+            line = latency.speedup_line(
+                latency.round_ratios(res, slow, fast),
+                latency.LABELS[fast],
+                latency.LABELS[slow],
+            )
+            lines.append("speed-up: " + line.replace("**", ""))
     return "\n".join(lines)
+
+
+def folders(args: argparse.Namespace) -> tuple[Path, Path, bool]:
+    """(BF16 folder, INT8 folder, whether BF16 is the embedded default) from the arguments."""
+    if args.build_config_model:
+        tok = models.load_tokenizer(models.resolve_model(None))
+        bf16_dir, int8_dir = build_config_model(args.build_config_model, tok)
+        print(f"random-weight Llama: --bf16 {bf16_dir} --int8 {int8_dir} (speed only, not quality)")
+        return bf16_dir, int8_dir, False
+    int8_dir = resolve_int8(args.int8, args.int8_revision)  # first: a wrong --int8 fails before any loading
+    return models.resolve_model(args.bf16), int8_dir, args.bf16 is None
+
+
+def open_decoders(bf16_dir: Path, int8_dir: Path) -> dict:
+    """The three engines, after checking the two folders hold the same model."""
+    decoders = {
+        "int8": models.open_int8(int8_dir),
+        "bf16": models.open_bf16(bf16_dir),
+        "hf_bf16": HFDecoder(models.load_bf16(bf16_dir), "transformers BF16"),
+    }
+    vocab = {name: d.config["vocab_size"] for name, d in decoders.items()}
+    if len(set(vocab.values())) != 1:
+        raise ModelError(f"{int8_dir} and {bf16_dir} are not the same model (vocabularies of {vocab}).")
+    for name, d in decoders.items():
+        print(f"{latency.LABELS[name]}: {d.label}")
+    return decoders
+
+
+def add_floors(res: dict, threads: int, sizes: dict, memory: dict) -> None:
+    """Each model's bandwidth floor (the time just to stream its weights once per token) and the ratios."""
+    bw = res["bandwidth_bytes_per_s"] = copy_bandwidth(threads)
+    for name, m in res["models"].items():
+        m.update(sizes[name], **memory.get(name, {}))
+        m["floor_ms"] = m["bytes_per_token"] / bw * 1e3
+        m["x_floor"] = m["median_ms"] / m["floor_ms"]
+    res["speedup_per_round"] = latency.round_ratios(res, "bf16", "int8")
+    res["speedup_median"] = statistics.median(res["speedup_per_round"])
+    if "peer" in res["models"]:
+        res["peer_ratio_per_round"] = {n: latency.round_ratios(res, n, "peer") for n in ("bf16", "int8")}
+        res["peer_ratio_median"] = {n: statistics.median(v) for n, v in res["peer_ratio_per_round"].items()}
 
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     prompt_texts = load_prompts(args.prompts)
-    if args.build_config_model:
-        tok = models.load_tokenizer(models.resolve_model(None))
-        bf16_dir, int8_dir = build_config_model(args.build_config_model, tok)
-        print(f"random-weight Llama: --bf16 {bf16_dir} --int8 {int8_dir} (speed only: its quality is not meaningful)")
-        bf16_is_default = False
-    else:
-        int8_dir = resolve_int8(args.int8, args.int8_revision)  # first: a wrong --int8 fails before any loading
-        bf16_dir = models.resolve_model(args.bf16)
-        bf16_is_default = args.bf16 is None
+    bf16_dir, int8_dir, bf16_is_default = folders(args)
     tok = models.load_tokenizer(bf16_dir)
     prompts = [evaluate.prompt_ids(tok, p) for p in prompt_texts]
-
-    decoders = {"int8": models.open_int8(int8_dir), "bf16": models.open_bf16(bf16_dir),
-                "hf_bf16": HFDecoder(models.load_bf16(bf16_dir), "transformers BF16")}
-    vocab = {name: d.config["vocab_size"] for name, d in decoders.items()}
-    if len(set(vocab.values())) != 1:
-        raise ModelError(f"{int8_dir} and {bf16_dir} are not the same model (vocabularies of {vocab}).")
-    for name, d in decoders.items():
-        print(f"{LABELS[name]}: {d.label}")
+    decoders = open_decoders(bf16_dir, int8_dir)
     args.bf16_dir = bf16_dir
     peer_gguf, peer_line = find_peer(args, bf16_is_default)
     print(peer_line)
 
-    per_threads = measure(decoders, peer_gguf, prompts, args)
+    per_threads = measure_threads(decoders, peer_gguf, prompts, args)
     if args.profile:
         print(profile_decode(decoders["int8"], prompts[0], args.profile))
-    sizes = {name: {"weight_bytes": d.weight_bytes, "bytes_per_token": d.bytes_per_token} for name, d in decoders.items()}
+    sizes = {
+        n: {"weight_bytes": d.weight_bytes, "bytes_per_token": d.bytes_per_token} for n, d in decoders.items()
+    }
     del decoders
     memory = footprints({"int8": int8_dir, "bf16": bf16_dir, "hf_bf16": bf16_dir})
     if peer_gguf is not None:
-        sizes["peer"] = {"weight_bytes": peer_gguf.stat().st_size, "bytes_per_token": gguf_bytes_per_token(peer_gguf),
-                         "path": str(peer_gguf)}
-
+        per_token = gguf_bytes_per_token(peer_gguf)
+        sizes["peer"] = {
+            "weight_bytes": peer_gguf.stat().st_size,
+            "bytes_per_token": per_token,
+            "path": str(peer_gguf),
+        }
     for threads, res in per_threads.items():
-        bw = copy_bandwidth(threads)
-        res["bandwidth_bytes_per_s"] = bw
-        for name, m in res["models"].items():
-            m.update(sizes[name], **memory.get(name, {}))
-            m["floor_ms"] = m["bytes_per_token"] / bw * 1e3  # the time just to stream the weights once
-            m["x_floor"] = m["median_ms"] / m["floor_ms"]
-        res["speedup_per_round"] = ratios(res, "bf16", "int8")
-        res["speedup_median"] = statistics.median(res["speedup_per_round"])
-        if "peer" in res["models"]:
-            res["peer_ratio_per_round"] = {n: ratios(res, n, "peer") for n in ("bf16", "int8")}
-            res["peer_ratio_median"] = {n: statistics.median(v) for n, v in res["peer_ratio_per_round"].items()}
+        add_floors(res, threads, sizes, memory)
         print(table(threads, res))
-    added = {n: memory[n]["added_bytes"] for n in memory}
-    print(f"resident memory added (fresh process each): INT8 engine {added['int8'] / 1e6:.0f} MB, BF16 engine "
-          f"{added['bf16'] / 1e6:.0f} MB, transformers BF16 {added['hf_bf16'] / 1e6:.0f} MB; "
-          f"INT8/BF16 {added['int8'] / added['bf16']:.2f}x")
-
+    added = {n: memory[n]["added_bytes"] / 1e6 for n in memory}
+    print(
+        f"resident memory added (fresh process each): INT8 engine {added['int8']:.0f} MB, BF16 engine "
+        f"{added['bf16']:.0f} MB, transformers BF16 {added['hf_bf16']:.0f} MB; "
+        f"INT8/BF16 {added['int8'] / added['bf16']:.2f}x"
+    )
     if args.json:
-        report = {"command": args.command,
-                  "created": time.strftime("%Y-%m-%d"), "tokens": args.tokens, "rounds": args.rounds,
-                  "prompts": prompt_texts,
-                  "cpu": latency.describe_cpu().asdict(), "peer": peer_line, "memory": memory,
-                  "models": sizes, "threads": {str(t): r for t, r in per_threads.items()}}
+        report = {"command": args.command, "created": time.strftime("%Y-%m-%d"), "tokens": args.tokens,
+                  "rounds": args.rounds, "prompts": prompt_texts, "cpu": latency.describe_cpu().asdict(),
+                  "peer": peer_line, "memory": memory, "models": sizes,
+                  "threads": {str(t): r for t, r in per_threads.items()}}  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        files.write_file(args.json, json.dumps(report, indent=1))
         print(f"measurements written to {args.json}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO if os.environ.get("Q8CHAT_VERBOSE") else logging.WARNING,
-                        format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if os.environ.get("Q8CHAT_VERBOSE") else logging.WARNING,
+        format="%(levelname)s %(message)s",
+    )
     args = parse_args(argv)
     args.command = " ".join(["python -m quantize.bench", *(sys.argv[1:] if argv is None else argv)])
     try:

@@ -1,4 +1,5 @@
-"""Chat for the app: the prompt from a conversation, and one model's reply decoded live with a time stamp per token.
+"""Chat for the app: what a visitor sends, checked; the prompt from a conversation; and one model's reply decoded
+live with a time stamp per token.
 
 The reply keeps every token id and its stamp, so the page can show live counters while it streams and replay the
 INT8-vs-BF16 race afterwards from what was measured.
@@ -21,6 +22,67 @@ from quantize.generate import Sampling, stream
 MAX_INPUT_TOKENS = 1024  # prompt + history fed to the model; older turns are dropped first
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 UI_INTERVAL_S = 0.1  # the page is refreshed at most this often; tokens arriving in between are shown together
+MAX_MESSAGE_CHARS = 4000  # one message; longer ones are refused with the text kept in the box
+# The settings' ranges (the page's sliders). Gradio refuses API values outside them with its own sentence
+# ("Value 300 is greater than maximum value 256."); read_settings clamps again for callers that bypass them.
+SETTINGS = {"max_new_tokens": (8, 256), "temperature": (0.0, 1.5), "top_p": (0.05, 1.0)}
+
+
+class Refused(ValueError):
+    """A request the app will not run; the message is the sentence the visitor sees."""
+
+
+def read_settings(max_new_tokens, temperature, top_p) -> tuple[Sampling, list[str]]:
+    """Sampling from what the page or an API client sent. Out-of-range numbers are brought into range and the
+    visitor told; what is not a number at all is Refused with a sentence."""
+    values, notes = {}, []
+    for name, raw in zip(SETTINGS, (max_new_tokens, temperature, top_p)):
+        lo, hi = SETTINGS[name]
+        try:
+            v = float(raw)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if v != v:  # not a number, or NaN
+            raise Refused(f"{name} must be a number between {lo} and {hi}, not {raw!r}.")
+        if not lo <= v <= hi:
+            notes.append(f"{name} {raw} is outside [{lo}, {hi}]; used {min(max(v, lo), hi):g}.")
+        values[name] = min(max(v, lo), hi)
+    sampling = Sampling(
+        max_new_tokens=int(values["max_new_tokens"]),
+        temperature=values["temperature"],
+        top_p=values["top_p"],
+        seed=time.time_ns() % 2**32,
+    )
+    return sampling, notes
+
+
+def check_history(history) -> list[dict]:
+    if history is None:
+        return []
+    if not isinstance(history, list) or not all(isinstance(m, dict) and "role" in m for m in history):
+        raise Refused("The chat history must be a list of {role, content} messages.")
+    return list(history)
+
+
+def check_message(tokenizer, message, history: list[dict], system) -> tuple[str, list[int], str]:
+    """(text, prompt ids, note) for a new message, or Refused with the sentence to show."""
+    text = clean(message)
+    if not text:
+        raise Refused("Type a message first.")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise Refused(
+            f"That message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}. "
+            "Shorten it — your text is still in the box."
+        )
+    try:
+        ids, dropped = build_prompt(tokenizer, system if isinstance(system, str) else "", history, text)
+    except ValueError as e:
+        raise Refused(f"{e} Your text is still in the box.") from None
+    note = (
+        f"The conversation is longer than the model's window: the {dropped} oldest messages were left out "
+        "of this prompt."
+    )
+    return text, ids, note if dropped else ""
 
 
 def text_of(content) -> str:
@@ -88,6 +150,32 @@ def as_markdown(text: str) -> str:
     outside code are shown as code; everything else is left to the chat's markdown."""
     parts = CODE.split(text)
     return "".join(p if i % 2 else DUNDER.sub(r"`\1`", p) for i, p in enumerate(parts))
+
+
+@dataclass
+class Turn:
+    """What a reply runs: the chat with the message to fill, the ids the model reads, the prompt Continue
+    starts from, and a note for the visitor."""
+
+    history: list[dict]
+    ids: list[int]
+    prompt: list[int]
+    note: str = ""
+
+
+def new_turn(tokenizer, message, system, history: list[dict]) -> Turn:
+    """A typed message after `history`, or Refused."""
+    text, ids, note = check_message(tokenizer, message, history, system)
+    exchange = [{"role": "user", "content": as_markdown(text)}, {"role": "assistant", "content": ""}]
+    return Turn(history + exchange, ids, ids, note)
+
+
+def continuation(tokenizer, last_prompt: list[int] | None, history: list[dict]) -> Turn:
+    """The last answer's prompt and what it said, so the model picks up where it stopped; or Refused."""
+    if not last_prompt or not history or history[-1]["role"] != "assistant":
+        raise Refused("Nothing to continue: send a message first.")
+    said = text_of(history[-1]["content"])
+    return Turn(history, continuation_ids(tokenizer, last_prompt, said), last_prompt)
 
 
 def continuation_ids(tokenizer, prompt_ids: list[int], partial_answer: str) -> list[int]:

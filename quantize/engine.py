@@ -31,8 +31,15 @@ ENGINE_FILE = "engine.safetensors"  # written by `python -m quantize` next to IN
 FORMAT = "q8chat-int8/1"
 # The families whose blocks are the same up to optional biases (read from the weights) and a sliding window.
 ARCHITECTURES = ("llama", "mistral", "qwen2")
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def cpu_flags() -> set[str]:
@@ -51,11 +58,13 @@ def full_range_activations(flags: set[str] | None = None) -> bool:
 
 # ---------------------------------------------------------------- the two kinds of Linear
 
+
 class Int8Linear:
     """FBGEMM dynamic INT8: s8 weights per output channel, u8 activations with a scale per call (per token)."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 reduce_range: bool) -> None:
+    def __init__(
+        self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool
+    ) -> None:
         zero = torch.zeros(scale.numel(), dtype=torch.long)
         w = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
         self.packed = torch.ops.quantized.linear_prepack(w, None if bias is None else bias.float())
@@ -84,10 +93,14 @@ class Embedding:
     def __init__(self, tensors: Tensors, name: str) -> None:
         self.quantized = f"{name}.qweight" in tensors
         if self.quantized:
-            self.q, self.scale, self.zero = (tensors.get(f"{name}.{k}") for k in ("qweight", "scale", "zero_point"))
+            self.q, self.scale, self.zero = (
+                tensors.get(f"{name}.{k}") for k in ("qweight", "scale", "zero_point")
+            )
         else:
             self.weight = tensors.get(f"{name}.weight")
-        self.nbytes = sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+        self.nbytes = sum(
+            t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor)
+        )
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
@@ -97,11 +110,18 @@ class Embedding:
 
 # ---------------------------------------------------------------- reading safetensors without copies
 
+
 class Tensors:
     """Every tensor of a folder's safetensors files, memory-mapped: reading one costs its pages, not the file."""
 
-    DTYPES = {"BF16": (np.int16, torch.bfloat16), "F16": (np.float16, None), "F32": (np.float32, None),
-              "I8": (np.int8, None), "I64": (np.int64, None), "U8": (np.uint8, None)}
+    DTYPES = {
+        "BF16": (np.int16, torch.bfloat16),
+        "F16": (np.float16, None),
+        "F32": (np.float32, None),
+        "I8": (np.int8, None),
+        "I64": (np.int64, None),
+        "U8": (np.uint8, None),
+    }
 
     def __init__(self, files: list[Path]) -> None:
         self.where: dict[str, tuple[Path, dict, int]] = {}
@@ -120,8 +140,9 @@ class Tensors:
         path, info, base = self.where[name]
         np_dtype, view = self.DTYPES[info["dtype"]]
         # copy-on-write mapping: pages are read from the file when touched, never written back
-        array = np.memmap(path, dtype=np_dtype, mode="c", offset=base + info["data_offsets"][0],
-                          shape=tuple(info["shape"]))
+        array = np.memmap(
+            path, dtype=np_dtype, mode="c", offset=base + info["data_offsets"][0], shape=tuple(info["shape"])
+        )
         t = torch.from_numpy(array)
         return t.view(view) if view is not None else t
 
@@ -136,6 +157,7 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------- the model
+
 
 @dataclass
 class Block:
@@ -171,14 +193,18 @@ class Engine:
         self.max_len = min(config.get("max_position_embeddings") or 4096, window or 1 << 30)  # never slides
         self.reduce_range = reduce_range
         read = _Reader(tensors, self.dtype, reduce_range)
-        self.blocks = [read.block(f"model.layers.{i}", self.head_dim) for i in range(config["num_hidden_layers"])]
+        self.blocks = [
+            read.block(f"model.layers.{i}", self.head_dim) for i in range(config["num_hidden_layers"])
+        ]
         self.norm = read.vector("model.norm.weight")
         tied = "lm_head.weight" not in tensors and "lm_head.qweight" not in tensors
         self.lm_head = read.linear(["model.embed_tokens" if tied else "lm_head"])
         self.bytes_per_token = read.nbytes  # what one decode step streams
         # A tied table is the output matrix, read whole every token; an untied one is only gathered, a row per
         # token, so it stays memory-mapped and costs resident memory only for the rows used.
-        self.embed = (lambda ids: self.lm_head.weight[ids]) if tied else Embedding(tensors, "model.embed_tokens")
+        self.embed = (
+            (lambda ids: self.lm_head.weight[ids]) if tied else Embedding(tensors, "model.embed_tokens")
+        )
         self.weight_bytes = read.nbytes + (0 if tied else self.embed.nbytes)
         self.kinds = read.kinds
         self.cos, self.sin = rope_tables(config, self.max_len, self.head_dim)
@@ -193,21 +219,32 @@ class Engine:
         or of every token with all_logits."""
         T, start = ids.shape[-1], cache.length
         if start + T > cache.k.shape[2]:
-            raise ValueError(f"The conversation needs {start + T} positions; this cache holds {cache.k.shape[2]}.")
+            raise ValueError(
+                f"The conversation needs {start + T} positions; this cache holds {cache.k.shape[2]}."
+            )
         x = self.embed(ids.reshape(-1)).to(self.dtype)
         cos, sin = self.cos[start : start + T], self.sin[start : start + T]
         mask = causal_mask(T, start, self.dtype) if T > 1 else None
         for layer, block in enumerate(self.blocks):
-            x = x + block.o(self.attention(rms_norm(x, block.attn_norm, self.eps), block, cache, layer, cos, sin,
-                                           mask))
+            x = x + block.o(
+                self.attention(rms_norm(x, block.attn_norm, self.eps), block, cache, layer, cos, sin, mask)
+            )
             gate, up = block.gate_up(rms_norm(x, block.mlp_norm, self.eps)).chunk(2, dim=-1)
             x = x + block.down(F.silu(gate) * up)
         cache.length = start + T
         x = x if all_logits else x[-1:]
         return self.lm_head(rms_norm(x, self.norm, self.eps)).float()
 
-    def attention(self, x: torch.Tensor, block: Block, cache: Cache, layer: int, cos: torch.Tensor,
-                  sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attention(
+        self,
+        x: torch.Tensor,
+        block: Block,
+        cache: Cache,
+        layer: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         T, H, KV, D = x.shape[0], self.heads, self.kv_heads, self.head_dim
         G = H // KV
         qkv = block.qkv(x).view(T, H + 2 * KV, D)
@@ -265,6 +302,7 @@ def malloc_trim() -> None:
 
 # ---------------------------------------------------------------- loading
 
+
 class _Reader:
     """Turns a folder's tensors into the engine's kernels, one layer at a time (peak memory: one layer)."""
 
@@ -283,20 +321,36 @@ class _Reader:
         got = {k: self.t.get(f"{name}.{k}") for k in keys}
         return {k: v[rows] if rows is not None else v for k, v in got.items()}
 
-    def linear(self, names: list[str], rows: list[list[int] | None] | None = None) -> Int8Linear | FloatLinear:
+    def linear(
+        self, names: list[str], rows: list[list[int] | None] | None = None
+    ) -> Int8Linear | FloatLinear:
         """The Linears `names` (which share one input) as one kernel, their outputs concatenated."""
         parts = [self.parts(n, r) for n, r in zip(names, rows or [None] * len(names))]
         kinds = {"int8" if "qweight" in p else "float" for p in parts}
         if len(kinds) != 1:
             raise ValueError(f"{names} mix INT8 and float weights; the engine fuses only like with like.")
         has_bias = any("bias" in p for p in parts)
-        bias = torch.cat([p["bias"].float() if "bias" in p else torch.zeros(len(p.get("scale", p.get("weight"))))
-                          for p in parts]) if has_bias else None
+        bias = (
+            torch.cat(
+                [
+                    p["bias"].float() if "bias" in p else torch.zeros(len(p.get("scale", p.get("weight"))))
+                    for p in parts
+                ]
+            )
+            if has_bias
+            else None
+        )
         if kinds == {"int8"}:
-            lin = Int8Linear(torch.cat([p["qweight"] for p in parts]), torch.cat([p["scale"].float() for p in parts]),
-                             bias, self.reduce_range)
+            lin = Int8Linear(
+                torch.cat([p["qweight"] for p in parts]),
+                torch.cat([p["scale"].float() for p in parts]),
+                bias,
+                self.reduce_range,
+            )
         else:  # an INT8 folder's float tail keeps its stored dtype (BF16 or FP32); a BF16 model is BF16
-            weight = torch.cat([p["weight"] for p in parts])  # a copy in ordinary memory, like the packed INT8
+            weight = torch.cat(
+                [p["weight"] for p in parts]
+            )  # a copy in ordinary memory, like the packed INT8
             lin = FloatLinear(weight.to(torch.bfloat16) if self.dtype == torch.bfloat16 else weight, bias)
         for n in names:
             self.kinds[n] = "int8" if kinds == {"int8"} else str(lin.weight.dtype).removeprefix("torch.")
@@ -306,7 +360,10 @@ class _Reader:
     def block(self, prefix: str, head_dim: int) -> Block:
         malloc_trim()  # the last layer's temporaries go back to the OS: the peak is the model plus one layer
         q, k, v, o, gate, up, down = (f"{prefix}.{n}" for n in LINEARS)
-        pairs = self.interleave(head_dim, self.out_features(q)), self.interleave(head_dim, self.out_features(k))
+        pairs = (
+            self.interleave(head_dim, self.out_features(q)),
+            self.interleave(head_dim, self.out_features(k)),
+        )
         return Block(
             attn_norm=self.vector(f"{prefix}.input_layernorm.weight"),
             qkv=self.linear([q, k, v], [pairs[0], pairs[1], None]),
@@ -353,6 +410,7 @@ def load(folder: Path, reduce_range: bool | None = None) -> Engine:
 
 # ---------------------------------------------------------------- the file `python -m quantize` writes
 
+
 def engine_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The INT8 model INC built, as plain tensors under transformers' names: `<linear>.qweight` (s8) and `.scale`
     (per output channel) for FBGEMM dynamic INT8, `.weight` for a BF16/FP32 Linear, the weight-only INT8
@@ -370,8 +428,11 @@ def engine_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
             out |= {f"{bare}.qweight": w.int_repr(), f"{bare}.scale": w.q_per_channel_scales().float()}
         elif kind == "torch.ao.nn.quantized.modules.embedding_ops.Embedding":
             w, bias = mod.weight(), None
-            out |= {f"{bare}.qweight": w.int_repr(), f"{bare}.scale": w.q_per_channel_scales().float(),
-                    f"{bare}.zero_point": w.q_per_channel_zero_points().float()}
+            out |= {
+                f"{bare}.qweight": w.int_repr(),
+                f"{bare}.scale": w.q_per_channel_scales().float(),
+                f"{bare}.zero_point": w.q_per_channel_zero_points().float(),
+            }
         elif type(mod) in (torch.nn.Linear, torch.nn.Embedding):
             w, bias = mod.weight, getattr(mod, "bias", None)
             out[f"{bare}.weight"] = w.detach()
@@ -393,5 +454,7 @@ def write_engine_file(model: torch.nn.Module, folder: Path) -> bool:
     if tensors is None:
         return False
     save_file(tensors, str(Path(folder) / ENGINE_FILE), metadata={"format": FORMAT})
-    (Path(folder) / ENGINE_FILE).chmod(0o644)  # safetensors writes it private; it is a model file like the rest
+    (Path(folder) / ENGINE_FILE).chmod(
+        0o644
+    )  # safetensors writes it private; it is a model file like the rest
     return True

@@ -15,6 +15,8 @@ DATA = Path(__file__).parent / "data"
 # Windows of held-out text, each read as a chat is: PREFILL tokens as the prompt, the rest decoded one by one.
 WINDOW = 128
 PREFILL = 32
+# The project's quality bar (issue #2): the INT8 model against BF16 on this held-out text.
+QUALITY_BAR = {"max_perplexity_ratio": 1.10, "min_top1_agreement": 0.85}
 
 
 def heldout_text() -> str:
@@ -25,8 +27,9 @@ def heldout_prompts() -> list[str]:
     return json.loads((DATA / "heldout_prompts.json").read_text())
 
 
-def teacher_forced(decoder, ids: torch.Tensor, window: int = WINDOW,
-                   prefill: int = PREFILL) -> tuple[float, torch.Tensor]:
+def teacher_forced(
+    decoder, ids: torch.Tensor, window: int = WINDOW, prefill: int = PREFILL
+) -> tuple[float, torch.Tensor]:
     """Mean negative log-likelihood over non-overlapping windows, and the argmax token at every position.
 
     Each window is fed the way the app feeds a chat: the first `prefill` tokens in one forward pass (a prompt),
@@ -49,8 +52,12 @@ def teacher_forced(decoder, ids: torch.Tensor, window: int = WINDOW,
 
 def greedy(decoder, ids: torch.Tensor, new_tokens: int, eos: int | None = None) -> list[int]:
     """Greedy answer, up to and including the end-of-turn token."""
-    return [s.token_id for s in stream(decoder, ids, Sampling(max_new_tokens=new_tokens),
-                                       eos_ids=frozenset() if eos is None else {eos})]
+    return [
+        s.token_id
+        for s in stream(
+            decoder, ids, Sampling(max_new_tokens=new_tokens), eos_ids=frozenset() if eos is None else {eos}
+        )
+    ]
 
 
 def follows(decoder, ids: torch.Tensor, answer: list[int]) -> list[int]:
@@ -66,13 +73,13 @@ def follows(decoder, ids: torch.Tensor, answer: list[int]) -> list[int]:
 
 
 def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 
-def compare(models: dict, reference: str, tokenizer, max_tokens: int = 1024,
-            greedy_tokens: int = 48) -> dict:
+def compare(models: dict, reference: str, tokenizer, max_tokens: int = 1024, greedy_tokens: int = 48) -> dict:
     """Perplexity of every model; top-1 agreement and greedy-continuation match of each against `reference`."""
     ids = tokenizer(heldout_text(), return_tensors="pt").input_ids[:, :max_tokens]
     prompts = [prompt_ids(tokenizer, p) for p in heldout_prompts()]
@@ -81,8 +88,14 @@ def compare(models: dict, reference: str, tokenizer, max_tokens: int = 1024,
         nll[name], top[name] = teacher_forced(model, ids)
         cont[name] = [greedy(model, p, greedy_tokens, tokenizer.eos_token_id) for p in prompts]
     ref_ppl = math.exp(nll[reference])
-    out = {"eval_tokens": int(ids.shape[1]), "window": WINDOW, "prefill": PREFILL, "greedy_tokens": greedy_tokens,
-           "chat_prompts": len(prompts), "models": {}}
+    out = {
+        "eval_tokens": int(ids.shape[1]),
+        "window": WINDOW,
+        "prefill": PREFILL,
+        "greedy_tokens": greedy_tokens,
+        "chat_prompts": len(prompts),
+        "models": {},
+    }
     for name, model in models.items():
         prefix = [_common_prefix(a, b) / max(len(b), 1) for a, b in zip(cont[name], cont[reference])]
         # Chat agreement: along the reference's own greedy answers, how often this model picks the same token.
@@ -105,3 +118,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def against_bar(int8: dict, bar: dict = QUALITY_BAR) -> dict:
+    """The bar, and whether `int8` (one model's entry of `compare`) meets each part of it."""
+    perplexity_ok = int8["perplexity_ratio"] <= bar["max_perplexity_ratio"]
+    top1_ok = int8["top1_agreement"] >= bar["min_top1_agreement"]
+    return {**bar, "perplexity_ok": perplexity_ok, "top1_ok": top1_ok, "met": perplexity_ok and top1_ok}

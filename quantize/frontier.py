@@ -34,7 +34,7 @@ def int8_weight_share(model: torch.nn.Module) -> float:
     return int8 / total if total else 0.0
 
 
-def measure(names: list[str], model_arg: str | None, samples: int, tokens: int, rounds: int) -> dict:
+def measure_variants(names: list[str], model_arg: str | None, samples: int, tokens: int, rounds: int) -> dict:
     src = models.resolve_model(model_arg)
     tok, bf16 = models.load_tokenizer(src), models.load_bf16(src)
     reference, bf16_run = HFDecoder(bf16, "transformers BF16"), models.open_bf16(src)
@@ -44,8 +44,7 @@ def measure(names: list[str], model_arg: str | None, samples: int, tokens: int, 
     for name in names:
         work = Path(tempfile.mkdtemp(prefix="frontier-"))
         try:  # each variant is saved and served the way the app serves it (the engine where it can)
-            res = recipe.quantize(bf16, calib, recipe.RECIPES[name], work / "inc")
-            recipe.save_int8(res, work / "int8", tok, bf16)
+            res = recipe.build_int8(bf16, tok, calib, recipe.RECIPES[name], work / "int8")
             int8 = models.open_int8(work / "int8")
             q = evaluate.compare({"bf16": reference, "int8": int8}, "bf16", tok)["models"]["int8"]
             s = latency.interleaved({"int8": int8, "bf16": bf16_run}, prompts, tokens, rounds)
@@ -63,7 +62,7 @@ def measure(names: list[str], model_arg: str | None, samples: int, tokens: int, 
             "int8_ms": s["models"]["int8"]["median_ms"],
             "bf16_ms": s["models"]["bf16"]["median_ms"],
             "speedup": s["speedup_median"],
-            "speedup_range": [s["speedup_min"], s["speedup_max"]],
+            "speedup_range": [min(s["speedup_per_round"]), max(s["speedup_per_round"])],
             "int8_weight_share": int8_weight_share(res.model),
         }
         print(json.dumps(row), flush=True)
@@ -74,21 +73,40 @@ def measure(names: list[str], model_arg: str | None, samples: int, tokens: int, 
         "cpu": latency.describe_cpu().line(),
         "model": str(model_arg or models.DEFAULT_MODEL_LABEL),
         "calibration_samples": samples,
-        "bench": {"new_tokens": tokens, "rounds": rounds, "prompts": len(prompts), "bf16": bf16_run.label},
+        "bench": {
+            "new_tokens": tokens,
+            "rounds": rounds,
+            "prompts": len(prompts),
+            "bf16": bf16_run.label,
+        },
         "variants": rows,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m quantize.frontier", description=__doc__)
-    p.add_argument("--model", default=None, help="Hub id or folder (default: the embedded default model)")
-    p.add_argument("--variants", nargs="*", default=list(recipe.RECIPES), choices=list(recipe.RECIPES))
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or folder (default: the embedded default model)",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(recipe.RECIPES),
+        choices=list(recipe.RECIPES),
+    )
     p.add_argument("--calibration-samples", type=int, default=48)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", type=Path, default=card.FRONTIER, help=f"output (default {card.FRONTIER})")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=card.FRONTIER,
+        help=f"output (default {card.FRONTIER})",
+    )
     a = p.parse_args(argv)
-    result = measure(a.variants, a.model, a.calibration_samples, a.tokens, a.rounds)
+    result = measure_variants(a.variants, a.model, a.calibration_samples, a.tokens, a.rounds)
     a.json.write_text(json.dumps(result, indent=1))
     print(card.frontier_table(result))
     return 0

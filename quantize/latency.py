@@ -13,6 +13,14 @@ import torch
 
 from quantize.generate import Sampling, stream
 
+# What each measured engine is called in tables (bench, card).
+LABELS = {
+    "int8": "INT8 engine",
+    "bf16": "BF16 engine",
+    "hf_bf16": "transformers BF16",
+    "peer": "llama.cpp Q8_0",
+}
+
 
 @dataclass
 class Timing:
@@ -31,15 +39,40 @@ class Timing:
         return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
 
     def summary(self) -> dict:
-        d = self.decode_ms
-        return {
-            "tokens": len(self.stamps),
-            "ttft_ms": self.ttft_ms,
-            "median_ms": statistics.median(d) if d else None,
-            "p10_ms": percentile(d, 10),
-            "p90_ms": percentile(d, 90),
-            "tokens_per_s": 1e3 / statistics.median(d) if d else None,
-        }
+        return summarize(self.decode_ms, self.ttft_ms, len(self.stamps))
+
+
+def summarize(decode_ms: list[float], ttft_ms: float | None, tokens: int) -> dict:
+    """The one summary of decode times, with the same keys everywhere (a reply, a benchmark, the card); None where
+    there is nothing to measure. `tokens` counts the tokens of one generation."""
+    median = statistics.median(decode_ms) if decode_ms else None
+    return {
+        "tokens": tokens,
+        "ttft_ms": ttft_ms,
+        "median_ms": median,
+        "p10_ms": percentile(decode_ms, 10),
+        "p90_ms": percentile(decode_ms, 90),
+        "tokens_per_s": 1e3 / median if median else None,
+    }
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    """The one number formatter of tables and cards: a dash where nothing was measured."""
+    return "–" if value is None else format(value, spec)
+
+
+def round_ratios(result: dict, slow: str, fast: str) -> list[float]:
+    """Per round of an `interleaved` result: how many times faster `fast` decodes than `slow` (slow ms / fast ms)."""
+    m = result["models"]
+    return [s / f for s, f in zip(m[slow]["round_median_ms"], m[fast]["round_median_ms"])]
+
+
+def speedup_line(ratios: list[float], fast: str = "INT8", slow: str = "BF16") -> str:
+    """The one wording of a speed-up: the median of the per-round ratios, which way it goes, and every round."""
+    median = statistics.median(ratios)
+    rounds = f" (rounds {' '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else ""
+    way = "faster" if median >= 1 else "slower"
+    return f"**{fast} is {median:.2f}x {way} per token** than {slow}{rounds}"
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -66,8 +99,13 @@ def timed(model, input_ids: torch.Tensor, new_tokens: int) -> Timing:
     return own(input_ids, new_tokens) if own is not None else time_generation(model, input_ids, new_tokens)
 
 
-def interleaved(models: dict[str, torch.nn.Module], prompts: list[torch.Tensor], new_tokens: int, rounds: int,
-                progress=None) -> dict:
+def interleaved(
+    models: dict[str, torch.nn.Module],
+    prompts: list[torch.Tensor],
+    new_tokens: int,
+    rounds: int,
+    progress=None,
+) -> dict:
     """Run every model on every prompt, `rounds` times, alternating the order each round so drift (thermal,
     other processes) hits both. Returns per-model summaries and the per-round ratio of median ms/token.
     A model may also be a peer engine with its own `time_generation` method (see `timed`)."""
@@ -90,20 +128,12 @@ def interleaved(models: dict[str, torch.nn.Module], prompts: list[torch.Tensor],
     out: dict = {"rounds": rounds, "prompts": len(prompts), "new_tokens": new_tokens, "models": {}}
     for name in names:
         all_ms = [x for g in per_round for x in g[name]]
-        out["models"][name] = {
-            "median_ms": statistics.median(all_ms),
-            "p10_ms": percentile(all_ms, 10),
-            "p90_ms": percentile(all_ms, 90),
-            "tokens_per_s": 1e3 / statistics.median(all_ms),
-            "ttft_median_ms": statistics.median(ttft[name]),
-            "round_median_ms": [statistics.median(g[name]) for g in per_round],
+        out["models"][name] = summarize(all_ms, statistics.median(ttft[name]), new_tokens) | {
+            "round_median_ms": [statistics.median(g[name]) for g in per_round]
         }
-    if len(names) == 2:
-        a, b = names  # ratio = how many times faster the first model is than the second, per round
-        ratios = [statistics.median(g[b]) / statistics.median(g[a]) for g in per_round]
-        out["speedup_per_round"] = ratios
-        out["speedup_median"] = statistics.median(ratios)
-        out["speedup_min"], out["speedup_max"] = min(ratios), max(ratios)
+    if len(names) >= 2:  # how many times faster the first model is than the second, per round
+        out["speedup_per_round"] = round_ratios(out, names[1], names[0])
+        out["speedup_median"] = statistics.median(out["speedup_per_round"])
     return out
 
 

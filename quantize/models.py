@@ -48,6 +48,7 @@ def cache_dir() -> Path:
 
 # ---------------------------------------------------------------- the embedded default
 
+
 def default_gguf_path() -> Path:
     # find_spec does not run the package's __init__, which would import llama_cpp and llm.
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
@@ -92,12 +93,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF -> HF conversion drops SmolLM2's digit splitting and gets eos wrong (<|im_start|>);
     # restore what the real SmolLM2 tokenizer does.
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-    ])
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
     tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token = (
-        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
     tok.vocab_file = None  # otherwise save_pretrained copies the whole GGUF in as "tokenizer.model"
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
     # The GGUF has no output.weight because SmolLM2 ties it to the embeddings; transformers leaves lm_head
@@ -112,6 +119,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 # ---------------------------------------------------------------- resolving a model argument
+
 
 def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
@@ -131,7 +139,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1) or Path(model).exists()
+    return (
+        model.startswith((".", "/", "~"))
+        or os.sep in model.strip("/").replace("/", "", 1)
+        or Path(model).exists()
+    )
 
 
 def resolve_model(model: str | None, revision: str | None = None, token: str | None = None) -> Path:
@@ -171,11 +183,15 @@ def resolve_model(model: str | None, revision: str | None = None, token: str | N
     except GatedRepoError as e:
         raise ModelError(f"{model!r} is gated: accept its terms on the Hub and set HF_TOKEN.") from e
     except RepositoryNotFoundError as e:
-        raise ModelError(f"No model {model!r} on the Hub (or it is private and no valid token was given).") from e
+        raise ModelError(
+            f"No model {model!r} on the Hub (or it is private and no valid token was given)."
+        ) from e
     except RevisionNotFoundError as e:
         raise ModelError(f"{model!r} has no revision {revision!r}.") from e
     except HfHubHTTPError as e:
-        raise ModelError(f"The Hub refused {model!r}: HTTP {e.response.status_code if e.response else '?'}.") from e
+        raise ModelError(
+            f"The Hub refused {model!r}: HTTP {e.response.status_code if e.response is not None else '?'}."
+        ) from e
 
 
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
@@ -190,7 +206,8 @@ def resolve_int8(model: str, revision: str | None = None, token: str | None = No
     if is_hub_id and not (revision and COMMIT_HASH.fullmatch(revision)):
         raise ModelError(
             f"The INT8 model {model!r} stores pickled weights, which are only loaded from the Hub at a commit "
-            f"hash: set Q8CHAT_INT8_REVISION to the 40-character commit (got {revision or 'none'!r}).")
+            f"hash: set Q8CHAT_INT8_REVISION to the 40-character commit (got {revision or 'none'!r})."
+        )
     return resolve_model(model, revision=revision, token=token)
 
 
@@ -206,12 +223,15 @@ def is_int8_folder(path: Path) -> bool:
 
 # ---------------------------------------------------------------- loading
 
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.chat_template is None:
-        raise ModelError(f"The tokenizer in {path} has no chat template; Q8-Chat needs an instruction-tuned model.")
+        raise ModelError(
+            f"The tokenizer in {path} has no chat template; Q8-Chat needs an instruction-tuned model."
+        )
     return tok
 
 
@@ -234,7 +254,9 @@ def load_int8(path: Path) -> torch.nn.Module:
     """The INT8 model written by `python -m quantize`, loaded the documented way (INCModelForCausalLM)."""
     path = Path(path)
     if not is_int8_folder(path):
-        raise ModelError(f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json).")
+        raise ModelError(
+            f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json)."
+        )
     from optimum.intel import INCModelForCausalLM
 
     try:
@@ -257,12 +279,16 @@ def open_int8(path: Path):
 
     path = Path(path)
     if not is_int8_folder(path):
-        raise ModelError(f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json).")
+        raise ModelError(
+            f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json)."
+        )
     if engine.is_engine_folder(path) and (path / engine.ENGINE_FILE).is_file():
         try:
             return engine.load(path)
         except (KeyError, ValueError, OSError, RuntimeError) as e:
-            raise ModelError(f"Cannot load the INT8 model in {path}: {type(e).__name__}: {str(e)[:200]}") from e
+            raise ModelError(
+                f"Cannot load the INT8 model in {path}: {type(e).__name__}: {str(e)[:200]}"
+            ) from e
     return HFDecoder(load_int8(path), "transformers + INC (generic path)")
 
 
@@ -287,7 +313,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     for mod in model.modules():
-        if type(mod).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(mod, "weight", None)):
+        if type(mod).__module__.startswith("torch.ao.nn.quantized") and callable(
+            getattr(mod, "weight", None)
+        ):
             w = mod.weight()
             total += w.numel() * w.element_size()
     return total

@@ -40,13 +40,20 @@ from quantize import engine
 
 log = logging.getLogger("q8chat")
 
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}  # Llama blocks, up to biases and a sliding window
+SUPPORTED_MODEL_TYPES = {
+    "llama",
+    "mistral",
+    "qwen2",
+}  # Llama blocks, up to biases and a sliding window
 # INC's SmoothQuant finds and scales norms by class name (waq/graph_trace.py, waq/smooth_quant.py) and knows
 # LlamaRMSNorm only; these compute exactly what it does (same forward source), so INC is shown that class.
 INC_NORM_ALIASES = {"MistralRMSNorm": "LlamaRMSNorm", "Qwen2RMSNorm": "LlamaRMSNorm"}
 # Ops with no norm in front of them, so SmoothQuant cannot fold a scale for them (INC: "150 out of 211").
-O_PROJ, DOWN_PROJ, LM_HEAD = r".*o_proj(\.module)?", r".*down_proj(\.module)?", r"lm_head(\.module)?"
-TAIL_MODES = ("fp32", "dynamic", "bf16")
+O_PROJ, DOWN_PROJ, LM_HEAD = (
+    r".*o_proj(\.module)?",
+    r".*down_proj(\.module)?",
+    r"lm_head(\.module)?",
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,9 @@ class Recipe:
     # SmoothQuant for the pairs INC cannot absorb (SMOOTH_PAIRS: lm_head, down_proj, o_proj), done here the same
     # way before INC runs: the producer's output channels scaled down, the consumer's input columns up.
     smooth_pairs: tuple[str, ...] = ()
-    pair_alpha: float | None = None  # alpha for those pairs (default: `alpha`); down_proj's outliers want more
+    pair_alpha: float | None = (
+        None  # alpha for those pairs (default: `alpha`); down_proj's outliers want more
+    )
     description: str = ""
 
     @property
@@ -75,41 +84,107 @@ class Recipe:
 QKV, GATE_UP = r".*[qkv]_proj(\.module)?", r".*(gate|up)_proj(\.module)?"
 
 
-def _tail(o: str, d: str, lm: str, qkv_gu: str | None = None) -> tuple[tuple[str, str], ...]:
-    head = ((QKV, qkv_gu), (GATE_UP, qkv_gu)) if qkv_gu else ()
-    return head + ((O_PROJ, o), (DOWN_PROJ, d), (LM_HEAD, lm))
+def tail_modes(
+    o_proj: str, down_proj: str, lm_head: str, qkv_gate_up: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """A recipe's `tail`: what each group of Linears runs instead of static INT8 (None: static INT8)."""
+    inputs = ((QKV, qkv_gate_up), (GATE_UP, qkv_gate_up)) if qkv_gate_up else ()
+    return inputs + ((O_PROJ, o_proj), (DOWN_PROJ, down_proj), (LM_HEAD, lm_head))
 
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
-        Recipe("sq-static-all-kl", activation_algorithm="kl",
-               description="SmoothQuant + static INT8 everywhere, INC's default KL calibration (the documented "
-                           "recipe, made real with folding)"),
+        Recipe(
+            "sq-static-all-kl",
+            activation_algorithm="kl",
+            description="SmoothQuant + static INT8 everywhere, INC's default KL calibration (the documented "
+            "recipe, made real with folding)",
+        ),
         Recipe("sq-static-all", description="as sq-static-all-kl with minmax calibration"),
-        Recipe("static-no-sq", smooth_quant=False, description="static INT8 everywhere, no SmoothQuant"),
-        Recipe("sq-fp32-tail", tail=_tail("fp32", "fp32", "fp32"),
-               description="SmoothQuant static INT8; o_proj, down_proj, lm_head kept FP32 (the obvious repair)"),
-        Recipe("sq-bf16-tail", tail=_tail("bf16", "bf16", "bf16"),
-               description="SmoothQuant static INT8; o_proj, down_proj, lm_head in BF16"),
-        Recipe("sq-dynamic-all", tail=_tail("dynamic", "dynamic", "dynamic", qkv_gu="dynamic"),
-               description="SmoothQuant folded, every Linear dynamic INT8"),
-        Recipe("sq-dynamic", tail=_tail("dynamic", "bf16", "bf16", qkv_gu="dynamic"),
-               description="SmoothQuant folded; q/k/v/o/gate/up dynamic INT8 (activation scale per token in "
-                           "decode); down_proj and lm_head BF16"),
-        Recipe("sq-dynamic-lm", tail=_tail("dynamic", "bf16", "dynamic", qkv_gu="dynamic"),
-               description="as sq-dynamic with lm_head dynamic INT8 too (BF16 GEMV of the 49152x576 lm_head is "
-                           "~4 ms of a token here); only down_proj BF16"),
-        Recipe("sq-dynamic-lm-smooth", tail=_tail("dynamic", "bf16", "dynamic", qkv_gu="dynamic"),
-               smooth_pairs=("lm_head",),
-               description="as sq-dynamic-lm, with SmoothQuant's scaling applied to lm_head too (INC does not "
-                           "absorb it)"),
-        Recipe("sq-dynamic-all-smooth", alpha=0.75, tail=_tail("dynamic", "dynamic", "dynamic", qkv_gu="dynamic"),
-               smooth_pairs=("lm_head", "down_proj", "o_proj"),
-               description="every Linear dynamic INT8, with SmoothQuant's scaling (alpha 0.75) also applied to the "
-                           "pairs INC does not absorb: final norm->lm_head, up_proj->down_proj, v_proj->o_proj"),
-        Recipe("no-sq-dynamic", smooth_quant=False, tail=_tail("dynamic", "bf16", "bf16", qkv_gu="dynamic"),
-               description="as sq-dynamic without SmoothQuant (shows what smoothing buys)"),
+        Recipe(
+            "static-no-sq",
+            smooth_quant=False,
+            description="static INT8 everywhere, no SmoothQuant",
+        ),
+        Recipe(
+            "sq-fp32-tail",
+            tail=tail_modes(o_proj="fp32", down_proj="fp32", lm_head="fp32"),
+            description="SmoothQuant static INT8; o_proj, down_proj, lm_head kept FP32 (the obvious repair)",
+        ),
+        Recipe(
+            "sq-bf16-tail",
+            tail=tail_modes(o_proj="bf16", down_proj="bf16", lm_head="bf16"),
+            description="SmoothQuant static INT8; o_proj, down_proj, lm_head in BF16",
+        ),
+        Recipe(
+            "sq-dynamic-all",
+            tail=tail_modes(
+                o_proj="dynamic",
+                down_proj="dynamic",
+                lm_head="dynamic",
+                qkv_gate_up="dynamic",
+            ),
+            description="SmoothQuant folded, every Linear dynamic INT8",
+        ),
+        Recipe(
+            "sq-dynamic",
+            tail=tail_modes(
+                o_proj="dynamic",
+                down_proj="bf16",
+                lm_head="bf16",
+                qkv_gate_up="dynamic",
+            ),
+            description="SmoothQuant folded; q/k/v/o/gate/up dynamic INT8 (activation scale per token in "
+            "decode); down_proj and lm_head BF16",
+        ),
+        Recipe(
+            "sq-dynamic-lm",
+            tail=tail_modes(
+                o_proj="dynamic",
+                down_proj="bf16",
+                lm_head="dynamic",
+                qkv_gate_up="dynamic",
+            ),
+            description="as sq-dynamic with lm_head dynamic INT8 too (BF16 GEMV of the 49152x576 lm_head is "
+            "~4 ms of a token here); only down_proj BF16",
+        ),
+        Recipe(
+            "sq-dynamic-lm-smooth",
+            tail=tail_modes(
+                o_proj="dynamic",
+                down_proj="bf16",
+                lm_head="dynamic",
+                qkv_gate_up="dynamic",
+            ),
+            smooth_pairs=("lm_head",),
+            description="as sq-dynamic-lm, with SmoothQuant's scaling applied to lm_head too (INC does not "
+            "absorb it)",
+        ),
+        Recipe(
+            "sq-dynamic-all-smooth",
+            alpha=0.75,
+            tail=tail_modes(
+                o_proj="dynamic",
+                down_proj="dynamic",
+                lm_head="dynamic",
+                qkv_gate_up="dynamic",
+            ),
+            smooth_pairs=("lm_head", "down_proj", "o_proj"),
+            description="every Linear dynamic INT8, with SmoothQuant's scaling (alpha 0.75) also applied to the "
+            "pairs INC does not absorb: final norm->lm_head, up_proj->down_proj, v_proj->o_proj",
+        ),
+        Recipe(
+            "no-sq-dynamic",
+            smooth_quant=False,
+            tail=tail_modes(
+                o_proj="dynamic",
+                down_proj="bf16",
+                lm_head="bf16",
+                qkv_gate_up="dynamic",
+            ),
+            description="as sq-dynamic without SmoothQuant (shows what smoothing buys)",
+        ),
     ]
 }
 DEFAULT_RECIPE = "sq-dynamic-all-smooth"
@@ -127,8 +202,12 @@ class QuantizeResult:
     workdir: Path | None = None  # where INCQuantizer wrote config.json, inc_config.json, pytorch_model.bin
 
     def summary(self) -> dict:
-        return {"recipe": asdict(self.recipe), "smoothquant": self.smoothquant, "modules": self.modules,
-                "seconds": round(self.seconds, 1)}
+        return {
+            "recipe": asdict(self.recipe),
+            "smoothquant": self.smoothquant,
+            "modules": self.modules,
+            "seconds": round(self.seconds, 1),
+        }
 
 
 def untie_embeddings(model: nn.Module) -> bool:
@@ -156,7 +235,10 @@ def build_config(recipe: Recipe, calibration_size: int):
 
     recipes = {}
     if recipe.smooth_quant:
-        recipes = {"smooth_quant": True, "smooth_quant_args": {"alpha": recipe.alpha, "folding": True}}
+        recipes = {
+            "smooth_quant": True,
+            "smooth_quant_args": {"alpha": recipe.alpha, "folding": True},
+        }
     fp32 = {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}
     return PostTrainingQuantConfig(
         approach="static",
@@ -183,24 +265,38 @@ class _Capture(logging.Handler):
 SMOOTH_PAIRS = {
     "lm_head": ("model.norm", "lm_head"),
     "down_proj": ("model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj"),
-    "o_proj": ("model.layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.o_proj"),
+    "o_proj": (
+        "model.layers.{i}.self_attn.v_proj",
+        "model.layers.{i}.self_attn.o_proj",
+    ),
 }
 
 
-def smooth_pairs(model: nn.Module, calibration: list[torch.Tensor], alpha: float,
-                 kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def smooth_pairs(
+    model: nn.Module,
+    calibration: list[torch.Tensor],
+    alpha: float,
+    kinds: tuple[str, ...],
+) -> dict[str, torch.Tensor]:
     """SmoothQuant's migration (Xiao et al.) for the pairs `kinds` of SMOOTH_PAIRS: per input channel j of the
     consumer, s_j = max|X_j|^alpha / max|W_j|^(1-alpha); X is divided by s where it is produced, W's column j
     multiplied by s. Exact in real arithmetic; the outlier channels a per-token INT8 scale would spend its range
     on shrink. Needs untied embeddings (lm_head scaled alone). Returns s per consumer."""
     layers = len(model.model.layers)
-    pairs = [(p.format(i=i), c.format(i=i)) for k in kinds for i in (range(layers) if "{i}" in SMOOTH_PAIRS[k][0]
-                                                                     else [0]) for p, c in [SMOOTH_PAIRS[k]]]
+    pairs = [
+        (p.format(i=i), c.format(i=i))
+        for k in kinds
+        for i in (range(layers) if "{i}" in SMOOTH_PAIRS[k][0] else [0])
+        for p, c in [SMOOTH_PAIRS[k]]
+    ]
     x_max = {c: torch.zeros(model.get_submodule(c).in_features) for _, c in pairs}
 
     def observe(name: str):
         def hook(_module, inputs) -> None:
-            x_max[name].copy_(torch.maximum(x_max[name], inputs[0].detach().abs().float().flatten(0, -2).amax(0)))
+            x_max[name].copy_(
+                torch.maximum(x_max[name], inputs[0].detach().abs().float().flatten(0, -2).amax(0))
+            )
+
         return hook
 
     hooks = [model.get_submodule(c).register_forward_pre_hook(observe(c)) for _, c in pairs]
@@ -211,19 +307,32 @@ def smooth_pairs(model: nn.Module, calibration: list[torch.Tensor], alpha: float
     finally:
         for h in hooks:
             h.remove()
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    return {c: _migrate(model.get_submodule(p), model.get_submodule(c), x_max[c], alpha, head_dim) for p, c in pairs}
+    head_dim = (
+        getattr(model.config, "head_dim", None)
+        or model.config.hidden_size // model.config.num_attention_heads
+    )
+    return {
+        c: _migrate(model.get_submodule(p), model.get_submodule(c), x_max[c], alpha, head_dim)
+        for p, c in pairs
+    }
 
 
-def _migrate(producer: nn.Module, consumer: nn.Linear, x_max: torch.Tensor, alpha: float,
-             head_dim: int) -> torch.Tensor:
+def _migrate(
+    producer: nn.Module,
+    consumer: nn.Linear,
+    x_max: torch.Tensor,
+    alpha: float,
+    head_dim: int,
+) -> torch.Tensor:
     """Divide the producer's output channel r by s_r and multiply the consumer's matching input columns by it.
     With GQA, o_proj has more input channels than v_proj has rows: each v row feeds `repeat` query heads' columns,
     which then share one scale (computed over all of them)."""
     rows = producer.weight.shape[0]
     repeat = consumer.in_features // rows
     w_max = consumer.weight.detach().abs().float().amax(0)
-    c = torch.arange(consumer.in_features)  # consumer channel c = (kv * repeat + g) * D + d feeds from kv * D + d
+    c = torch.arange(
+        consumer.in_features
+    )  # consumer channel c = (kv * repeat + g) * D + d feeds from kv * D + d
     index = c // head_dim // repeat * head_dim + c % head_dim
     x_row = torch.zeros(rows).scatter_reduce(0, index, x_max, "amax")
     w_row = torch.zeros(rows).scatter_reduce(0, index, w_max, "amax")
@@ -236,7 +345,22 @@ def _migrate(producer: nn.Module, consumer: nn.Linear, x_max: torch.Tensor, alph
     return s
 
 
-def quantize(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe, workdir: Path) -> QuantizeResult:
+def float_copy_for_inc(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe) -> nn.Module:
+    """The FP32 copy INC quantizes: embeddings untied, norms shown under a class INC knows, and the pairs INC
+    cannot absorb already smoothed."""
+    model = copy.deepcopy(model).float().eval()
+    untie_embeddings(model)
+    present_norms_to_inc(model)
+    if recipe.smooth_pairs:
+        alpha = recipe.pair_alpha or (float(recipe.alpha) if recipe.alpha != "auto" else 0.5)
+        smooth_pairs(model, calibration, alpha, recipe.smooth_pairs)
+    model.config.return_dict = False  # INC's jit trace for SmoothQuant needs tuple outputs
+    return model
+
+
+def quantize(
+    model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe, workdir: Path
+) -> QuantizeResult:
     """Quantize a copy of `model` (any float dtype) with `recipe`, calibrating on token-id tensors [1, T].
 
     INCQuantizer writes its own files into `workdir`; the caller saves the final folder with `save_int8`.
@@ -245,19 +369,10 @@ def quantize(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe, 
     from optimum.intel import INCQuantizer
 
     start = time.perf_counter()
-    model = copy.deepcopy(model).float().eval()
-    untie_embeddings(model)
-    present_norms_to_inc(model)
-    if recipe.smooth_pairs:
-        alpha = recipe.pair_alpha or (float(recipe.alpha) if recipe.alpha != "auto" else 0.5)
-        smooth_pairs(model, calibration, alpha, recipe.smooth_pairs)
-    model.config.return_dict = False  # INC's jit trace for SmoothQuant needs tuple outputs
+    model = float_copy_for_inc(model, calibration, recipe)
     norms_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("norm.weight")}
-
-    ds = datasets.Dataset.from_dict({
-        "input_ids": [ids[0].tolist() for ids in calibration],
-        "attention_mask": [[1] * ids.shape[1] for ids in calibration],
-    })
+    ids = [x[0].tolist() for x in calibration]
+    ds = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
     from neural_compressor.config import options
 
     options.workspace = str(Path(workdir) / "nc_workspace")  # INC writes its history here, not into the CWD
@@ -276,14 +391,37 @@ def quantize(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe, 
         inc_log.removeHandler(capture)
     qmodel = quantizer._quantized_model
     qmodel.config.return_dict = True  # back to normal outputs now that INC's trace is done
-    q_config = torch.load(Path(workdir) / "pytorch_model.bin", map_location="cpu", weights_only=False)["best_configure"]
+    q_config = torch.load(Path(workdir) / "pytorch_model.bin", map_location="cpu", weights_only=False)[
+        "best_configure"
+    ]
 
     apply_tail(qmodel, q_config, recipe)
 
-    result = QuantizeResult(model=qmodel, q_config=q_config, recipe=recipe, seconds=time.perf_counter() - start,
-                            workdir=Path(workdir))
-    result.smoothquant = smoothquant_evidence(capture.lines, norms_before, qmodel) if recipe.smooth_quant else {}
-    result.modules = module_counts(qmodel)
+    evidence = smoothquant_evidence(capture.lines, norms_before, qmodel) if recipe.smooth_quant else {}
+    seconds = time.perf_counter() - start
+    return QuantizeResult(qmodel, q_config, recipe, evidence, module_counts(qmodel), seconds, Path(workdir))
+
+
+def build_int8(
+    bf16: nn.Module,
+    tokenizer,
+    calibration: list[torch.Tensor],
+    recipe: Recipe,
+    out: Path,
+) -> QuantizeResult:
+    """The one way an INT8 folder is made (the maintainer command, the bench's config model, the frontier):
+    quantize, prove SmoothQuant ran when the recipe asks for it, and save the folder at `out`."""
+    from quantize.models import ModelError
+
+    work = Path(out).with_name(Path(out).name + ".inc-work")
+    try:
+        result = quantize(bf16, calibration, recipe, work)
+        if recipe.smooth_quant and not result.smoothquant.get("applied"):
+            said = " ".join(result.smoothquant.get("inc_log") or []) or "nothing"
+            raise ModelError(f"SmoothQuant was not applied to this model (Neural Compressor said: {said}).")
+        save_int8(result, out, tokenizer, bf16)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -309,12 +447,18 @@ def save_int8(result: QuantizeResult, out: Path, tokenizer, original: nn.Module)
         original.generation_config.save_pretrained(out)
 
 
-def smoothquant_evidence(log_lines: list[str], norms_before: dict[str, torch.Tensor], qmodel: nn.Module) -> dict:
+def smoothquant_evidence(
+    log_lines: list[str], norms_before: dict[str, torch.Tensor], qmodel: nn.Module
+) -> dict:
     """INC's own words plus the weights themselves: folded scales change the RMSNorm weights."""
     absorbed = [ln for ln in log_lines if "could be absorbed" in ln]
-    skipped = [ln for ln in log_lines if "smooth quant is skipped" in ln.lower() or "skip smooth" in ln.lower()]
+    skipped = [
+        ln for ln in log_lines if "smooth quant is skipped" in ln.lower() or "skip smooth" in ln.lower()
+    ]
     after = dict(qmodel.named_parameters())
-    changed = [n for n, w in norms_before.items() if n in after and not torch.allclose(after[n].float(), w.float())]
+    changed = [
+        n for n, w in norms_before.items() if n in after and not torch.allclose(after[n].float(), w.float())
+    ]
     m = re.search(r"(\d+) out of (\d+) layers could be absorbed", " ".join(absorbed))
     return {
         "applied": bool(absorbed) and not skipped and bool(changed),
@@ -337,8 +481,11 @@ def apply_tail(qmodel: nn.Module, q_config: dict, recipe: Recipe) -> None:
 def _tail_modules(qmodel: nn.Module, patterns: tuple[str, ...]) -> list[str]:
     """Names of the plain (FP32) Linears INC left out of static INT8 that match `patterns`."""
     regex = [re.compile(p) for p in patterns]
-    return [name for name, mod in qmodel.named_modules()
-            if type(mod) is nn.Linear and any(r.fullmatch(name) or r.fullmatch(name + ".module") for r in regex)]
+    return [
+        name
+        for name, mod in qmodel.named_modules()
+        if type(mod) is nn.Linear and any(r.fullmatch(name) or r.fullmatch(name + ".module") for r in regex)
+    ]
 
 
 def _op_keys(q_config: dict, names: list[str]) -> list[tuple[str, str]]:
@@ -371,11 +518,25 @@ def make_dynamic(qmodel: nn.Module, q_config: dict, patterns: tuple[str, ...]) -
             for attr in ("weight", "bias"):
                 parent.__dict__.get("_parameters", {}).pop(attr, None)
                 parent.__dict__.pop(attr, None)
-    _set_op_config(q_config, names, {
-        "weight": {"dtype": "int8", "scheme": "sym", "granularity": "per_channel", "algorithm": "minmax"},
-        "activation": {"dtype": "uint8", "scheme": "asym", "granularity": "per_tensor", "algorithm": "placeholder",
-                       "quant_mode": "dynamic"},
-    })
+    _set_op_config(
+        q_config,
+        names,
+        {
+            "weight": {
+                "dtype": "int8",
+                "scheme": "sym",
+                "granularity": "per_channel",
+                "algorithm": "minmax",
+            },
+            "activation": {
+                "dtype": "uint8",
+                "scheme": "asym",
+                "granularity": "per_tensor",
+                "algorithm": "placeholder",
+                "quant_mode": "dynamic",
+            },
+        },
+    )
     return names
 
 

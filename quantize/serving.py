@@ -12,7 +12,6 @@ Configuration (environment):
 from __future__ import annotations
 
 import ctypes
-import functools
 import gc
 import json
 import logging
@@ -144,6 +143,41 @@ def load_resident(side: LoadedModel, load) -> None:
     side.decoder = decoder
 
 
+def start_loading(state: Serving, pair: Pair) -> None:
+    """Load `pair` in a background thread (see load_pair); `loading` tells while it runs."""
+    threading.Thread(target=load_pair, args=(state, pair), daemon=True, name="load-pair").start()
+
+
+def loading() -> bool:
+    """A pair is being loaded (or its INT8 copy built) in the background."""
+    return any(t.name == "load-pair" for t in threading.enumerate())
+
+
+def switch(state: Serving, name: str) -> None:
+    """Unload the current pair (after the reply in progress: the lock) and load the pair called `name`."""
+    pair = next(p for p in state.pairs if p.name == name)
+    with state.lock:
+        unload(state)
+        state.status = f"Switching to {name}…"
+    start_loading(state, pair)
+
+
+def status(state: Serving) -> dict:
+    """Whether a model answers, which, and what is loading; for clients and health checks."""
+    return {
+        "ready": state.ready,
+        "status": state.status,
+        "int8_error": state.int8.error,
+        "bf16_error": state.bf16.error,
+        "compare": state.compare_available,
+        "busy": state.lock.locked(),
+        "chat_model": state.chat_model().label if state.ready else None,
+        "pair": state.pair.name if state.pair else None,
+        "loading": loading(),
+        "rss_bytes": settled_rss(),
+    }
+
+
 def load_pair(state: Serving, pair: Pair) -> None:
     """Load BF16 (the chat answers from then on), then the INT8 copy, building it first if needed. Runs in a
     background thread; every failure ends up in the state for the page, never kills the app."""
@@ -219,32 +253,3 @@ def unload(state: Serving) -> None:
         None,
     )
     settled_rss()
-
-
-@functools.cache
-def cpu_line() -> str:
-    return latency.describe_cpu().line()
-
-
-def header_text(state: Serving) -> str:
-    rec = (state.report or {}).get("recipe") or {}
-    recipe = (
-        f"SmoothQuant alpha {rec.get('alpha')} · recipe `{rec.get('name')}`"
-        if rec.get("smooth_quant")
-        else "recipe unknown (no quantize_report.json)"
-    )
-    loaded = [m.decoder for m in (state.int8, state.bf16) if m.decoder is not None]
-    served = " / ".join(dict.fromkeys(d.label for d in loaded))
-    parts = [
-        f"**Chat model:** {state.chat_model().label}",
-        f"**Compared with:** {state.bf16.label}",
-        f"**Recipe:** {recipe}",
-        f"**Runs on:** {served}",
-        f"**CPU:** {cpu_line()}",
-    ]
-    head = " &nbsp;·&nbsp; ".join(parts)
-    if state.int8.error:
-        head += f"\n\n**INT8 unavailable** — serving BF16 alone, comparison off. Reason: {state.int8.error}"
-    elif state.int8.decoder is None and state.ready:
-        head += "\n\n**INT8 is not ready yet** — BF16 answers until it is."
-    return head

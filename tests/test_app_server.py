@@ -18,6 +18,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+def wait_idle(url: str, seconds: float = 60) -> None:
+    """Until no reply is running (the app's /status), within `seconds`."""
+    from gradio_client import Client
+
+    client, deadline = Client(url, verbose=False), time.monotonic() + seconds
+    while client.predict(api_name="/status")["busy"]:
+        assert time.monotonic() < deadline, f"a reply was still running after {seconds} s"
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def app_page(url: str, errors: list[str], header: str = "CPU"):
     """A page of the app in headless Debian Chromium, loaded until the header says `header`; console errors
@@ -107,7 +117,7 @@ def test_browser_chat_stream_panel_stop(app_url):
         page.click("#stop")
         page.wait_for_selector("#table:has-text('Stopped')", timeout=30_000)
         stopped = page.locator(BOT).last.inner_text()
-        time.sleep(2.0)
+        wait_idle(app_url)  # the reply's last update (the one saying Stopped) is on the page: nothing follows
         assert page.locator(BOT).last.inner_text() == stopped and len(stopped) > 20
         assert page.locator(BOT).first.inner_text() == first_answer
         assert page.locator(BOT).count() == 2
@@ -116,6 +126,11 @@ def test_browser_chat_stream_panel_stop(app_url):
         page.screenshot(path=str(ARTIFACTS / "stopped.png"), full_page=True)
 
         page.set_viewport_size({"width": 390, "height": 844})  # phone width
+        page.wait_for_function("document.documentElement.clientWidth === 390")
+        chat, panel = page.locator("#chatbot").bounding_box(), page.locator("#panel").bounding_box()
+        assert panel["y"] >= chat["y"] + chat["height"], (chat, panel)  # the panel stacks under the chat
+        assert panel["x"] >= 0 and panel["x"] + panel["width"] <= 390, panel
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing runs off the side
         page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)
     assert not errors, errors
 
@@ -123,8 +138,6 @@ def test_browser_chat_stream_panel_stop(app_url):
 def test_browser_stop_retry_clear_clicked_together(app_url):
     """Impatient clicks: Retry, Stop and Clear while a reply streams, in quick succession. The page ends empty
     with no error, the CPU is free, and the next message is answered normally."""
-    from gradio_client import Client
-
     errors: list[str] = []
     with app_page(app_url, errors) as page:
         box = page.locator("#message textarea")
@@ -134,16 +147,14 @@ def test_browser_stop_retry_clear_clicked_together(app_url):
                                timeout=60_000)
         for button in ("#retry", "#stop", "#retry", "#clear", "#stop", "#clear"):
             page.click(button)
-        deadline = time.monotonic() + 60
-        while Client(app_url, verbose=False).predict(api_name="/status")["busy"]:
-            assert time.monotonic() < deadline, "the CPU was not freed after Stop/Clear"
-            time.sleep(0.5)
-        time.sleep(1.0)
-        assert page.locator(BOT).count() == 0  # Clear came last: the chat is empty and stays empty
+        wait_idle(app_url)  # the CPU is freed after Stop/Clear
+        page.wait_for_function(f"document.querySelectorAll({BOT!r}).length === 0")  # Clear came last
         box.fill("What is the capital of France?")
         box.press("Enter")
         page.wait_for_selector("#table:has-text('faster'), #table:has-text('slower')", timeout=180_000)
         assert "Paris" in page.locator(BOT).last.inner_text()
+        # the chat stayed empty: no late update of the cleared reply came back before or with this one
+        assert page.locator(BOT).count() == 1 and page.locator('#chatbot [data-testid="user"]').count() == 1
 
         # the empty chat offers examples; a click sends one and it is answered
         page.click("#clear")

@@ -3,7 +3,7 @@
 import pytest
 
 import app
-from quantize import chat, latency, serving
+from quantize import chat, latency, panel, serving
 
 
 def test_timing_summary_from_stamps():
@@ -27,20 +27,50 @@ def test_percentile_interpolates():
     assert latency.percentile([], 50) is None
 
 
-def test_table_speedup_direction():
-    a = {"median_ms": 10.0, "ttft_ms": 50.0, "p90_ms": 12.0, "tokens_per_s": 100.0, "tokens": 5}
-    b = {"median_ms": 25.0, "ttft_ms": 90.0, "p90_ms": 30.0, "tokens_per_s": 40.0, "tokens": 5}
-    engine = serving.Serving([])
-    engine.int8.decoder = engine.bf16.decoder = object()
-    md = app.table_md(a, b, engine)
-    assert "2.50x faster" in md and "| Median ms / token | 10.0 | 25.0 |" in md
+FAST = {"median_ms": 10.0, "ttft_ms": 50.0, "p90_ms": 12.0, "tokens_per_s": 100.0, "tokens": 5}
+SLOW = {"median_ms": 25.0, "ttft_ms": 90.0, "p90_ms": 30.0, "tokens_per_s": 40.0, "tokens": 5}
+
+
+def _state(int8: bool = True, bf16: bool = True, int8_error: str | None = None) -> serving.Serving:
+    state = serving.Serving([])
+    state.int8.decoder = object() if int8 else None
+    state.bf16.decoder = object() if bf16 else None
+    state.int8.error, state.ready = int8_error, int8 or bf16
+    return state
+
+
+@pytest.mark.parametrize(
+    "int8,bf16,verdict",
+    [
+        (FAST, SLOW, "**INT8 is 2.50x faster per token** than BF16"),
+        (SLOW, FAST, "**INT8 is 0.40x slower per token** than BF16"),
+        (FAST, None, "Speed-up appears once both models have answered."),
+    ],
+)
+def test_table_verdict_either_way(int8, bf16, verdict):
+    md = panel.table_md(int8, bf16, _state())
+    assert md.startswith(verdict + "\n")
+    assert f"| Median ms / token | {int8['median_ms']:.1f} | {(bf16 or {}).get('median_ms', '–')}" in md
+
+
+@pytest.mark.parametrize(
+    "state,verdict",
+    [
+        (_state(int8=False), "INT8 is not ready yet: BF16 answers while it is built."),
+        (_state(int8=False, int8_error="broken"), "Comparison unavailable: only one model is loaded."),
+    ],
+)
+def test_table_says_why_there_is_no_comparison(state, verdict):
+    assert panel.table_md(None, SLOW, state).startswith(verdict)
 
 
 def _history(n_turns: int, words: int = 60) -> list[dict]:
     h = []
     for i in range(n_turns):
-        h += [{"role": "user", "content": [{"type": "text", "text": f"question {i} " + "word " * words}]},
-              {"role": "assistant", "content": f"answer {i} " + "text " * words}]
+        h += [
+            {"role": "user", "content": [{"type": "text", "text": f"question {i} " + "word " * words}]},
+            {"role": "assistant", "content": f"answer {i} " + "text " * words},
+        ]
     return h
 
 
@@ -72,8 +102,9 @@ def test_typed_special_tokens_stay_text(tokenizer):
     assert ids.count(im_start) == 3
     assert evil in tokenizer.decode(ids)
     plain = chat.encode_chat(tokenizer, [{"role": "user", "content": "hello there"}])
-    assert plain == tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}],
-                                                  add_generation_prompt=True)
+    assert plain == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello there"}], add_generation_prompt=True
+    )
 
 
 def test_clean_strips_control_characters():
@@ -88,10 +119,10 @@ def test_retry_returns_last_question():
 
 
 def test_read_settings_clamps_and_says_so():
-    sampling, notes = app.read_settings(100_000, -1, 0.5)
-    assert sampling.max_new_tokens == app.MAX_NEW_TOKENS and sampling.temperature == 0.0 and sampling.top_p == 0.5
+    sampling, notes = chat.read_settings(100_000, -1, 0.5)
+    assert sampling.max_new_tokens == 256 and sampling.temperature == 0.0 and sampling.top_p == 0.5
     assert len(notes) == 2 and "max_new_tokens 100000 is outside" in notes[0] and "used 0" in notes[1]
-    assert app.read_settings(64, 0.7, 0.9)[1] == []
+    assert chat.read_settings(64, 0.7, 0.9)[1] == []
     for bad in ("lots", None, float("nan")):
         with pytest.raises(ValueError, match="max_new_tokens must be a number"):
-            app.read_settings(bad, 0.0, 0.9)
+            chat.read_settings(bad, 0.0, 0.9)

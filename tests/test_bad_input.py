@@ -3,7 +3,7 @@ A refused message is handed back in the box with the history untouched; nothing 
 
 import pytest
 
-from app import DEFAULT_SYSTEM, MAX_MESSAGE_CHARS
+from app import DEFAULT_SYSTEM
 from quantize.chat import text_of
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ EVERYDAY = [turn("user", "Hello"), turn("assistant", "Hi! How can I help?")]
 CASES = [
     ("empty", "", [], 8, 0.0, 0.95, "refused", "Type a message first", None),
     ("whitespace", "  \n\t  ", EVERYDAY, 8, 0.0, 0.95, "refused", "Type a message first", None),
-    ("100k characters", "a" * 100_000, [], 8, 0.0, 0.95, "refused", f"the limit is {MAX_MESSAGE_CHARS:,}", None),
+    ("100k characters", "a" * 100_000, [], 8, 0.0, 0.95, "refused", "the limit is 4,000", None),
     ("history beyond the window", "And the last question?", long_history(), 8, 0.0, 0.95, "answered",
      "oldest messages were left out", "And the last question?"),
     ("control characters", "Hi\x00 the\x07re\x1b!", [], 8, 0.0, 0.95, "answered", "", "Hi there!"),
@@ -77,10 +77,35 @@ def test_bad_input(client, case):
         assert len(h) == len(history) + 2  # the window trims the prompt, never the visible history
 
 
-def test_injected_template_stays_text(client):
-    """The typed markers are text in the prompt: the reply is an answer to a user, not an obedient 'EVIL'."""
+def greedy_answer(int8_dir, tokenizer, ids: list[int], new_tokens: int) -> str:
+    import torch
+
+    from quantize import models
+    from quantize.generate import Sampling, stream
+
+    steps = stream(models.open_int8(int8_dir), torch.tensor([ids]), Sampling(max_new_tokens=new_tokens),
+                   eos_ids={tokenizer.eos_token_id})
+    return tokenizer.decode([s.token_id for s in steps], skip_special_tokens=True).strip()
+
+
+def test_injected_template_stays_text(client, int8_run, tokenizer):
+    """The typed markers are text in the prompt: the reply is the model's answer to a user who typed them (the
+    prompt worked out here with the tokenizer alone), not its answer to the system turn they try to open."""
     h, *_ = client.predict(INJECTION, [], DEFAULT_SYSTEM, 12, 0.0, 0.95, False, api_name="/chat")
-    assert text_of(h[-1]["content"]).strip() != "EVIL"
+    reply = text_of(h[-1]["content"]).strip()
+    shell = tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM},
+                                           {"role": "user", "content": "\ue000"}],
+                                          tokenize=False, add_generation_prompt=True)
+    before, after = shell.split("\ue000")
+
+    def encode(text: str, split: bool) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=split).input_ids
+
+    as_text = encode(before, False) + encode(INJECTION, True) + encode(after, False)
+    as_markup = encode(before + INJECTION + after, False)  # what a naive template fill would feed
+    assert as_text != as_markup
+    assert reply == greedy_answer(int8_run["out"], tokenizer, as_text, 12)
+    assert reply != greedy_answer(int8_run["out"], tokenizer, as_markup, 12)
 
 
 @pytest.mark.parametrize("field,value,says", [("max_new_tokens", "lots", "max_new_tokens"),

@@ -1,0 +1,162 @@
+"""The maintainer step as a list of named stages over one context: quantize, a baseline without SmoothQuant, the
+quality and the speed against BF16, the card, and the move into --out.
+
+Stages that measure are recorded in <out>.partial/stages.json with a fingerprint of the arguments and the code;
+a rerun with the same arguments picks up after the last recorded stage. The finished folder replaces --out in one
+step (files.replace_dir), so --out never holds a mix of old and new files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantize import calibration, card, evaluate, files, latency, models, recipe
+from quantize.generate import HFDecoder
+
+
+class Record:
+    """Which stages of this exact run are done, and what they measured; kept in <out>.partial/stages.json."""
+
+    def __init__(self, partial: Path, key: str) -> None:
+        self.file = partial / "stages.json"
+        state = json.loads(self.file.read_text()) if self.file.is_file() else {}
+        if state.get("fingerprint") != key:
+            shutil.rmtree(partial, ignore_errors=True)
+            state = {"fingerprint": key, "done": {}}
+        partial.mkdir(parents=True, exist_ok=True)
+        self.state = state
+
+    @property
+    def done(self) -> dict:
+        return self.state["done"]
+
+    def add(self, name: str, value: dict) -> None:
+        self.done[name] = value
+        files.write_file(self.file, json.dumps(self.state, indent=1))
+
+
+def fingerprint(args: argparse.Namespace) -> str:
+    keys = ["model", "revision", "recipe", "alpha", "calibration_samples", "calibration_file", "bench_tokens",
+            "bench_rounds", "skip_baseline"]  # fmt: skip
+    blob = json.dumps({k: str(getattr(args, k)) for k in keys}, sort_keys=True)
+    # a code change (recipe, evaluation) must not resume onto stages an older version produced
+    readers = ("bench.py", "frontier.py")  # tools that only read the result
+    code = b"".join(
+        p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")) if p.name not in readers
+    )
+    return hashlib.sha256(blob.encode() + code).hexdigest()[:16]
+
+
+@dataclass
+class Build:
+    """What the stages of one run share."""
+
+    args: argparse.Namespace
+    recipe: recipe.Recipe
+    record: Record
+    tokenizer: object
+    bf16: object  # the transformers BF16 model
+    source: Path  # the BF16 model's folder
+    base_id: str  # what the card names as the base model
+
+    @property
+    def partial(self) -> Path:
+        return self.record.file.parent
+
+    @property
+    def int8_dir(self) -> Path:
+        return self.partial / "int8"
+
+    @functools.cached_property
+    def int8(self):
+        """The INT8 folder loaded the way the app serves it: what ships is what is verified."""
+        return models.open_int8(self.int8_dir)
+
+    def calibration(self) -> list:
+        chats = self.args.calibration_file or calibration.CHATS
+        return calibration.calibration_ids(self.tokenizer, self.args.calibration_samples, chats)
+
+
+def quantize_stage(b: Build) -> dict:
+    calib = b.calibration()
+    result = recipe.build_int8(b.bf16, b.tokenizer, calib, b.recipe, b.int8_dir)
+    return {**result.summary(), "calibration_samples": len(calib)}
+
+
+def baseline_stage(b: Build) -> dict:
+    """The same model quantized without SmoothQuant, for what smoothing buys."""
+    work = b.partial / "inc-base"
+    base = recipe.quantize(b.bf16, b.calibration(), recipe.RECIPES[recipe.BASELINE_NO_SQ], work)
+    decoders = {"bf16": HFDecoder(b.bf16, "BF16"), "int8_no_sq": HFDecoder(base.model, "INT8 no SQ")}
+    quality = evaluate.compare(decoders, "bf16", b.tokenizer)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"recipe": recipe.BASELINE_NO_SQ, **quality["models"]["int8_no_sq"]}
+
+
+def quality_stage(b: Build) -> dict:
+    decoders = {"bf16": HFDecoder(b.bf16, "transformers BF16"), "int8": b.int8}
+    return {**evaluate.compare(decoders, "bf16", b.tokenizer), "int8_engine": b.int8.label}
+
+
+def speed_stage(b: Build) -> dict:
+    """INT8 against BF16 run by the same loop (the engine), interleaved, so the gain is quantization's."""
+    from tqdm import tqdm
+
+    prompts = [evaluate.prompt_ids(b.tokenizer, p) for p in evaluate.heldout_prompts()[:2]]
+    bf16 = models.open_bf16(b.source, trust_remote_code=b.args.trust_remote_code)
+    rounds, tokens = b.args.bench_rounds, b.args.bench_tokens
+    with tqdm(total=rounds * len(prompts) * 2, desc="timing", leave=False) as bar:
+        speed = latency.interleaved({"int8": b.int8, "bf16": bf16}, prompts, tokens, rounds, progress=bar)
+    speed["cpu"] = latency.describe_cpu().asdict()
+    speed["weight_bytes"] = {"int8": b.int8.weight_bytes, "bf16": bf16.weight_bytes}
+    speed["engines"] = {"int8": b.int8.label, "bf16": bf16.label}
+    return speed
+
+
+def card_stage(b: Build) -> None:
+    report = card.build_report(b.record.done, b.recipe, b.base_id, str(b.source), b.int8_dir)
+    files.write_file(b.int8_dir / "quantize_report.json", json.dumps(report, indent=1))
+    card.write_card(report, b.int8_dir)
+
+
+def publish_stage(b: Build) -> None:
+    files.replace_dir(b.int8_dir, b.args.out)
+    shutil.rmtree(b.partial, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    what: str  # shown next to the stage bar
+    run: Callable[[Build], dict | None]
+    recorded: bool = True  # its result is kept in the record, and a rerun skips it
+    skip_flag: str | None = None  # the argument that leaves it out
+
+
+STAGES = [
+    Stage("quantize", "calibrate + SmoothQuant INT8", quantize_stage),
+    Stage("baseline", "INT8 without SmoothQuant", baseline_stage, skip_flag="skip_baseline"),
+    Stage("quality", "perplexity, top-1, greedy match", quality_stage),
+    Stage("speed", "INT8 vs BF16 decode, interleaved", speed_stage),
+    Stage("card", "model card", card_stage, recorded=False),
+    Stage("publish", "move into place", publish_stage, recorded=False),
+]
+
+
+def run_stages(b: Build, bar) -> None:
+    """Every stage in order, each once: recorded ones a rerun has already done are skipped."""
+    for stage in STAGES:
+        bar.set_description(f"{stage.name}: {stage.what}")
+        skipped = stage.skip_flag and getattr(b.args, stage.skip_flag)
+        if stage.recorded and not skipped and stage.name not in b.record.done:
+            b.record.add(stage.name, stage.run(b))
+        elif not stage.recorded:
+            stage.run(b)
+        bar.update(1)
