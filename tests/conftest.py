@@ -61,6 +61,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 1800) -> subpr
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def wait_for(condition, timeout: float, what: str) -> None:
+    """Poll `condition` until it holds; `timeout` only guards against a hang (the failure names `what`)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="session")
 def default_dir() -> Path:
     from quantize import models

@@ -5,6 +5,9 @@ access. Stdlib only. Set ``HF_ENDPOINT=hub.endpoint`` before importing huggingfa
 enough for reads, but the client parses commit URLs against ``HF_ENDPOINT`` and fails every commit otherwise
 (bind a known port with ``LocalHub(..., port=N)`` for that).
 
+Tests read what reached it (``hub.requests``: every request as (method, path), refused ones included;
+``hub.connections``; ``hub.calls(route)``) and steer it (``fail``, ``slow``, ``hold``/``release``).
+
 Storage lives under ``data_dir`` so state survives a killed client (or a restarted server)::
 
     repos/<model|dataset|space>/<ns>/<name>/
@@ -37,16 +40,27 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-# Route labels accepted by LocalHub.fail / LocalHub.slow and POST /_test/fail.
+# Route labels accepted by LocalHub.fail / LocalHub.slow / LocalHub.hold and POST /_test/fail.
 ROUTES = (
-    "whoami", "create_repo", "validate_yaml", "repo_info", "tree", "paths_info", "commits", "preupload",
-    "commit", "lfs_batch", "lfs_upload", "lfs_verify", "lfs_download", "resolve",
+    "whoami",
+    "create_repo",
+    "validate_yaml",
+    "repo_info",
+    "tree",
+    "paths_info",
+    "commits",
+    "preupload",
+    "commit",
+    "lfs_batch",
+    "lfs_upload",
+    "lfs_verify",
+    "lfs_download",
+    "resolve",
 )
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 INITIAL_GITATTRIBUTES = (
-    b"*.bin filter=lfs diff=lfs merge=lfs -text\n"
-    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.bin filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 )
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -126,11 +140,21 @@ class _Store:
         with self.lock:
             if self.exists(rtype, repo_id):
                 return False
-            _atomic_write(self.dir(rtype, repo_id) / "meta.json",
-                          json.dumps({"private": private, "createdAt": _now(), **extra}).encode())
+            _atomic_write(
+                self.dir(rtype, repo_id) / "meta.json",
+                json.dumps({"private": private, "createdAt": _now(), **extra}).encode(),
+            )
             # Like the real Hub, a new repo starts with one commit holding a .gitattributes file.
-            ops = [{"key": "file", "value": {"path": ".gitattributes", "encoding": "base64",
-                                             "content": base64.b64encode(INITIAL_GITATTRIBUTES).decode()}}]
+            ops = [
+                {
+                    "key": "file",
+                    "value": {
+                        "path": ".gitattributes",
+                        "encoding": "base64",
+                        "content": base64.b64encode(INITIAL_GITATTRIBUTES).decode(),
+                    },
+                }
+            ]
             self._commit_locked(rtype, repo_id, "main", None, {"summary": "initial commit"}, ops, user)
             return True
 
@@ -183,8 +207,16 @@ class _Store:
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
             return self._commit_locked(rtype, repo_id, branch, parent, header, ops, user)
 
-    def _commit_locked(self, rtype: str, repo_id: str, branch: str, parent: str | None, header: dict,
-                       ops: list[dict], user: str) -> str:
+    def _commit_locked(
+        self,
+        rtype: str,
+        repo_id: str,
+        branch: str,
+        parent: str | None,
+        header: dict,
+        ops: list[dict],
+        user: str,
+    ) -> str:
         tree = dict(self.commit_obj(rtype, repo_id, parent)["tree"]) if parent else {}
         blobs: dict[str, bytes] = {}
         # Stage: validate every operation in memory first, so a bad one leaves nothing behind.
@@ -208,16 +240,26 @@ class _Store:
                 tree[path] = {"oid": oid, "size": len(data), "lfs": None}
             elif key == "lfsFile":
                 sha256 = value.get("oid")
-                if value.get("algo", "sha256") != "sha256" or not isinstance(sha256, str) \
-                        or not _SHA256_RE.fullmatch(sha256) or not self.has_lfs(rtype, repo_id, sha256):
-                    raise HubError(400, "Your push was rejected because an LFS pointer pointed to a file "
-                                        f"that does not exist: {path} ({sha256})")
+                if (
+                    value.get("algo", "sha256") != "sha256"
+                    or not isinstance(sha256, str)
+                    or not _SHA256_RE.fullmatch(sha256)
+                    or not self.has_lfs(rtype, repo_id, sha256)
+                ):
+                    raise HubError(
+                        400,
+                        "Your push was rejected because an LFS pointer pointed to a file "
+                        f"that does not exist: {path} ({sha256})",
+                    )
                 size = self.lfs_path(rtype, repo_id, sha256).stat().st_size
                 if value.get("size", size) != size:
                     raise HubError(400, f"LFS object size mismatch for {path}")
                 pointer = _lfs_pointer(sha256, size)
-                tree[path] = {"oid": _git_blob_sha1(pointer), "size": size,
-                              "lfs": {"sha256": sha256, "size": size, "pointerSize": len(pointer)}}
+                tree[path] = {
+                    "oid": _git_blob_sha1(pointer),
+                    "size": size,
+                    "lfs": {"sha256": sha256, "size": size, "pointerSize": len(pointer)},
+                }
             elif key == "deletedFile":
                 if tree.pop(path, None) is None:
                     raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
@@ -233,9 +275,14 @@ class _Store:
         for oid, data in blobs.items():  # content-addressed, so unreachable until the ref moves
             if not (repo_dir / "objects" / oid).is_file():
                 _atomic_write(repo_dir / "objects" / oid, data)
-        commit = {"parents": [parent] if parent else [], "title": header.get("summary") or "",
-                  "message": header.get("description") or "", "date": _now(), "authors": [user],
-                  "tree": dict(sorted(tree.items()))}
+        commit = {
+            "parents": [parent] if parent else [],
+            "title": header.get("summary") or "",
+            "message": header.get("description") or "",
+            "date": _now(),
+            "authors": [user],
+            "tree": dict(sorted(tree.items())),
+        }
         sha = hashlib.sha1(json.dumps(commit, sort_keys=True).encode()).hexdigest()
         _atomic_write(self._commit_file(rtype, repo_id, sha), json.dumps({"id": sha, **commit}).encode())
         _atomic_write(repo_dir / "refs" / "heads" / branch, sha.encode())  # the commit point
@@ -249,6 +296,7 @@ class _Faults:
         self._lock = threading.Lock()
         self._fail: dict[str, list] = {}
         self._delay: dict[str, float] = {}
+        self._gates: dict[str, threading.Event] = {}
         self._calls: Counter = Counter()
 
     def fail(self, route: str, times: int, mode: str) -> None:
@@ -265,6 +313,25 @@ class _Faults:
             raise ValueError(f"bad slow() arguments: {route!r}, {delay_s!r}")
         with self._lock:
             self._delay[route] = float(delay_s)
+
+    def hold(self, route: str) -> None:
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; expected one of {ROUTES}")
+        with self._lock:
+            self._gates.setdefault(route, threading.Event())
+
+    def release(self, route: str | None = None) -> None:
+        """Open the gate of `route` (every gate when None): held requests go on, new ones pass."""
+        with self._lock:
+            gates = list(self._gates.values()) if route is None else [self._gates.get(route)]
+            self._gates = {} if route is None else {r: g for r, g in self._gates.items() if r != route}
+        for gate in gates:
+            if gate is not None:
+                gate.set()
+
+    def gate(self, route: str) -> threading.Event | None:
+        with self._lock:
+            return self._gates.get(route)
 
     def hit(self, route: str) -> str | None:
         """Count a request and return the failure mode to inject into it, if any."""
@@ -322,8 +389,16 @@ def _route(method: str, path: str) -> tuple[str, str, dict[str, str]]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port: int, data_dir: Path, token: str, user: str, lfs_threshold: int, page_size: int,
-                 verbose: bool):
+    def __init__(
+        self,
+        port: int,
+        data_dir: Path,
+        token: str,
+        user: str,
+        lfs_threshold: int,
+        page_size: int,
+        verbose: bool,
+    ):
         super().__init__(("127.0.0.1", port), _Handler)
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
         self.store = _Store(data_dir)
@@ -334,11 +409,19 @@ class _Server(ThreadingHTTPServer):
         self.stopping = threading.Event()  # wakes up injected delays at shutdown
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
+        # What reached this hub, for tests that assert a client made no request (or exactly these)
+        self.accepted = 0  # connections accepted
+        self.request_log: list[tuple[str, str]] = []  # (method, path without query) of every request read
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._conns_lock:
             self._conns.add(request)
+            self.accepted += 1
         super().process_request(request, client_address)
+
+    def log_request_line(self, method: str, path: str) -> None:
+        with self._conns_lock:
+            self.request_log.append((method, path))
 
     def shutdown_request(self, request: Any) -> None:
         with self._conns_lock:
@@ -395,12 +478,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch()
 
-    do_HEAD = do_POST = do_PUT = do_GET
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET  # unrouted ones get a 404
 
     # ---- plumbing -------------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
+        self.server.log_request_line(self.command, url.path)  # before any check: refused requests count too
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         length = self.headers.get("Content-Length") or "0"
         self._unread = int(length) if length.isdigit() else 0
@@ -449,8 +533,12 @@ class _Handler(BaseHTTPRequestHandler):
         if "t" in args or "ns" in args:
             args["rtype"] = REPO_TYPES.get(args.pop("t", None) or "", "model")
             args["repo_id"] = _check_repo_id(args.pop("ns"), args.pop("name"))
-            if auth == "read" and not good and self.server.store.exists(args["rtype"], args["repo_id"]) \
-                    and self.server.store.meta(args["rtype"], args["repo_id"])["private"]:
+            if (
+                auth == "read"
+                and not good
+                and self.server.store.exists(args["rtype"], args["repo_id"])
+                and self.server.store.meta(args["rtype"], args["repo_id"])["private"]
+            ):
                 raise _repo_not_found()  # as the Hub does: a private repo is invisible without a token
         if auth == "signed":
             size, upload = self.query.get("size", ""), self.command == "PUT"
@@ -459,6 +547,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(403, "Invalid or missing URL signature")
 
     def _pause(self) -> None:
+        gate = self.server.faults.gate(self._route)
+        if gate is not None:
+            gate.wait()  # opened by LocalHub.release, or by stop()
         delay = self.server.faults.delay(self._route)
         if delay:
             self.server.stopping.wait(delay)
@@ -496,8 +587,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile.read(min(self._unread // 2, _DRAIN_LIMIT))
         self.close_connection = True
 
-    def _reply(self, status: int, body: bytes = b"", headers: dict | None = None,
-               content_type: str = "application/json") -> None:
+    def _reply(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}
         self._start(status, headers)
         if self.command != "HEAD":
@@ -537,8 +633,15 @@ class _Handler(BaseHTTPRequestHandler):
             if not m or not (m[1] or m[2]) or start > end:
                 raise HubError(416, "Range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
             status, headers = 206, {**headers, "Content-Range": f"bytes {start}-{end}/{size}"}
-        self._start(status, {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
-                             "Content-Length": str(end - start + 1), **headers})
+        self._start(
+            status,
+            {
+                "Content-Type": "application/octet-stream",
+                "Accept-Ranges": "bytes",
+                "Content-Length": str(end - start + 1),
+                **headers,
+            },
+        )
         if self.command == "GET":
             with path.open("rb") as f:
                 f.seek(start)
@@ -558,7 +661,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _paginate(self, items: list) -> None:
         # The Link header pagination of the real Hub, so the client's paginate() is exercised too.
         offset = int(self.query.get("cursor", "0")) if self.query.get("cursor", "0").isdigit() else 0
-        page, headers = items[offset:offset + self.server.page_size], {}
+        page, headers = items[offset : offset + self.server.page_size], {}
         if offset + self.server.page_size < len(items):
             query = urlencode({**self.query, "cursor": offset + self.server.page_size})
             headers["Link"] = f'<{self.server.endpoint}{urlsplit(self.path).path}?{query}>; rel="next"'
@@ -572,10 +675,22 @@ class _Handler(BaseHTTPRequestHandler):
     def _h_whoami(self) -> None:
         self._read_body()
         user = self.server.user
-        self._json({"type": "user", "id": hashlib.sha1(user.encode()).hexdigest()[:24], "name": user,
-                    "fullname": user, "email": None, "emailVerified": False, "isPro": False, "orgs": [],
-                    "auth": {"type": "access_token",
-                             "accessToken": {"displayName": "local-hub", "role": "write"}}})
+        self._json(
+            {
+                "type": "user",
+                "id": hashlib.sha1(user.encode()).hexdigest()[:24],
+                "name": user,
+                "fullname": user,
+                "email": None,
+                "emailVerified": False,
+                "isPro": False,
+                "orgs": [],
+                "auth": {
+                    "type": "access_token",
+                    "accessToken": {"displayName": "local-hub", "role": "write"},
+                },
+            }
+        )
 
     def _h_test(self) -> None:
         body = self._json_body()
@@ -603,8 +718,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.server.store.create(rtype, repo_id, bool(body.get("private")), self.server.user, extra):
             # The client reads "url" from this 409 body when exist_ok=True.
             message = f"You already created this {rtype} repo"
-            return self._reply(409, json.dumps({"error": message, "url": url}).encode(),
-                               {"X-Error-Message": message})
+            return self._reply(
+                409, json.dumps({"error": message, "url": url}).encode(), {"X-Error-Message": message}
+            )
         self._json({"url": url, "name": repo_id, "id": repo_id})
 
     def _h_repo_info(self, rtype: str, repo_id: str, rev: str = "main") -> None:
@@ -617,11 +733,24 @@ class _Handler(BaseHTTPRequestHandler):
             if self._flag("blobs"):
                 sibling.update(size=entry["size"], blobId=entry["oid"], lfs=entry["lfs"])
             siblings.append(sibling)
-        self._json({"_id": hashlib.sha1(f"{rtype}/{repo_id}".encode()).hexdigest()[:24], "id": repo_id,
-                    "author": repo_id.split("/")[0], "sha": sha, "lastModified": commit["date"],
-                    "createdAt": meta["createdAt"], "private": meta["private"], "disabled": False,
-                    "gated": False, "tags": [], "downloads": 0, "likes": 0, "siblings": siblings,
-                    **({"sdk": meta["sdk"]} if "sdk" in meta else {})})
+        self._json(
+            {
+                "_id": hashlib.sha1(f"{rtype}/{repo_id}".encode()).hexdigest()[:24],
+                "id": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": sha,
+                "lastModified": commit["date"],
+                "createdAt": meta["createdAt"],
+                "private": meta["private"],
+                "disabled": False,
+                "gated": False,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+                "siblings": siblings,
+                **({"sdk": meta["sdk"]} if "sdk" in meta else {}),
+            }
+        )
 
     def _h_tree(self, rtype: str, repo_id: str, rev: str, path: str = "") -> None:
         store = self.server.store
@@ -636,7 +765,7 @@ class _Handler(BaseHTTPRequestHandler):
         for p in tree:
             if not p.startswith(prefix):
                 continue
-            parts = p[len(prefix):].split("/")
+            parts = p[len(prefix) :].split("/")
             for depth in range(1, len(parts) if recursive else min(2, len(parts))):
                 dirs.add(prefix + "/".join(parts[:depth]))
             if recursive or len(parts) == 1:
@@ -659,8 +788,13 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.server.store
         items = []
         for c in store.log(rtype, repo_id, store.resolve(rtype, repo_id, rev)):
-            item = {"id": c["id"], "title": c["title"], "message": c["message"], "date": c["date"],
-                    "authors": [{"user": a, "avatar": None} for a in c["authors"]]}
+            item = {
+                "id": c["id"],
+                "title": c["title"],
+                "message": c["message"],
+                "date": c["date"],
+                "authors": [{"user": a, "avatar": None} for a in c["authors"]],
+            }
             if "formatted" in self.query.get("expand[]", ""):
                 item["formatted"] = {"title": html.escape(c["title"]), "message": html.escape(c["message"])}
             items.append(item)
@@ -675,8 +809,11 @@ class _Handler(BaseHTTPRequestHandler):
             path, size = _check_path(f.get("path")), f.get("size")
             if not isinstance(size, int) or size < 0:
                 raise HubError(400, f"Invalid size for {path}")
-            item = {"path": path, "uploadMode": "lfs" if size > self.server.lfs_threshold else "regular",
-                    "shouldIgnore": False}
+            item = {
+                "path": path,
+                "uploadMode": "lfs" if size > self.server.lfs_threshold else "regular",
+                "shouldIgnore": False,
+            }
             if path in tree:  # lets the client skip unchanged files (sha256 for LFS, git sha1 otherwise)
                 entry = tree[path]
                 item["oid"] = entry["lfs"]["sha256"] if entry["lfs"] else entry["oid"]
@@ -693,11 +830,16 @@ class _Handler(BaseHTTPRequestHandler):
             lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         except ValueError as e:
             raise HubError(400, "Body is not valid NDJSON") from e
-        if not lines or not isinstance(lines[0], dict) or lines[0].get("key") != "header" \
-                or not all(isinstance(line, dict) for line in lines):
+        if (
+            not lines
+            or not isinstance(lines[0], dict)
+            or lines[0].get("key") != "header"
+            or not all(isinstance(line, dict) for line in lines)
+        ):
             raise HubError(400, "The first NDJSON line must be the commit header")
-        sha = self.server.store.commit(rtype, repo_id, rev, lines[0].get("value") or {}, lines[1:],
-                                       self.server.user)
+        sha = self.server.store.commit(
+            rtype, repo_id, rev, lines[0].get("value") or {}, lines[1:], self.server.user
+        )
         url = f"{self._repo_url(rtype, repo_id)}/commit/{sha}"
         self._json({"success": True, "commitOid": sha, "commitUrl": url, "pullRequestUrl": None})
 
@@ -713,14 +855,29 @@ class _Handler(BaseHTTPRequestHandler):
             oid, size = obj.get("oid"), obj.get("size")
             valid = isinstance(oid, str) and _SHA256_RE.fullmatch(oid)
             if not (valid and isinstance(size, int) and size >= 0):
-                objects.append({"oid": str(oid), "size": size if isinstance(size, int) else 0,
-                                "error": {"code": 422, "message": "Invalid oid or size"}})
+                objects.append(
+                    {
+                        "oid": str(oid),
+                        "size": size if isinstance(size, int) else 0,
+                        "error": {"code": 422, "message": "Invalid oid or size"},
+                    }
+                )
             elif store.has_lfs(rtype, repo_id, oid, size):
                 objects.append({"oid": oid, "size": size})  # no "actions": already uploaded
             else:
-                objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
-                    "upload": {"href": self._lfs_href(rtype, repo_id, oid, True, size)},
-                    "verify": {"href": f"{self._repo_url(rtype, repo_id)}.git/info/lfs/objects/verify"}}})
+                objects.append(
+                    {
+                        "oid": oid,
+                        "size": size,
+                        "authenticated": True,
+                        "actions": {
+                            "upload": {"href": self._lfs_href(rtype, repo_id, oid, True, size)},
+                            "verify": {
+                                "href": f"{self._repo_url(rtype, repo_id)}.git/info/lfs/objects/verify"
+                            },
+                        },
+                    }
+                )
         # Omitting "xet" from "transfer" makes an hf_xet-enabled client fall back to this basic transfer.
         self._json({"transfer": "basic", "objects": objects}, content_type="application/vnd.git-lfs+json")
 
@@ -769,8 +926,13 @@ class _Handler(BaseHTTPRequestHandler):
             # Like the Hub: LFS content redirects to a signed "CDN" URL. The client takes etag and size from
             # X-Linked-* on this response, as it does not follow absolute redirects on HEAD.
             lfs = entry["lfs"]
-            headers.update({"Location": self._lfs_href(rtype, repo_id, lfs["sha256"], False),
-                            "X-Linked-Etag": f'"{lfs["sha256"]}"', "X-Linked-Size": str(lfs["size"])})
+            headers.update(
+                {
+                    "Location": self._lfs_href(rtype, repo_id, lfs["sha256"], False),
+                    "X-Linked-Etag": f'"{lfs["sha256"]}"',
+                    "X-Linked-Size": str(lfs["size"]),
+                }
+            )
             return self._reply(302, b"", headers)
         self._send_file(store.content_path(rtype, repo_id, entry), headers)
 
@@ -778,12 +940,21 @@ class _Handler(BaseHTTPRequestHandler):
 class LocalHub:
     """A local Hub on 127.0.0.1 (port 0: the OS picks one), served from a daemon thread. Usage::
 
-        with LocalHub(tmp_path, token="hf_test", lfs_threshold=1_000_000) as hub:
-            HfApi(endpoint=hub.endpoint, token="hf_test").whoami()
+    with LocalHub(tmp_path, token="hf_test", lfs_threshold=1_000_000) as hub:
+        HfApi(endpoint=hub.endpoint, token="hf_test").whoami()
     """
 
-    def __init__(self, data_dir: str | os.PathLike, token: str, *, user: str = "test-user",
-                 lfs_threshold: int = 1_000_000, port: int = 0, page_size: int = 1000, verbose: bool = False):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        token: str,
+        *,
+        user: str = "test-user",
+        lfs_threshold: int = 1_000_000,
+        port: int = 0,
+        page_size: int = 1000,
+        verbose: bool = False,
+    ):
         if not token:
             raise ValueError("a non-empty token is required")
         self._server = _Server(port, Path(data_dir), token, user, lfs_threshold, page_size, verbose)
@@ -797,13 +968,15 @@ class LocalHub:
         return self._server.endpoint
 
     def start(self) -> "LocalHub":
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="local-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="local-hub", daemon=True
+        )
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._server.stopping.set()
+        self._server.faults.release()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=5)
@@ -827,9 +1000,30 @@ class LocalHub:
         """Stall every request to `route` for `delay_s` seconds half-way through its body (0 turns it off)."""
         self._server.faults.slow(route, delay_s)
 
+    def hold(self, route: str) -> None:
+        """Hold every request to `route` half-way through its body (or before answering one without a body) until
+        `release(route)` or stop(): a test inspects the hub, or kills the client, while the request is in flight."""
+        self._server.faults.hold(route)
+
+    def release(self, route: str) -> None:
+        self._server.faults.release(route)
+
     def calls(self, route: str) -> int:
         """How many authorised requests reached `route`, injected failures included."""
         return self._server.faults.calls(route)
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """Every request this hub has read, in order, as (method, path): routed or not, authorised or not.
+        Paths only: queries carry URL signatures."""
+        with self._server._conns_lock:
+            return list(self._server.request_log)
+
+    @property
+    def connections(self) -> int:
+        """How many connections this hub has accepted (a client that never connected leaves it at 0)."""
+        with self._server._conns_lock:
+            return self._server.accepted
 
     def head(self, repo_id: str, repo_type: str = "model", branch: str = "main") -> str | None:
         return self._server.store.branch_head(repo_type, repo_id, branch)
@@ -858,8 +1052,14 @@ def main(argv: list[str] | None = None) -> None:
     token = os.environ.get(args.token_env)
     if not token:
         parser.error(f"environment variable {args.token_env} is not set")
-    hub = LocalHub(args.data, token, user=args.user, lfs_threshold=args.lfs_threshold, port=args.port,
-                   verbose=args.verbose)
+    hub = LocalHub(
+        args.data,
+        token,
+        user=args.user,
+        lfs_threshold=args.lfs_threshold,
+        port=args.port,
+        verbose=args.verbose,
+    )
     print(f"listening on {hub.endpoint}", flush=True)
     try:
         hub.serve_forever()

@@ -25,17 +25,54 @@ TOKENS = 64
 def build(tmp_path, tokenizer, family: str):
     """A random model of `family` saved as BF16, and its INT8 folder made by the default recipe."""
     torch.manual_seed(0)
-    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), tie_word_embeddings=False,
-                                  max_position_embeddings=512, **TINY_LLAMA, **FAMILIES[family])
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+        **TINY_LLAMA,
+        **FAMILIES[family],
+    )
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     bf16_dir, int8_dir = tmp_path / "bf16", tmp_path / "int8"
     model.save_pretrained(bf16_dir)
     tokenizer.save_pretrained(bf16_dir)
-    result = recipe.quantize(model, calibration.calibration_ids(tokenizer, 4),
-                             recipe.RECIPES[recipe.DEFAULT_RECIPE], tmp_path / "work")
-    assert result.smoothquant["applied"], result.smoothquant
+    result = recipe.quantize(
+        model,
+        calibration.calibration_ids(tokenizer, 4),
+        recipe.RECIPES[recipe.DEFAULT_RECIPE],
+        tmp_path / "work",
+    )
+    assert_norms_rescaled(model, result.model)
     recipe.save_int8(result, int8_dir, tokenizer, model)
     return model, bf16_dir, int8_dir
+
+
+def norm_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float() for n, p in model.named_parameters() if n.endswith("norm.weight")}
+
+
+def assert_norms_rescaled(original, quantized) -> None:
+    """SmoothQuant ran: folding divided every RMSNorm weight by per-channel factors (seen in the weights)."""
+    before, after = norm_weights(original), norm_weights(quantized)
+    assert before.keys() == after.keys() and before
+    for name, w in before.items():
+        ratio = w / after[name]
+        assert ratio.std() > 1e-3 * ratio.abs().mean(), name  # per channel, not one factor for all
+
+
+def int8_matrices(int8_dir) -> set[str]:
+    """The Linears stored as s8 matrices in the engine's file, read from the file's own header."""
+    import json
+    import struct
+
+    with open(int8_dir / engine.ENGINE_FILE, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return {
+        n.removesuffix(".qweight")
+        for n, info in header.items()
+        if n.endswith(".qweight") and info["dtype"] == "I8"
+    }
 
 
 def greedy(decoder, ids, n=TOKENS):
@@ -47,7 +84,14 @@ def test_engine_matches_inc_on_config_models(tmp_path, tokenizer, family):
     model, bf16_dir, int8_dir = build(tmp_path, tokenizer, family)
     inc = HFDecoder(models.load_int8(int8_dir), "INC")
     ours = engine.load(int8_dir, reduce_range=True)  # the activation precision INC's dynamic Linear uses
-    assert set(ours.kinds.values()) <= {"int8", "bfloat16"} and "int8" in ours.kinds.values()
+    linears = {
+        n.removesuffix(".weight")
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and "embed_tokens" not in n
+    }
+    assert (
+        int8_matrices(int8_dir) == linears
+    )  # every Linear (lm_head too) an INT8 matrix in the engine's file
     ids = torch.tensor(tokenizer("The engine and the documented loader read the same folder.").input_ids)
     a, b = ours.new_cache(256), inc.new_cache()
     logits = [(ours.forward(ids, a, all_logits=True), inc.forward(ids, b, all_logits=True))]
@@ -58,8 +102,10 @@ def test_engine_matches_inc_on_config_models(tmp_path, tokenizer, family):
     assert greedy(ours, ids) == greedy(inc, ids)
     # and the BF16 engine against transformers' own BF16 model
     bf16 = engine.load(bf16_dir)
-    x, y = bf16.forward(ids, bf16.new_cache(64), all_logits=True), HFDecoder(model, "hf").forward(
-        ids, HFDecoder(model, "hf").new_cache(), all_logits=True)
+    x, y = (
+        bf16.forward(ids, bf16.new_cache(64), all_logits=True),
+        HFDecoder(model, "hf").forward(ids, HFDecoder(model, "hf").new_cache(), all_logits=True),
+    )
     assert (x - y).abs().max() <= 0.02 * y.abs().max()
 
 
@@ -76,7 +122,9 @@ def test_cache_is_written_in_place_and_equals_one_prefill(tiny, tokenizer):
     whole = e.forward(ids, e.new_cache(64), all_logits=True)
     cache = e.new_cache(64)
     k_ptr, v_ptr = cache.k.data_ptr(), cache.v.data_ptr()
-    steps = [e.forward(ids[:4], cache, all_logits=True)] + [e.forward(ids[i : i + 1], cache) for i in range(4, len(ids))]
+    steps = [e.forward(ids[:4], cache, all_logits=True)] + [
+        e.forward(ids[i : i + 1], cache) for i in range(4, len(ids))
+    ]
     assert cache.k.data_ptr() == k_ptr and cache.v.data_ptr() == v_ptr and cache.length == len(ids)
     assert torch.allclose(torch.cat(steps), whole, atol=0.02 * whole.abs().max())
     with pytest.raises(ValueError, match="positions"):
@@ -97,16 +145,22 @@ def test_activation_paths(reduce_range):
     """7-bit activations everywhere; 8-bit only where the CPU has VNNI (else int16 sums would saturate)."""
     flags = engine.cpu_flags()
     if not reduce_range and "avx512_vnni" not in flags:
-        pytest.skip(f"this CPU has no AVX-512 VNNI: the engine runs 7-bit activations here (flags: avx2="
-                    f"{'avx2' in flags})")
+        pytest.skip(
+            f"this CPU has no AVX-512 VNNI: the engine runs 7-bit activations here (flags: avx2="
+            f"{'avx2' in flags})"
+        )
     torch.manual_seed(0)
     w = torch.randn(96, 256)
     scale = w.abs().amax(1) / 127
     q = torch.round(w / scale[:, None]).to(torch.int8)
     x = torch.randn(1, 256) * torch.linspace(0.1, 8, 256)
     got = engine.Int8Linear(q, scale, None, reduce_range)(x).numpy()
-    want = emulate_dynamic(x.numpy().astype(np.float64), q.numpy(), scale.numpy(), 127 if reduce_range else 255)
-    other = emulate_dynamic(x.numpy().astype(np.float64), q.numpy(), scale.numpy(), 255 if reduce_range else 127)
+    want = emulate_dynamic(
+        x.numpy().astype(np.float64), q.numpy(), scale.numpy(), 127 if reduce_range else 255
+    )
+    other = emulate_dynamic(
+        x.numpy().astype(np.float64), q.numpy(), scale.numpy(), 255 if reduce_range else 127
+    )
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
     assert np.abs(got - other).max() > 10 * np.abs(got - want).max()
 
@@ -150,5 +204,3 @@ def test_engine_file_is_safetensors_with_int8_weights(tiny):
     assert q.dtype == torch.int8 and q.shape == (TINY_LLAMA["hidden_size"], TINY_LLAMA["hidden_size"])
     assert "lm_head.qweight" in names and "model.embed_tokens.qweight" in names
     assert not any(n.endswith("q_proj.weight") for n in names)
-
-

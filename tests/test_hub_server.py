@@ -40,8 +40,9 @@ PORT = _hub_port()
 ENDPOINT = f"http://127.0.0.1:{PORT}"
 _HF_HOME = tempfile.mkdtemp(prefix="hf_home_")  # keeps ~/.cache untouched
 atexit.register(shutil.rmtree, _HF_HOME, True)
-os.environ.update(HF_ENDPOINT=ENDPOINT, HF_HOME=_HF_HOME, HF_HUB_DISABLE_TELEMETRY="1",
-                  HF_HUB_DISABLE_PROGRESS_BARS="1")
+os.environ.update(
+    HF_ENDPOINT=ENDPOINT, HF_HOME=_HF_HOME, HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1"
+)
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HUB_ENABLE_HF_TRANSFER"):
     os.environ.pop(_var, None)
 
@@ -205,13 +206,17 @@ def test_dropped_lfs_upload_leaves_head_unchanged_and_retry_succeeds(
     data = os.urandom(2 * THRESHOLD)
     before = hub.head(repo)
     hub.fail("lfs_upload", times=1, mode="drop")
-    hub.slow("lfs_upload", 1.5)  # holds the client's own re-upload, so the hub can be inspected in between
+    hub.hold(
+        "lfs_upload"
+    )  # the client's own re-upload waits half-way, so the hub can be inspected in between
     with ThreadPoolExecutor(1) as pool:
         upload = pool.submit(api.upload_file, path_or_fileobj=data, path_in_repo="big.bin", repo_id=repo)
         _wait_for(lambda: hub.calls("lfs_upload") >= 2)  # first attempt dropped, the retry is in flight
         assert hub.head(repo) == before
         assert "big.bin" not in hub.files(repo)
-        commit = upload.result(timeout=15)
+        assert not upload.done()
+        hub.release("lfs_upload")
+        commit = upload.result(timeout=60)
     assert hub.head(repo) == commit.oid
     assert hub.files(repo)["big.bin"] == data
 
@@ -222,12 +227,19 @@ def test_client_killed_mid_upload_leaves_no_trace(
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(4 * THRESHOLD))
     before = hub.head(repo)
-    hub.slow("lfs_upload", 30)  # woken early when the hub stops
-    child = "import sys, huggingface_hub as h; h.upload_file(path_or_fileobj=sys.argv[1], " \
-            "path_in_repo='big.bin', repo_id=sys.argv[2])"
+    hub.hold("lfs_upload")  # the upload stops half-way until released
+    child = (
+        "import sys, huggingface_hub as h; h.upload_file(path_or_fileobj=sys.argv[1], "
+        "path_in_repo='big.bin', repo_id=sys.argv[2])"
+    )
     env = {**os.environ, "HF_TOKEN": TOKEN}  # the child reads HF_ENDPOINT and the token from its environment
-    proc = subprocess.Popen([sys.executable, "-c", child, str(big), repo], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, str(big), repo],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(lambda: hub.calls("lfs_upload") >= 1 or proc.poll() is not None)
         assert proc.poll() is None, f"the client finished before it could be killed: {proc.stderr.read()}"
@@ -237,23 +249,64 @@ def test_client_killed_mid_upload_leaves_no_trace(
     assert hub.head(repo) == before
     assert "big.bin" not in hub.files(repo)
 
-    hub.slow("lfs_upload", 0)
+    hub.release("lfs_upload")
     commit = api.upload_file(path_or_fileobj=str(big), path_in_repo="big.bin", repo_id=repo)
     assert hub.head(repo) == commit.oid
     assert hub.files(repo)["big.bin"] == big.read_bytes()
+
+
+def test_request_log_and_connection_count_see_every_request(hub: LocalHub) -> None:
+    """What tests rely on to assert "no request was made": every request is logged (refused, unrouted and
+    failed ones too) by method and path, without its query; every connection is counted."""
+    assert hub.requests == [] and hub.connections == 0
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert requests.get(f"{hub.endpoint}/api/whoami-v2", headers=auth, timeout=10).ok
+    assert (
+        requests.post(f"{hub.endpoint}/api/repos/create", json={"name": "x"}, timeout=10).status_code == 401
+    )
+    assert requests.delete(f"{hub.endpoint}/no/such/route?sig=secret", timeout=10).status_code == 404
+    hub.fail("whoami", times=1, mode="drop")
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{hub.endpoint}/api/whoami-v2", headers=auth, timeout=10)
+    assert hub.requests == [
+        ("GET", "/api/whoami-v2"),
+        ("POST", "/api/repos/create"),
+        ("DELETE", "/no/such/route"),
+        ("GET", "/api/whoami-v2"),
+    ]
+    assert hub.connections == 4  # requests.get/post/delete each open (and close) their own connection
+
+
+def test_hold_keeps_a_request_in_flight_until_released(api: HfApi, hub: LocalHub, repo: str) -> None:
+    before = hub.head(repo)
+    hub.hold("commit")
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(api.upload_file, path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo)
+        _wait_for(lambda: hub.calls("commit") == 1)
+        assert not upload.done() and hub.head(repo) == before
+        hub.release("commit")
+        commit = upload.result(timeout=60)
+    assert hub.head(repo) == commit.oid and hub.files(repo)["x.txt"] == b"x"
 
 
 def test_commit_pointing_at_a_never_uploaded_lfs_object_changes_nothing(hub: LocalHub, repo: str) -> None:
     before, files_before = hub.head(repo), hub.files(repo)
     missing = hashlib.sha256(b"never uploaded").hexdigest()
     ok = base64.b64encode(b"ok").decode()
-    ndjson = "\n".join(json.dumps(line) for line in [
-        {"key": "header", "value": {"summary": "bad"}},
-        {"key": "file", "value": {"path": "ok.txt", "encoding": "base64", "content": ok}},
-        {"key": "lfsFile", "value": {"path": "big.bin", "algo": "sha256", "oid": missing, "size": 14}},
-    ])
-    r = requests.post(f"{hub.endpoint}/api/models/{repo}/commit/main", data=ndjson, timeout=10,
-                      headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/x-ndjson"})
+    ndjson = "\n".join(
+        json.dumps(line)
+        for line in [
+            {"key": "header", "value": {"summary": "bad"}},
+            {"key": "file", "value": {"path": "ok.txt", "encoding": "base64", "content": ok}},
+            {"key": "lfsFile", "value": {"path": "big.bin", "algo": "sha256", "oid": missing, "size": 14}},
+        ]
+    )
+    r = requests.post(
+        f"{hub.endpoint}/api/models/{repo}/commit/main",
+        data=ndjson,
+        timeout=10,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/x-ndjson"},
+    )
     assert r.status_code == 400
     assert hub.head(repo) == before and hub.files(repo) == files_before
 
@@ -261,9 +314,12 @@ def test_commit_pointing_at_a_never_uploaded_lfs_object_changes_nothing(hub: Loc
 def test_lfs_upload_with_wrong_content_is_rejected(hub: LocalHub, repo: str) -> None:
     data = os.urandom(2 * THRESHOLD)
     oid = hashlib.sha256(data).hexdigest()
-    batch = requests.post(f"{hub.endpoint}/{repo}.git/info/lfs/objects/batch", timeout=10,
-                          headers={"Authorization": f"Bearer {TOKEN}"},
-                          json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]})
+    batch = requests.post(
+        f"{hub.endpoint}/{repo}.git/info/lfs/objects/batch",
+        timeout=10,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
+    )
     href = batch.json()["objects"][0]["actions"]["upload"]["href"]
     assert requests.put(href, data=os.urandom(len(data)), timeout=10).status_code == 400
     assert requests.put(href.split("?")[0], data=data, timeout=10).status_code == 403  # unsigned URL
@@ -273,9 +329,20 @@ def test_lfs_upload_with_wrong_content_is_rejected(hub: LocalHub, repo: str) -> 
 def test_command_line_server_and_http_failure_knobs(tmp_path: Path) -> None:
     env = {**os.environ, "LOCAL_HUB_TOKEN": TOKEN}
     proc = subprocess.Popen(
-        [sys.executable, str(SERVER_SCRIPT), "--data", str(tmp_path / "hub"), "--port", "0",
-         "--token-env", "LOCAL_HUB_TOKEN"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(SERVER_SCRIPT),
+            "--data",
+            str(tmp_path / "hub"),
+            "--port",
+            "0",
+            "--token-env",
+            "LOCAL_HUB_TOKEN",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert select.select([proc.stdout], [], [], 10)[0], "the server printed nothing within 10 s"

@@ -58,12 +58,16 @@ def test_app_serves_bf16_alone_when_int8_fails(broken_int8, tmp_path):
     from gradio_client import Client
     from test_app_server import app_page
 
-    with running_app(tmp_path / "app-broken-int8.log", Q8CHAT_INT8_MODEL=str(broken_int8["corrupt"])) as (url, _):
+    with running_app(tmp_path / "app-broken-int8.log", Q8CHAT_INT8_MODEL=str(broken_int8["corrupt"])) as (
+        url,
+        _,
+    ):
         client = Client(url, verbose=False)
         s = client.predict(api_name="/status")
         assert s["ready"] and not s["compare"] and "Cannot load the INT8 model" in s["int8_error"]
-        h, box, _chart, table, bf16, _notice, *_ = client.predict("What is the capital of France?", [], DEFAULT_SYSTEM,
-                                                             16, 0.0, 0.95, True, api_name="/chat")
+        h, box, _chart, table, bf16, _notice, *_ = client.predict(
+            "What is the capital of France?", [], DEFAULT_SYSTEM, 16, 0.0, 0.95, True, api_name="/chat"
+        )
         assert "Paris" in text_of(h[-1]["content"])
         assert "Comparison unavailable" in table
         errors: list[str] = []

@@ -4,7 +4,7 @@ one commit, a failure halfway leaves the repo as it was, a rerun completes, the 
 import os
 
 import pytest
-from conftest import HUB_TOKEN, local_hub
+from conftest import HUB_TOKEN, local_hub, wait_for
 
 from quantize.hub import push
 from quantize.models import ModelError
@@ -30,31 +30,42 @@ def _local(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
+def _commits(hub, repo: str) -> list[str]:
+    """The repo's commit ids, newest first, as the Hub API lists them to any client."""
+    from huggingface_hub import HfApi
+
+    return [c.commit_id for c in HfApi(endpoint=hub.endpoint, token=HUB_TOKEN).list_repo_commits(repo)]
+
+
 def test_push_creates_repo_and_uploads_in_one_commit(folder, hub):
     url = push(folder, "test-user/m", token=HUB_TOKEN)
-    assert hub.head("test-user/m") in url
-    assert len(hub.commits("test-user/m")) == 2  # "initial commit" + ours
-    files = hub.files("test-user/m")
+    commits = _commits(hub, "test-user/m")
+    # Creating a repo on the Hub makes its first commit (a .gitattributes alone); the push is one commit on it.
+    assert len(commits) == 2
+    assert set(hub.files("test-user/m", revision=commits[1])) == {".gitattributes"}
+    assert commits[0] == hub.head("test-user/m") and commits[0] in url
+    files = hub.files("test-user/m", revision=commits[0])
     files.pop(".gitattributes")
     assert files == _local(folder)
 
 
 def test_commit_failing_halfway_leaves_repo_unchanged_then_rerun_completes(folder, hub):
     push(folder, "test-user/m", token=HUB_TOKEN)
-    before = hub.head("test-user/m")
+    before, commits_before = hub.head("test-user/m"), _commits(hub, "test-user/m")
     (folder / "pytorch_model.bin").write_bytes(os.urandom(2_500_000))
     (folder / "new.txt").write_text("new")
     hub.fail("commit", times=1, mode="500")  # LFS upload succeeds, the commit itself fails
     with pytest.raises(ModelError, match="unchanged") as err:
         push(folder, "test-user/m", token=HUB_TOKEN)
     assert HUB_TOKEN not in str(err.value)
-    assert hub.head("test-user/m") == before
+    assert hub.head("test-user/m") == before and _commits(hub, "test-user/m") == commits_before
     assert "new.txt" not in hub.files("test-user/m")
 
     push(folder, "test-user/m", token=HUB_TOKEN)
     files = hub.files("test-user/m")
     files.pop(".gitattributes")
     assert files == _local(folder) and hub.head("test-user/m") != before
+    assert _commits(hub, "test-user/m")[1:] == commits_before  # exactly one commit more, on top of the last
 
 
 def test_wrong_token_is_a_clear_error(folder, hub):
@@ -76,7 +87,6 @@ def test_push_killed_during_upload_leaves_last_commit_then_rerun_completes(folde
     import signal
     import subprocess
     import sys
-    import time
 
     from conftest import ROOT
 
@@ -84,19 +94,22 @@ def test_push_killed_during_upload_leaves_last_commit_then_rerun_completes(folde
     before, files_before = hub.head("test-user/m"), hub.files("test-user/m")
     (folder / "pytorch_model.bin").write_bytes(os.urandom(2_500_000))
     (folder / "added.txt").write_text("added")
-    hub.slow("lfs_upload", 30)  # the upload hangs long enough to be killed in the middle
+    commits_before = _commits(hub, "test-user/m")
+    hub.hold("lfs_upload")  # the upload stops half-way, to be killed in the middle
     code = f"from quantize.hub import push; push({str(folder)!r}, 'test-user/m')"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "HF_TOKEN": HUB_TOKEN})
-    deadline = time.monotonic() + 60
-    while hub.calls("lfs_upload") == 0:
-        assert proc.poll() is None and time.monotonic() < deadline, "the push never reached the upload"
-        time.sleep(0.1)
+    wait_for(
+        lambda: hub.calls("lfs_upload") > 0 or proc.poll() is not None, 120, "the push to reach the upload"
+    )
+    assert proc.poll() is None, "the push ended before it reached the upload"
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     assert hub.head("test-user/m") == before and hub.files("test-user/m") == files_before
+    assert _commits(hub, "test-user/m") == commits_before
 
-    hub.slow("lfs_upload", 0)
+    hub.release("lfs_upload")
     push(folder, "test-user/m", token=HUB_TOKEN)
     files = hub.files("test-user/m")
     files.pop(".gitattributes")
     assert files == _local(folder) and hub.head("test-user/m") != before
+    assert _commits(hub, "test-user/m")[1:] == commits_before  # the rerun added exactly one commit

@@ -29,14 +29,21 @@ def test_failed_push_with_debug_logging_leaks_no_token(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    code = ("import logging, sys; from quantize.hub import push; from quantize.models import ModelError\n"
-            "logging.basicConfig(level=logging.DEBUG)\n"
-            f"try:\n    push({str(folder)!r}, 'test-user/x')\nexcept ModelError as e:\n    print('error:', e)\n"
-            "    raise\n")
+    code = (
+        "import logging, sys; from quantize.hub import push; from quantize.models import ModelError\n"
+        "logging.basicConfig(level=logging.DEBUG)\n"
+        f"try:\n    push({str(folder)!r}, 'test-user/x')\nexcept ModelError as e:\n    print('error:', e)\n"
+        "    raise\n"
+    )
     with local_hub(tmp_path / "hub"):
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "HF_TOKEN": PLANTED_TOKEN,
-                                   "HF_HUB_VERBOSITY": "debug"})
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_TOKEN": PLANTED_TOKEN, "HF_HUB_VERBOSITY": "debug"},
+        )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "HTTP 401" in out, out[-2000:]
     assert PLANTED_TOKEN not in out
