@@ -4,9 +4,8 @@ Run: `python app.py` (offline: the embedded default model; the INT8 copy is buil
 BF16 answers meanwhile). Models are configured in the environment: see quantize/serving.py. Gradio's own
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT apply.
 
-This file is the page and its handlers. What they use: quantize/serving.py (the models and loading),
-quantize/chat.py (checking a message, the prompt, the live decode loop), quantize/sessions.py (Stop and Clear),
-quantize/panel.py (the text and data of the panel), quantize/latency.py (the numbers).
+This file is the page and its handlers; they use quantize/serving.py (the models), chat.py (a message, its prompt,
+the live decode), sessions.py (Stop, Clear), panel.py (the panel's text and data) and latency.py (the numbers).
 """
 
 from __future__ import annotations
@@ -31,19 +30,14 @@ log = logging.getLogger("q8chat")
 ASSETS = Path(__file__).parent / "assets"
 QUEUE_SIZE = 16
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-BENCH_PROMPTS = [
-    "Explain why the sky is blue in two sentences.",
-    "Write a haiku about a CPU.",
-    "List three uses of a paperclip.",
-]
 CHART_COLORS = {"INT8": "#4f46e5", "BF16": "#d97706"}
 STATE = serving.Serving(serving.configured_pairs())
 SESSIONS = Sessions()
 UI = SimpleNamespace()  # the page's components, filled by build_ui; handlers name their outputs through it
 
 
-def session_of(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or f"anon-{time.monotonic_ns()}"
+def asset(name: str):
+    return json.loads((ASSETS / name).read_text())
 
 
 # ---------------------------------------------------------------- a message and its reply
@@ -52,7 +46,9 @@ def session_of(request: gr.Request | None) -> str:
 def reply(prepare, history, settings: tuple, compare: bool, clear_count: int, request, typed=gr.skip()):
     """The one path of Send, Retry, an example and Continue: checks, then `answer`. `prepare(history)` makes
     the Turn from the checked history; a refusal keeps the history and the `typed` text as they were."""
-    session = session_of(request)
+    session = (
+        getattr(request, "session_hash", None) or f"anon-{time.monotonic_ns()}"
+    )  # API calls have one too
     if SESSIONS.cleared_since(session, clear_count):  # asked for before the visitor pressed Clear
         yield {}
         return
@@ -134,9 +130,7 @@ def stream_one(
                 out[UI.bf16_text] = so_far.text
             yield out
         why = " (stopped)" if gen.stop.is_set() else ""
-    except (
-        GeneratorExit
-    ):  # Gradio closes us when the visitor disconnects; chat.decode_live has stopped the model
+    except GeneratorExit:  # Gradio closes us when the visitor leaves; decode_live has stopped the model
         why = " (stopped: visitor left)"
         raise
     finally:
@@ -166,15 +160,8 @@ def replay_race(race: dict | None):
     if not race:
         gr.Warning("The race needs both answers: send a message with the BF16 comparison on.")
         return
-    ends = sorted(r.seconds for r in race.values())
-    start = time.perf_counter()
-    while True:
-        t = time.perf_counter() - start
-        yield race_outputs(race, t)
-        if t >= ends[-1]:
-            return
-        next_end = min([e for e in ends if e > t], default=ends[-1])
-        time.sleep(max(0.0, min(t + chat.UI_INTERVAL_S, next_end) - (time.perf_counter() - start)))
+    for seconds in chat.replay_clock([r.seconds for r in race.values()]):
+        yield race_outputs(race, seconds)
 
 
 # ---------------------------------------------------------------- Stop, Clear, Retry
@@ -198,17 +185,20 @@ def empty_chat() -> tuple:
     return [], "", "", panel_outputs(None, None)[UI.chart], panel.PLACEHOLDER, "", None, "", ""
 
 
-def retry(history: list[dict]):
-    """Drop the last answer and hand its question back to be sent again."""
+def retry(history: list[dict], clear_count: int, request: gr.Request):
+    """Drop the last answer and hand its question back to be sent again, with the clear count of the click: a
+    Clear pressed since then (its answer may reach the server first) leaves the chat empty and the resend off."""
+    if SESSIONS.cleared_since(request.session_hash, clear_count):
+        return gr.skip(), gr.skip(), clear_count
     history = list(history or [])
     while history and history[-1]["role"] == "assistant":
         history.pop()
     last = chat.text_of(history.pop()["content"]) if history else ""
-    return history, last
+    return history, last, clear_count
 
 
-def example_text(picked: gr.SelectData) -> str:
-    return picked.value["text"]
+def example_text(clear_count: int, picked: gr.SelectData) -> tuple[str, int]:
+    return picked.value["text"], clear_count
 
 
 # ---------------------------------------------------------------- models, status, benchmark
@@ -218,9 +208,7 @@ def poll(shown: str | None):
     """Every second: the header, the status and, when the chat has just moved to INT8, a notice under the chat
     (a toast would need a queued event, and a queued tick per page and second would crowd out the replies)."""
     label = STATE.chat_model().label if STATE.ready else None
-    moved = bool(
-        shown and label and label != shown and label.startswith("INT8") and not shown.startswith("INT8")
-    )
+    moved = bool(shown) and not shown.startswith("INT8") and (label or "").startswith("INT8")
     header = panel.header_md(STATE) if STATE.ready or STATE.status.startswith("No model") else ""
     notice = (
         "INT8 is ready: replies now come from the INT8 model, compared with BF16." if moved else gr.skip()
@@ -246,18 +234,21 @@ def run_benchmark(new_tokens: float, rounds: float, progress=gr.Progress(track_t
     """Fixed prompts, greedy, both models interleaved in one run (latency.interleaved)."""
     if not STATE.compare_available:
         raise gr.Error("The benchmark needs both models; the INT8 model is not loaded.")
-    prompts = [
-        torch.tensor([chat.encode_chat(STATE.tokenizer, [{"role": "user", "content": p}])])
-        for p in BENCH_PROMPTS
-    ]
+    chats = [[{"role": "user", "content": text}] for text in asset("bench_prompts.json")]
+    prompts = [torch.tensor([chat.encode_chat(STATE.tokenizer, c)]) for c in chats]
     decoders = {"INT8": STATE.int8.decoder, "BF16": STATE.bf16.decoder}
     with STATE.lock, tqdm(total=int(rounds) * len(prompts) * 2, desc="INT8 and BF16, interleaved") as bar:
         result = latency.interleaved(decoders, prompts, int(new_tokens), int(rounds), progress=bar)
-    frame, table = panel.benchmark_md(result, STATE)
-    return frame, table
+    return panel.benchmark_md(result, STATE)
 
 
 # ---------------------------------------------------------------- the page
+
+
+def ms_plot(x: str, y_title: str, elem_id: str, height: int, **more) -> gr.LinePlot:
+    """A chart of ms (per token) by `x`, one line per model, in the models' colors."""
+    return gr.LinePlot(None, x=x, y="ms", color="model", color_map=CHART_COLORS, y_title=y_title,
+                       elem_id=elem_id, height=height, **more)  # fmt: skip
 
 
 def chat_column() -> None:
@@ -267,7 +258,7 @@ def chat_column() -> None:
         buttons=["copy"],
         feedback_options=None,
         show_label=False,
-        examples=[{"text": e} for e in json.loads((ASSETS / "examples.json").read_text())],
+        examples=[{"text": e} for e in asset("examples.json")],
         placeholder="Ask anything. The INT8 model answers; the panel shows how fast, next to BF16.",
     )
     UI.live = gr.Markdown(elem_id="live")
@@ -283,10 +274,9 @@ def chat_column() -> None:
         )
         UI.send = gr.Button("Send", variant="primary", scale=1, elem_id="send", min_width=80)
     with gr.Row():
-        UI.stop = gr.Button("Stop", elem_id="stop", size="sm")
-        UI.resume = gr.Button("Continue", elem_id="continue", size="sm")
-        UI.retry = gr.Button("Retry", elem_id="retry", size="sm")
-        UI.clear = gr.Button("Clear", elem_id="clear", size="sm")
+        buttons = {"stop": "Stop", "resume": "Continue", "retry": "Retry", "clear": "Clear"}
+        for name, label in buttons.items():  # elem_ids: #stop, #continue, #retry, #clear
+            setattr(UI, name, gr.Button(label, elem_id=label.lower(), size="sm"))
     with gr.Accordion("System prompt and generation settings", open=False):
         UI.system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2)
         UI.max_new = gr.Slider(*chat.SETTINGS["max_new_tokens"], value=128, step=8, label="Max new tokens")
@@ -301,18 +291,7 @@ def panel_column() -> None:
     names = [p.name for p in STATE.pairs]
     UI.model = gr.Dropdown(names, value=names[0], label="Model", elem_id="model", interactive=len(names) > 1)
     gr.Markdown("### Per-token latency, this reply")
-    UI.chart = gr.LinePlot(
-        None,
-        x="token",
-        y="ms",
-        color="model",
-        elem_id="chart",
-        height=260,
-        x_title="token",
-        y_title="ms per token",
-        x_axis_format="d",
-        color_map=CHART_COLORS,
-    )
+    UI.chart = ms_plot("token", "ms per token", "chart", 260, x_title="token", x_axis_format="d")
     UI.table = gr.Markdown(panel.PLACEHOLDER, elem_id="table")
     with gr.Accordion("The race: both answers replayed at their measured times", open=True, elem_id="race"):
         UI.race_run = gr.Button("Replay the race", size="sm", elem_id="race-run")
@@ -329,16 +308,7 @@ def benchmark_tab() -> None:
         UI.bench_tokens = gr.Slider(8, 64, value=32, step=8, label="New tokens per prompt")
         UI.bench_rounds = gr.Slider(1, 5, value=2, step=1, label="Rounds")
         UI.bench_run = gr.Button("Run benchmark", variant="primary", elem_id="run-bench")
-    UI.bench_chart = gr.LinePlot(
-        None,
-        x="round",
-        y="ms",
-        color="model",
-        height=240,
-        y_title="median ms per token",
-        elem_id="bench-chart",
-        color_map=CHART_COLORS,
-    )
+    UI.bench_chart = ms_plot("round", "median ms per token", "bench-chart", 240)
     UI.bench_table = gr.Markdown(elem_id="bench-table")
     UI.quality = gr.Markdown(elem_id="quality")
 
@@ -348,7 +318,7 @@ def parts(names: str) -> list:
 
 
 def wire_events() -> None:
-    UI.clear_count, UI.last_prompt, UI.race = gr.State(0), gr.State(None), gr.State(None)
+    UI.clear_count, UI.last_prompt, UI.race, UI.asked_at = (gr.State(v) for v in (0, None, None, 0))
     UI.emptied = parts("chatbot notice bf16_text chart table live race race_int8 race_bf16")
     outputs = parts("chatbot message chart table bf16_text notice live last_prompt race race_int8 race_bf16")
     settings = parts("max_new temperature top_p compare clear_count")
@@ -360,13 +330,16 @@ def wire_events() -> None:
     UI.resume.click(
         continue_reply, parts("chatbot last_prompt") + settings, outputs, api_name="continue", **cpu
     )
-    UI.retry.click(retry, UI.chatbot, parts("chatbot message"), queue=False, **private).then(
-        respond, message, outputs, **private, **cpu
+    # Retry and an example send in a second step, with the clear count of the click (asked_at)
+    resend = [UI.message, UI.chatbot, UI.system, *parts("max_new temperature top_p compare asked_at")]
+    retried = parts("chatbot message asked_at")
+    UI.retry.click(retry, parts("chatbot clear_count"), retried, queue=False, **private).then(
+        respond, resend, outputs, **private, **cpu
     )
     # The chat's own examples (shown while it is empty): a click sends the example. (gr.Examples' Dataset
     # throws in the page when its input box is updated in quick succession, as Retry and Clear do.)
-    UI.chatbot.example_select(example_text, None, UI.message, queue=False, **private).then(
-        respond, message, outputs, **private, **cpu
+    UI.chatbot.example_select(example_text, UI.clear_count, retried[1:], queue=False, **private).then(
+        respond, resend, outputs, **private, **cpu
     )
     # Stop and Clear end the reply cooperatively (never a cancelled job): the worker stops at the next token,
     # the text so far stays, and the CPU is free at once.

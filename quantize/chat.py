@@ -204,6 +204,19 @@ class Reply:
         return (self.timing.stamps[-1] - self.timing.start) if self.timing.stamps else 0.0
 
 
+def replay_clock(ends: list[float], interval: float = UI_INTERVAL_S) -> Iterator[float]:
+    """Seconds since the start of a replay at each of its frames: every `interval`, and exactly at each of
+    `ends` (when a replayed model finished), up to the last of them."""
+    start = time.perf_counter()
+    while True:
+        t = time.perf_counter() - start
+        yield t
+        if t >= max(ends):
+            return
+        next_end = min(e for e in ends if e > t)
+        time.sleep(max(0.0, min(t + interval, next_end) - (time.perf_counter() - start)))
+
+
 def decode_live(
     decoder, tokenizer, ids: list[int], sampling: Sampling, stop: threading.Event
 ) -> Iterator[Reply]:

@@ -14,8 +14,16 @@ from app import DEFAULT_SYSTEM
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("Q8CHAT_CHROMIUM", "/usr/bin/chromium")
 BOT = '#chatbot [data-testid="bot"]'  # an assistant message in Gradio 6's chatbot
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def wait_idle(url: str, seconds: float = 60) -> None:
@@ -58,8 +66,9 @@ def test_chat_api_streams_int8_and_fills_the_panel(app_url):
     from gradio_client import Client
 
     client = Client(app_url, verbose=False)
-    job = client.submit("What is the capital of France?", [], DEFAULT_SYSTEM, 24, 0.0, 0.95, True,
-                        api_name="/chat")
+    job = client.submit(
+        "What is the capital of France?", [], DEFAULT_SYSTEM, 24, 0.0, 0.95, True, api_name="/chat"
+    )
     updates = list(job)  # every streamed update
     history, box, chart, table, bf16_answer, notice, live, race_int8, race_bf16 = job.result()
     assert box == ""
@@ -82,10 +91,33 @@ def test_chat_api_streams_int8_and_fills_the_panel(app_url):
     assert memory and 0 < int(memory[1]) < int(memory[2]), table
 
 
+def test_benchmark_tab_api_interleaves_both_models(app_url):
+    """The Benchmark tab over its API: per round, each model's median ms/token; the table's speed-up is the
+    ratio of those medians, round by round, worked out here from the chart's own numbers."""
+    from gradio_client import Client
+
+    chart, table = Client(app_url, verbose=False).predict(8, 2, api_name="/benchmark")
+    rows = [dict(zip(chart["columns"], r)) for r in chart["data"]]
+    per_model = {
+        m: [r["ms"] for r in sorted(rows, key=lambda r: r["round"]) if r["model"] == m]
+        for m in ("INT8", "BF16")
+    }
+    assert [len(v) for v in per_model.values()] == [2, 2] and all(
+        ms > 0 for v in per_model.values() for ms in v
+    )
+    ratios = [b / a for a, b in zip(per_model["INT8"], per_model["BF16"])]
+    assert f"(rounds {ratios[0]:.2f}x {ratios[1]:.2f}x)" in table, (ratios, table)
+    for row in ("Median ms / token", "p10 ms / token", "p90 ms / token", "Tokens generated | 8 | 8"):
+        assert row in table, table
+    assert "3 prompts × 8 tokens × 2 rounds" in table
+
+
 def test_empty_message_is_refused_and_nothing_is_lost(app_url):
     from gradio_client import Client
 
-    history, box, *_ = Client(app_url, verbose=False).predict("   ", [], "", 16, 0.0, 0.95, False, api_name="/chat")
+    history, box, *_ = Client(app_url, verbose=False).predict(
+        "   ", [], "", 16, 0.0, 0.95, False, api_name="/chat"
+    )
     assert history == [] and box == "   "
 
 
@@ -113,7 +145,9 @@ def test_browser_chat_stream_panel_stop(app_url):
         box.press("Enter")
         page.wait_for_function(
             f"document.querySelectorAll({BOT!r}).length >= 2 && "
-            f"[...document.querySelectorAll({BOT!r})].pop().innerText.length > 20", timeout=60_000)
+            f"[...document.querySelectorAll({BOT!r})].pop().innerText.length > 20",
+            timeout=60_000,
+        )
         page.click("#stop")
         page.wait_for_selector("#table:has-text('Stopped')", timeout=30_000)
         stopped = page.locator(BOT).last.inner_text()
@@ -122,7 +156,9 @@ def test_browser_chat_stream_panel_stop(app_url):
         assert page.locator(BOT).first.inner_text() == first_answer
         assert page.locator(BOT).count() == 2
         assert "error" not in page.locator("#chatbot").inner_text().lower()
-        assert page.locator("#chatbot .error, .toast-wrap .error, [data-testid='toast-body'].error").count() == 0
+        assert (
+            page.locator("#chatbot .error, .toast-wrap .error, [data-testid='toast-body'].error").count() == 0
+        )
         page.screenshot(path=str(ARTIFACTS / "stopped.png"), full_page=True)
 
         page.set_viewport_size({"width": 390, "height": 844})  # phone width
@@ -143,8 +179,9 @@ def test_browser_stop_retry_clear_clicked_together(app_url):
         box = page.locator("#message textarea")
         box.fill("Write a long story about a dragon.")
         box.press("Enter")
-        page.wait_for_function(f"[...document.querySelectorAll({BOT!r})].pop()?.innerText.length > 10",
-                               timeout=60_000)
+        page.wait_for_function(
+            f"[...document.querySelectorAll({BOT!r})].pop()?.innerText.length > 10", timeout=60_000
+        )
         for button in ("#retry", "#stop", "#retry", "#clear", "#stop", "#clear"):
             page.click(button)
         wait_idle(app_url)  # the CPU is freed after Stop/Clear
@@ -162,13 +199,16 @@ def test_browser_stop_retry_clear_clicked_together(app_url):
         example.wait_for(timeout=30_000)
         asked = example.inner_text().strip()
         example.click()
-        page.wait_for_function(f"[...document.querySelectorAll({BOT!r})].pop()?.innerText.length > 10",
-                               timeout=60_000)
+        page.wait_for_function(
+            f"[...document.querySelectorAll({BOT!r})].pop()?.innerText.length > 10", timeout=60_000
+        )
         assert page.locator('#chatbot [data-testid="user"]').last.inner_text().strip() == asked
     assert not errors, errors
 
 
-CODE_MESSAGE = "Explain __init__() here:\n```python\nclass A:\n    def __init__(self):\n        self.x = 1\n```"
+CODE_MESSAGE = (
+    "Explain __init__() here:\n```python\nclass A:\n    def __init__(self):\n        self.x = 1\n```"
+)
 RACE_CLOCK = """() => new Promise(done => {
   // performance.now() of the first replayed frame and of the frame where each lane says it finished
   const seen = {};
@@ -201,7 +241,9 @@ def test_browser_live_counters_code_continue_and_race(app_url, width):
         page.wait_for_selector("#live:has-text('writing')", timeout=60_000)
         first = page.locator("#live").inner_text()
         page.wait_for_function(f"document.querySelector('#live').innerText !== {first!r}", timeout=30_000)
-        assert re.search(r"\d+ tokens · [\d.]+ tokens/s · context \d+ of 8,192", page.locator("#live").inner_text())
+        assert re.search(
+            r"\d+ tokens · [\d.]+ tokens/s · context \d+ of 8,192", page.locator("#live").inner_text()
+        )
         # copy while streaming: the user's message and the reply still being written each have a copy button
         assert page.locator("#chatbot button[title='Copy message']").count() == 2
         user = page.locator('#chatbot [data-testid="user"]').last

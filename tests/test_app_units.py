@@ -1,5 +1,7 @@
 """The app's bookkeeping without a server: latency numbers, history trimming, prompt encoding."""
 
+from types import SimpleNamespace
+
 import pytest
 
 import app
@@ -114,8 +116,16 @@ def test_clean_strips_control_characters():
 
 def test_retry_returns_last_question():
     history = _history(2)
-    h, q = app.retry(history)
-    assert q.startswith("question 1") and len(h) == 2
+    h, q, asked_at = app.retry(history, 0, SimpleNamespace(session_hash="s"))
+    assert q.startswith("question 1") and len(h) == 2 and asked_at == 0
+
+
+def test_retry_clicked_before_a_clear_leaves_the_chat_alone():
+    """Clear's answer can reach the server before an earlier Retry's: that Retry changes nothing."""
+    app.SESSIONS.clear("impatient")
+    h, q, asked_at = app.retry(_history(2), 0, SimpleNamespace(session_hash="impatient"))
+    assert h == q == app.gr.skip() and asked_at == 0
+    assert app.SESSIONS.cleared_since("impatient", asked_at)  # so the resend it chains is dropped too
 
 
 def test_read_settings_clamps_and_says_so():

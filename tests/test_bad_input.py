@@ -101,8 +101,9 @@ def test_injected_template_stays_text(client, int8_run, tokenizer):
     def encode(text: str, split: bool) -> list[int]:
         return tokenizer(text, add_special_tokens=False, split_special_tokens=split).input_ids
 
-    as_text = encode(before, False) + encode(INJECTION, True) + encode(after, False)
-    as_markup = encode(before + INJECTION + after, False)  # what a naive template fill would feed
+    typed = INJECTION.strip()  # the app trims what was typed
+    as_text = encode(before, False) + encode(typed, True) + encode(after, False)
+    as_markup = encode(before + typed + after, False)  # what a naive template fill would feed
     assert as_text != as_markup
     assert reply == greedy_answer(int8_run["out"], tokenizer, as_text, 12)
     assert reply != greedy_answer(int8_run["out"], tokenizer, as_markup, 12)
