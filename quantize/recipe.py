@@ -345,10 +345,9 @@ def _migrate(
     return s
 
 
-def float_copy_for_inc(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe) -> nn.Module:
-    """The FP32 copy INC quantizes: embeddings untied, norms shown under a class INC knows, and the pairs INC
+def prepare_for_inc(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe) -> nn.Module:
+    """Make the FP32 copy ready for INC: embeddings untied, norms shown under a class INC knows, and the pairs INC
     cannot absorb already smoothed."""
-    model = copy.deepcopy(model).float().eval()
     untie_embeddings(model)
     present_norms_to_inc(model)
     if recipe.smooth_pairs:
@@ -369,8 +368,10 @@ def quantize(
     from optimum.intel import INCQuantizer
 
     start = time.perf_counter()
-    model = float_copy_for_inc(model, calibration, recipe)
+    model = copy.deepcopy(model).float().eval()
+    # before any smoothing: the final norm is smoothed here (smooth_pairs), the others by INC
     norms_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("norm.weight")}
+    prepare_for_inc(model, calibration, recipe)
     ids = [x[0].tolist() for x in calibration]
     ds = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
     from neural_compressor.config import options

@@ -43,12 +43,27 @@ for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "Q8CHAT_INT8_M
 
 ARTIFACTS = ROOT / "artifacts"
 # A two-layer Llama: the whole quantize pipeline runs on it in seconds (with the default tokenizer's vocabulary).
-TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2}
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 HUB_TOKEN = "hf_test_local_hub_token"
 # Planted in the environment of every app and CLI run the tests start; must never show up in what they print,
 # write or serve (tests/test_secrets.py scans for it).
 PLANTED_TOKEN = "hf_PLANTEDsecretTOKENxyz0123456789"
+
+
+# Tests that use these are slow whatever their marks say: the real model's 4-minute quantize run, the app on it.
+SLOW_FIXTURES = {"int8_run", "app_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -57,8 +72,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
     """`python -m quantize ...` in a child process, as a maintainer runs it."""
-    return subprocess.run([sys.executable, "-m", "quantize", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "quantize", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -125,10 +146,17 @@ def running_app(log: Path, loaded: bool = True, **env: str):
     from gradio_client import Client
 
     port = _free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
-           "HF_TOKEN": PLANTED_TOKEN, **env}
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_TOKEN": PLANTED_TOKEN,
+        **env,
+    }
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 300

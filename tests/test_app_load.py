@@ -43,7 +43,8 @@ def visit(url: str, visitor: int, turns: range, history: list, log: list) -> lis
         start = time.monotonic()
         try:
             h, box, _chart, table, _bf16, notice, *_ = client.predict(
-                message, history, DEFAULT_SYSTEM, 12, 0.0, 0.95, turn % 2 == 0, api_name="/chat")
+                message, history, DEFAULT_SYSTEM, 12, 0.0, 0.95, turn % 2 == 0, api_name="/chat"
+            )
         except Exception as e:  # noqa: BLE001 - classified below: busy is an answer, anything else an error
             log.append((visitor, turn, time.monotonic() - start, "busy" if BUSY in str(e) else f"error: {e}"))
             continue
@@ -85,10 +86,17 @@ def test_eight_concurrent_sessions(app_url):
     outcomes = [o for *_, o in log]
     errors = [o for o in outcomes if o.startswith("error")]
     waits = sorted(s for *_, s, o in log if o == "answer")
-    figures = {"requests": len(log), "answers": outcomes.count("answer"), "busy": outcomes.count("busy"),
-               "errors": len(errors), "p50_s": statistics.median(waits), "p95_s": waits[int(0.95 * (len(waits) - 1))],
-               "rss_after_first_round_mb": rss_first / 1e6, "rss_after_run_mb": rss_after / 1e6,
-               "elapsed_s": elapsed}
+    figures = {
+        "requests": len(log),
+        "answers": outcomes.count("answer"),
+        "busy": outcomes.count("busy"),
+        "errors": len(errors),
+        "p50_s": statistics.median(waits),
+        "p95_s": waits[int(0.95 * (len(waits) - 1))],
+        "rss_after_first_round_mb": rss_first / 1e6,
+        "rss_after_run_mb": rss_after / 1e6,
+        "elapsed_s": elapsed,
+    }
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "load.json").write_text(json.dumps(figures, indent=1))
     print(figures)
@@ -110,8 +118,10 @@ def test_burst_beyond_the_queue_gets_busy_not_errors(app_url):
         assert time.monotonic() < deadline, "the long reply never started"
         time.sleep(0.05)
     extra = 8
-    jobs = [client.submit(f"Count to {i}.", [], "", 8, 0.0, 0.95, False, api_name="/chat")
-            for i in range(QUEUE_SIZE + extra)]
+    jobs = [
+        client.submit(f"Count to {i}.", [], "", 8, 0.0, 0.95, False, api_name="/chat")
+        for i in range(QUEUE_SIZE + extra)
+    ]
     answered = busy = 0
     for job in [long, *jobs]:
         try:
@@ -132,7 +142,9 @@ def test_one_visitors_stop_leaves_anothers_reply_alone(app_url, app_server):
     from gradio_client import Client
 
     def ask(client):
-        return client.submit("Tell me about the moon.", [], DEFAULT_SYSTEM, 128, 0.0, 0.95, False, api_name="/chat")
+        return client.submit(
+            "Tell me about the moon.", [], DEFAULT_SYSTEM, 128, 0.0, 0.95, False, api_name="/chat"
+        )
 
     alone = text_of(ask(Client(app_url, verbose=False)).result(timeout=300)[0][-1]["content"])
     wait_idle(app_url, 30)
@@ -155,13 +167,16 @@ def test_disconnect_mid_stream_stops_generation(app_url, app_server):
     fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
     session = uuid.uuid4().hex
     data = ["Write a very long story about a ship.", [], DEFAULT_SYSTEM, 256, 0.0, 0.95, True, None]
-    r = requests.post(app_url + "gradio_api/queue/join", timeout=10,
-                      json={"data": data, "fn_index": fn, "session_hash": session, "event_data": None,
-                            "trigger_id": None})
+    r = requests.post(
+        app_url + "gradio_api/queue/join",
+        timeout=10,
+        json={"data": data, "fn_index": fn, "session_hash": session, "event_data": None, "trigger_id": None},
+    )
     assert r.ok, r.text
     left_before = app_server["log"].read_text().count("visitor left")
-    stream = requests.get(app_url + "gradio_api/queue/data", params={"session_hash": session}, stream=True,
-                          timeout=60)
+    stream = requests.get(
+        app_url + "gradio_api/queue/data", params={"session_hash": session}, stream=True, timeout=60
+    )
     streamed = 0
     for line in stream.iter_lines():
         if b"process_generating" in line:
@@ -172,7 +187,10 @@ def test_disconnect_mid_stream_stops_generation(app_url, app_server):
     assert streamed >= 5
     wait_idle(app_url, 15)
     deadline = time.monotonic() + 15
-    while len(left := [ln for ln in app_server["log"].read_text().splitlines() if "visitor left" in ln]) <= left_before:
+    while (
+        len(left := [ln for ln in app_server["log"].read_text().splitlines() if "visitor left" in ln])
+        <= left_before
+    ):
         assert time.monotonic() < deadline, "no reply was logged as stopped by the visitor leaving"
         time.sleep(0.1)
     tokens = int(re.search(r"reply: (\d+) tokens", left[-1])[1])

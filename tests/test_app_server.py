@@ -112,15 +112,6 @@ def test_benchmark_tab_api_interleaves_both_models(app_url):
     assert "3 prompts × 8 tokens × 2 rounds" in table
 
 
-def test_empty_message_is_refused_and_nothing_is_lost(app_url):
-    from gradio_client import Client
-
-    history, box, *_ = Client(app_url, verbose=False).predict(
-        "   ", [], "", 16, 0.0, 0.95, False, api_name="/chat"
-    )
-    assert history == [] and box == "   "
-
-
 def test_browser_chat_stream_panel_stop(app_url):
     ARTIFACTS.mkdir(exist_ok=True)
     errors: list[str] = []

@@ -1,5 +1,6 @@
 """The app's bookkeeping without a server: latency numbers, history trimming, prompt encoding."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -136,3 +137,23 @@ def test_read_settings_clamps_and_says_so():
     for bad in ("lots", None, float("nan")):
         with pytest.raises(ValueError, match="max_new_tokens must be a number"):
             chat.read_settings(bad, 0.0, 0.9)
+
+
+def test_pairs_on_the_hub_are_offered_only_when_it_answers(tmp_path, monkeypatch, default_dir):
+    from conftest import local_hub
+
+    listing = [
+        {"name": "on-disk", "bf16": str(default_dir)},
+        {"name": "on-the-hub", "bf16": "org/model", "int8": "org/model-int8", "revision": "0" * 40},
+    ]
+    (tmp_path / "models.json").write_text(json.dumps(listing))
+    monkeypatch.setenv("Q8CHAT_MODELS", str(tmp_path / "models.json"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert [p.name for p in serving.configured_pairs()] == ["SmolLM2-135M-Instruct", "on-disk"]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with local_hub(tmp_path / "hub"):
+        assert [p.name for p in serving.configured_pairs()] == [
+            "SmolLM2-135M-Instruct",
+            "on-disk",
+            "on-the-hub",
+        ]
