@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("q8chat")
-
 EPILOG = """examples:
   python -m quantize --out /tmp/smollm2-int8                      # embedded default model, offline
   python -m quantize --model HuggingFaceTB/SmolLM2-360M-Instruct --out out/360m --alpha 0.6

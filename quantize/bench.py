@@ -24,8 +24,6 @@ from quantize import evaluate, files, latency, models
 from quantize.generate import HFDecoder
 from quantize.models import ModelError
 
-log = logging.getLogger("q8chat")
-
 EPILOG = """examples:
   python -m quantize.bench                                   # the app's default INT8 folder vs the embedded BF16
   python -m quantize.bench --threads 1 2 --tokens 64 --json bench.json

@@ -38,8 +38,6 @@ from torch import nn
 
 from quantize import engine
 
-log = logging.getLogger("q8chat")
-
 SUPPORTED_MODEL_TYPES = {
     "llama",
     "mistral",
