@@ -561,8 +561,3 @@ def module_counts(model: nn.Module) -> dict[str, int]:
         if "Linear" in kind or "Embedding" in kind or "QDQ" in kind or "FakeQuant" in kind:
             counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
-
-
-STATIC_INT8 = "torch.ao.nn.quantized.modules.linear.Linear"
-DYNAMIC_INT8 = "torch.ao.nn.quantized.dynamic.modules.linear.Linear"
-FAKE_QUANT_MARKERS = ("QDQ", "FakeQuant", "SQLinearWrapper")
