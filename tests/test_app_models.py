@@ -137,6 +137,7 @@ def test_space_start_without_the_embedded_model_takes_it_from_the_hub(default_di
             Q8CHAT_CACHE=str(cache),
             Q8CHAT_INT8_MODEL="test-user/smollm2-int8",
             Q8CHAT_INT8_REVISION=pin,
+            HF_TOKEN=HUB_TOKEN,  # a wrong token is refused, as the real Hub refuses one
         )
         with running_app(tmp_path / "app-space.log", **env) as (url, _):
             client = Client(url, verbose=False)
