@@ -32,10 +32,19 @@ OPTIONS = {
     "--alpha": dict(default=None, help="SmoothQuant alpha in [0, 1], or 'auto' (default: the recipe's)"),
     "--calibration-samples": dict(type=int, default=48, help="chat samples to calibrate on (default 48)"),
     "--calibration-file": dict(type=Path, default=None, help="JSON list of {messages: [...]} chats"),
+    "--max-ppl-ratio": dict(
+        type=float, help="quality bar: INT8 perplexity at most this times BF16's (default %(default)s)"
+    ),
+    "--min-top1": dict(
+        type=float, help="quality bar: top-1 agreement with BF16 at least this (default %(default)s)"
+    ),
     "--bench-tokens": dict(type=int, default=32, help="new tokens per timed generation (default 32)"),
     "--bench-rounds": dict(type=int, default=3, help="interleaved INT8/BF16 rounds (default 3)"),
     "--skip-baseline": dict(action="store_true", help="do not build INT8 without SmoothQuant for comparison"),
     "--push-to-hub": dict(metavar="REPO", default=None, help="push the folder to this Hub model repo"),
+    "--push-below-bar": dict(
+        action="store_true", help="push even when the INT8 model misses its quality bar"
+    ),
     "--private": dict(action="store_true", help="create the Hub repo as private"),
     "--commit-message": dict(default="Upload INT8 SmoothQuant model (q8-chat)"),
     "--dry-run": dict(
@@ -47,6 +56,7 @@ OPTIONS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from quantize.evaluate import QUALITY_BAR
     from quantize.recipe import DEFAULT_RECIPE, RECIPES
 
     p = argparse.ArgumentParser(
@@ -55,9 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    recipes = {"--recipe": dict(default=DEFAULT_RECIPE, choices=sorted(RECIPES))}
+    from_code = {  # defaults that live with the recipe and the quality measure
+        "--recipe": dict(default=DEFAULT_RECIPE, choices=sorted(RECIPES)),
+        "--max-ppl-ratio": dict(default=QUALITY_BAR["max_perplexity_ratio"]),
+        "--min-top1": dict(default=QUALITY_BAR["min_top1_agreement"]),
+    }
     for flag, keywords in OPTIONS.items():
-        p.add_argument(flag, **keywords, **recipes.get(flag, {}))
+        p.add_argument(flag, **keywords, **from_code.get(flag, {}))
     return p.parse_args(argv)
 
 
@@ -75,6 +89,8 @@ def check_args(args: argparse.Namespace) -> None:
                 ) from None
             if not 0.0 <= args.alpha <= 1.0:
                 raise ModelError(f"--alpha must be within [0, 1]; got {args.alpha}.")
+    if not args.max_ppl_ratio >= 1.0 or not 0.0 <= args.min_top1 <= 1.0:
+        raise ModelError("--max-ppl-ratio must be at least 1 and --min-top1 within [0, 1].")
     if args.calibration_samples < 1:
         raise ModelError("--calibration-samples must be at least 1.")
     if args.calibration_file is not None:
@@ -128,13 +144,21 @@ def run(args: argparse.Namespace, stage_bar=None) -> int:
 
     from quantize import card, pipeline
     from quantize.hub import planned_files, push
+    from quantize.models import ModelError
 
     check_args(args)
     build = prepare(args)
     with (stage_bar or tqdm)(total=len(pipeline.STAGES), desc="quantize", unit="stage") as bar:
         pipeline.run_stages(build, bar)
-    print(card.summary_table(json.loads((args.out / "quantize_report.json").read_text())))
+    report = json.loads((args.out / "quantize_report.json").read_text())
+    print(card.summary_table(report))
     print(f"INT8 model written to {args.out}")
+    missed = card.missed_bar(report)
+    if args.push_to_hub and missed and not args.push_below_bar:
+        raise ModelError(
+            f"Not pushed: the INT8 model misses its quality bar ({missed}). It is in {args.out}; pass "
+            "--push-below-bar to push it anyway, or try another --recipe or --alpha."
+        )
     if args.push_to_hub and args.dry_run:
         print(
             f"--dry-run: would push {args.out} to {args.push_to_hub} (private={args.private}) in one commit:"

@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 from quantize.evaluate import against_bar
-from quantize.latency import LABELS, fmt, speedup_line
+from quantize.latency import LABELS, fmt, peak_rss_bytes, speedup_line
 from quantize.recipe import Recipe
 
 FRONTIER = Path(__file__).parent / "frontier.json"
@@ -36,7 +36,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir: Path) -> dict:
+def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir: Path, bar: dict) -> dict:
     quality = {name: dict(v) for name, v in done["quality"]["models"].items()}
     if done.get("baseline"):
         quality["int8_no_sq"] = {k: v for k, v in done["baseline"].items() if k != "recipe"}
@@ -51,7 +51,8 @@ def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir
         "calibration_samples": done["quantize"]["calibration_samples"],
         "quality": quality,
         "quality_eval": {k: v for k, v in done["quality"].items() if k != "models"},
-        "quality_bar": against_bar(quality["int8"]),
+        "quality_bar": against_bar(quality["int8"], bar),
+        "peak_rss_bytes": peak_rss_bytes(),  # of this process: loading, calibrating, quantizing, verifying
         "speed": {k: v for k, v in speed.items() if k != "cpu"},
         "cpu": speed["cpu"],
         "disk_bytes": sum(f.stat().st_size for f in Path(int8_dir).glob("pytorch_model.bin")),
@@ -60,6 +61,19 @@ def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir
         "bench": json.loads(BENCH.read_text()) if BENCH.is_file() else None,
     }
     return report
+
+
+def missed_bar(report: dict) -> str:
+    """Which parts of the quality bar the INT8 model misses, and by how much; "" when it meets it."""
+    bar, int8 = report["quality_bar"], report["quality"]["int8"]
+    missed = []
+    if not bar["perplexity_ok"]:
+        missed.append(
+            f"perplexity {int8['perplexity_ratio']:.3f}x BF16's, above {bar['max_perplexity_ratio']}x"
+        )
+    if not bar["top1_ok"]:
+        missed.append(f"top-1 agreement {int8['top1_agreement']:.3f}, below {bar['min_top1_agreement']}")
+    return "; ".join(missed)
 
 
 def summary_table(report: dict) -> str:
@@ -179,6 +193,7 @@ def card_fields(report: dict) -> dict:
         "int8_mb": weights.get("int8", 0) / 1e6,
         "bf16_mb": weights.get("bf16", 0) / 1e6,
         "disk_mb": report["disk_bytes"] / 1e6,
+        "peak_rss_mb": report["peak_rss_bytes"] / 1e6,
         "bench_table": bench_table(report.get("bench")),
         "frontier_table": frontier_table(report["frontier"]),
         "versions": ", ".join(f"{k} {v}" for k, v in report["versions"].items()),

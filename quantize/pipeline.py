@@ -121,7 +121,8 @@ def speed_stage(b: Build) -> dict:
 
 
 def card_stage(b: Build) -> None:
-    report = card.build_report(b.record.done, b.recipe, b.base_id, str(b.source), b.int8_dir)
+    bar = {"max_perplexity_ratio": b.args.max_ppl_ratio, "min_top1_agreement": b.args.min_top1}
+    report = card.build_report(b.record.done, b.recipe, b.base_id, str(b.source), b.int8_dir, bar)
     files.write_file(b.int8_dir / "quantize_report.json", json.dumps(report, indent=1))
     card.write_card(report, b.int8_dir)
 

@@ -1,6 +1,7 @@
 """Bad input to `python -m quantize` gets one clear sentence, a non-zero exit, and touches nothing."""
 
 import json
+import subprocess
 
 import pytest
 from conftest import local_hub, run_cli, wait_for
@@ -196,3 +197,62 @@ def test_overwrite_never_mixes_old_and_new(tmp_path, tiny_model):
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert "old-only.txt" not in after and not partial.exists()
     assert json.loads(after["quantize_report.json"])["recipe"]["alpha"] == 0.7
+
+
+# Runs `python -m quantize ...` as its child and writes the child's peak resident memory (wait4's rusage) to
+# $PEAK_FILE. The child is forked from this small launcher, so the count is the run's own: a process started
+# straight from pytest would carry pytest's high-water mark into its count.
+LAUNCHER = """import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-m", "quantize", *sys.argv[1:]])
+_, status, usage = os.wait4(child.pid, 0)
+open(os.environ["PEAK_FILE"], "w").write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))"""
+
+
+def run_cli_with_peak(*args: str, env: dict, peak_file) -> tuple[subprocess.CompletedProcess, int]:
+    import os
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, **env, "PEAK_FILE": str(peak_file)})  # fmt: skip
+    return proc, int(peak_file.read_text())
+
+
+def test_a_model_below_its_bar_is_not_pushed_unless_asked(tmp_path, tiny_model):
+    """A bar the model cannot meet (perplexity at most 1.0x BF16's and top-1 1.0, for a random tiny model's INT8):
+    the folder is written, nothing reaches the Hub, and the sentence says which bar failed by how much. With
+    --push-below-bar the same run pushes. The report's peak memory is the one the kernel counted for the run."""
+    from conftest import HUB_TOKEN
+
+    out, repo = tmp_path / "o", "test-user/below-bar"
+    args = [
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        *FAST,
+        "--max-ppl-ratio",
+        "1.0",
+        "--min-top1",
+        "1.0",
+    ]
+    with local_hub(tmp_path / "hub") as hub:
+        refused, peak = run_cli_with_peak(
+            *args, "--push-to-hub", repo, env={"HF_TOKEN": HUB_TOKEN}, peak_file=tmp_path / "peak"
+        )
+        msg = _error(refused)
+        assert "Not pushed: the INT8 model misses its quality bar" in msg and "--push-below-bar" in msg
+        report = json.loads((out / "quantize_report.json").read_text())
+        ratio = report["quality"]["int8"]["perplexity_ratio"]
+        assert ratio > 1.0 and f"perplexity {ratio:.3f}x BF16's, above 1.0x" in msg
+        assert hub.head(repo) is None and not [p for method, p in hub.requests if method != "GET"]
+        assert "does **not** meet" in (out / "README.md").read_text()
+        assert abs(report["peak_rss_bytes"] / peak - 1) < 0.1, (report["peak_rss_bytes"], peak)
+
+        pushed = run_cli(
+            *args, "--overwrite", "--push-to-hub", repo, "--push-below-bar", env={"HF_TOKEN": HUB_TOKEN}
+        )
+        assert pushed.returncode == 0, pushed.stderr[-2000:]
+        assert set(hub.files(repo)) >= {"README.md", "engine.safetensors", "quantize_report.json"}
