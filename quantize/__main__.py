@@ -31,7 +31,18 @@ OPTIONS = {
     "--recipe": dict(help="frontier point to build (default %(default)s; see quantize/recipe.py)"),
     "--alpha": dict(default=None, help="SmoothQuant alpha in [0, 1], or 'auto' (default: the recipe's)"),
     "--calibration-samples": dict(type=int, default=48, help="chat samples to calibrate on (default 48)"),
-    "--calibration-file": dict(type=Path, default=None, help="JSON list of {messages: [...]} chats"),
+    "--calibration-file": dict(
+        type=Path,
+        default=None,
+        help="your own calibration set: JSON chats "
+        "([{messages: [...]}]) or plain text (default: the project's chats)",
+    ),
+    "--eval-file": dict(
+        type=Path,
+        default=None,
+        help="your own held-out set for the quality numbers: JSON chats "
+        "or plain text (default: the project's held-out prose and prompts)",
+    ),
     "--max-ppl-ratio": dict(
         type=float, help="quality bar: INT8 perplexity at most this times BF16's (default %(default)s)"
     ),
@@ -93,15 +104,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ModelError("--max-ppl-ratio must be at least 1 and --min-top1 within [0, 1].")
     if args.calibration_samples < 1:
         raise ModelError("--calibration-samples must be at least 1.")
-    if args.calibration_file is not None:
-        from quantize.calibration import load_chats
-
+    for flag, path in (("--calibration-file", args.calibration_file), ("--eval-file", args.eval_file)):
         try:
-            chats = load_chats(args.calibration_file)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"Cannot read the calibration file {args.calibration_file}: {e}.") from None
-        if not chats:
-            raise ModelError(f"The calibration file {args.calibration_file} is empty: it needs chat samples.")
+            text = path.read_text() if path is not None else "set"
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelError(f"Cannot read the {flag} {path}: {e}.") from None
+        if not text.strip() or text.strip() in ("[]", "{}"):
+            raise ModelError(f"The {flag} {path} is empty: it needs chats or text.")
     if args.out.exists() and not args.out.is_dir():
         raise ModelError(f"--out {args.out} exists and is a file.")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,30 @@ WINDOW = 128
 PREFILL = 32
 # The project's quality bar (issue #2): the INT8 model against BF16 on this held-out text.
 QUALITY_BAR = {"max_perplexity_ratio": 1.10, "min_top1_agreement": 0.85}
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What quality is measured on: prose for perplexity and top-1, chat prompts for greedy and chat top-1."""
+
+    text: str
+    prompts: list[str]
+    source: str  # said in the card
+
+
+def held_out(path: Path | None = None) -> HeldOut:
+    """The project's held-out set, or a maintainer's file: JSON chats (their user turns are the prompts, all their
+    turns the prose) or plain text (the prose; the prompts stay the project's)."""
+    if path is None:
+        return HeldOut(heldout_text(), heldout_prompts(), "held-out English prose written for the project")
+    raw = Path(path).read_text()
+    try:
+        chats = [c["messages"] for c in json.loads(raw)]
+    except (ValueError, TypeError, KeyError):
+        return HeldOut(raw, heldout_prompts(), f"the maintainer's text `{Path(path).name}`")
+    prompts = [next(m["content"] for m in chat if m["role"] == "user") for chat in chats]
+    prose = "\n\n".join(m["content"] for chat in chats for m in chat)
+    return HeldOut(prose, prompts, f"the maintainer's {len(chats)} chats `{Path(path).name}`")
 
 
 def heldout_text() -> str:
@@ -79,16 +104,25 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 
-def compare(models: dict, reference: str, tokenizer, max_tokens: int = 1024, greedy_tokens: int = 48) -> dict:
+def compare(
+    models: dict,
+    reference: str,
+    tokenizer,
+    held: HeldOut | None = None,
+    max_tokens: int = 1024,
+    greedy_tokens: int = 48,
+) -> dict:
     """Perplexity of every model; top-1 agreement and greedy-continuation match of each against `reference`."""
-    ids = tokenizer(heldout_text(), return_tensors="pt").input_ids[:, :max_tokens]
-    prompts = [prompt_ids(tokenizer, p) for p in heldout_prompts()]
+    held = held or held_out()
+    ids = tokenizer(held.text, return_tensors="pt").input_ids[:, :max_tokens]
+    prompts = [prompt_ids(tokenizer, p) for p in held.prompts]
     nll, top, cont = {}, {}, {}
     for name, model in models.items():
         nll[name], top[name] = teacher_forced(model, ids)
         cont[name] = [greedy(model, p, greedy_tokens, tokenizer.eos_token_id) for p in prompts]
     ref_ppl = math.exp(nll[reference])
     out = {
+        "source": held.source,
         "eval_tokens": int(ids.shape[1]),
         "window": WINDOW,
         "prefill": PREFILL,

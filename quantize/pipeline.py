@@ -43,7 +43,7 @@ class Record:
 
 
 def fingerprint(args: argparse.Namespace) -> str:
-    keys = ["model", "revision", "recipe", "alpha", "calibration_samples", "calibration_file", "bench_tokens",
+    keys = ["model", "revision", "recipe", "alpha", "calibration_samples", "calibration_file", "eval_file", "bench_tokens",
             "bench_rounds", "skip_baseline"]  # fmt: skip
     blob = json.dumps({k: str(getattr(args, k)) for k in keys}, sort_keys=True)
     # a code change (recipe, evaluation) must not resume onto stages an older version produced
@@ -87,7 +87,11 @@ class Build:
 def quantize_stage(b: Build) -> dict:
     calib = b.calibration()
     result = recipe.build_int8(b.bf16, b.tokenizer, calib, b.recipe, b.int8_dir)
-    return {**result.summary(), "calibration_samples": len(calib)}
+    own = b.args.calibration_file
+    source = (
+        f"the maintainer's `{own.name}`" if own else "chats written for the project, in the chat template"
+    )
+    return {**result.summary(), "calibration_samples": len(calib), "calibration_source": source}
 
 
 def baseline_stage(b: Build) -> dict:
@@ -95,14 +99,15 @@ def baseline_stage(b: Build) -> dict:
     work = b.partial / "inc-base"
     base = recipe.quantize(b.bf16, b.calibration(), recipe.RECIPES[recipe.BASELINE_NO_SQ], work)
     decoders = {"bf16": HFDecoder(b.bf16, "BF16"), "int8_no_sq": HFDecoder(base.model, "INT8 no SQ")}
-    quality = evaluate.compare(decoders, "bf16", b.tokenizer)
+    quality = evaluate.compare(decoders, "bf16", b.tokenizer, evaluate.held_out(b.args.eval_file))
     shutil.rmtree(work, ignore_errors=True)
     return {"recipe": recipe.BASELINE_NO_SQ, **quality["models"]["int8_no_sq"]}
 
 
 def quality_stage(b: Build) -> dict:
     decoders = {"bf16": HFDecoder(b.bf16, "transformers BF16"), "int8": b.int8}
-    return {**evaluate.compare(decoders, "bf16", b.tokenizer), "int8_engine": b.int8.label}
+    quality = evaluate.compare(decoders, "bf16", b.tokenizer, evaluate.held_out(b.args.eval_file))
+    return {**quality, "int8_engine": b.int8.label}
 
 
 def speed_stage(b: Build) -> dict:

@@ -256,3 +256,35 @@ def test_a_model_below_its_bar_is_not_pushed_unless_asked(tmp_path, tiny_model):
         )
         assert pushed.returncode == 0, pushed.stderr[-2000:]
         assert set(hub.files(repo)) >= {"README.md", "engine.safetensors", "quantize_report.json"}
+
+
+def test_maintainers_own_calibration_text_and_eval_chats(tmp_path, tiny_model, tokenizer):
+    """--calibration-file as plain text (cut into 512-token pieces) and --eval-file as JSON chats: the quality
+    numbers are measured on those chats (their user turns as prompts, all turns as prose), and the card says so."""
+    from quantize.evaluate import heldout_text  # any long English text will do as a calibration file
+
+    calib = tmp_path / "my-calibration.txt"
+    calib.write_text(heldout_text())
+    chats = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}. " * 12}]}
+             for i in range(5)]  # fmt: skip
+    evalf = tmp_path / "my-eval.json"
+    evalf.write_text(json.dumps(chats))
+    out = tmp_path / "o"
+    proc = run_cli("--model", str(tiny_model), "--out", str(out), *FAST, "--calibration-file", str(calib),
+                   "--eval-file", str(evalf))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "quantize_report.json").read_text())
+    prose = "\n\n".join(m["content"] for c in chats for m in c["messages"])
+    assert report["quality_eval"]["eval_tokens"] == min(len(tokenizer(prose).input_ids), 1024)
+    assert report["quality_eval"]["chat_prompts"] == 5 and "my-eval.json" in report["quality_eval"]["source"]
+    pieces = -(-len(tokenizer(heldout_text(), add_special_tokens=False).input_ids) // 512)
+    assert (
+        report["calibration_samples"] == min(pieces, 4)
+        and "my-calibration.txt" in report["calibration_source"]
+    )
+    card = (out / "README.md").read_text()
+    assert "my-eval.json" in card and "my-calibration.txt" in card
+
+    missing = _error(run_cli("--out", str(tmp_path / "p"), "--eval-file", str(tmp_path / "absent.txt")))
+    assert "--eval-file" in missing and "absent.txt" in missing
