@@ -133,10 +133,13 @@ def prepare(args: argparse.Namespace):
     src = models.resolve_model(args.model, revision=args.revision)
     tok = models.load_tokenizer(src, trust_remote_code=args.trust_remote_code)
     bf16 = models.load_bf16(src, trust_remote_code=args.trust_remote_code)
-    if bf16.config.model_type not in recipe.SUPPORTED_MODEL_TYPES:
+    kind = bf16.config.model_type
+    if kind in recipe.NOT_SMOOTHABLE:
+        raise models.ModelError(f"Architecture {kind!r} cannot be smoothed: {recipe.NOT_SMOOTHABLE[kind]}.")
+    if kind not in recipe.FAMILIES:
         raise models.ModelError(
-            f"Architecture {bf16.config.model_type!r} is not supported: the recipe is verified for "
-            f"{', '.join(sorted(recipe.SUPPORTED_MODEL_TYPES))} models."
+            f"Architecture {kind!r} is not supported yet: SmoothQuant is verified here for "
+            f"{', '.join(sorted(recipe.FAMILIES))} models (quantize/recipe.py, FAMILIES)."
         )
     base_id = args.model if args.model and not Path(args.model).exists() else models.DEFAULT_MODEL_HUB_ID
     if args.model and Path(args.model).exists():

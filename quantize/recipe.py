@@ -38,14 +38,44 @@ from torch import nn
 
 from quantize import engine
 
-SUPPORTED_MODEL_TYPES = {
-    "llama",
-    "mistral",
-    "qwen2",
-}  # Llama blocks, up to biases and a sliding window
-# INC's SmoothQuant finds and scales norms by class name (waq/graph_trace.py, waq/smooth_quant.py) and knows
-# LlamaRMSNorm only; these compute exactly what it does (same forward source), so INC is shown that class.
-INC_NORM_ALIASES = {"MistralRMSNorm": "LlamaRMSNorm", "Qwen2RMSNorm": "LlamaRMSNorm"}
+LLAMA_PAIRS = {  # the pairs INC cannot absorb, smoothed here before it runs (see `smooth_pairs`)
+    "lm_head": ("model.norm", "lm_head"),
+    "down_proj": ("model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj"),
+    "o_proj": ("model.layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.o_proj"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How SmoothQuant meets one architecture (a transformers model_type). INC absorbs a Linear's scales into the
+    norm in front of it, finding and scaling norms by class name (waq/graph_trace.py, waq/smooth_quant.py); it
+    knows LlamaRMSNorm, so a norm that computes exactly what LlamaRMSNorm does is shown to INC as one."""
+
+    norm: str  # the family's norm class
+    shown_as: str | None  # the class INC is shown instead, or None when INC knows `norm`
+    pairs: dict[str, tuple[str, str]]  # role -> (producer, consumer) that `smooth_pairs` may scale
+
+
+# The names of the Linears (q/k/v, gate/up, o_proj, down_proj, lm_head) are the same in all of these, so one set
+# of patterns (QKV, GATE_UP, O_PROJ, DOWN_PROJ, LM_HEAD) serves them; a family with other names adds its own.
+FAMILIES = {
+    "llama": Family("LlamaRMSNorm", None, LLAMA_PAIRS),
+    "mistral": Family("MistralRMSNorm", "LlamaRMSNorm", LLAMA_PAIRS),
+    "qwen2": Family("Qwen2RMSNorm", "LlamaRMSNorm", LLAMA_PAIRS),
+    # Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): INC absorbs into the norms in front of them (the
+    # QKV and GATE_UP patterns match the fused names). The producers of o_proj's and down_proj's inputs are slices
+    # of those fused Linears, so only the final norm -> lm_head pair is smoothed before INC.
+    "phi3": Family("Phi3RMSNorm", "LlamaRMSNorm", {"lm_head": LLAMA_PAIRS["lm_head"]}),
+}
+# Families INC cannot smooth as they stand, and why (one sentence each; the command stops with it).
+NOT_SMOOTHABLE = {
+    "gemma2": "Gemma 2's RMSNorm multiplies by (1 + weight), so folding a SmoothQuant scale s into it needs "
+    "weight' = (1 + weight) / s - 1, and Neural Compressor folds weight / s",
+    "gemma": "Gemma's RMSNorm multiplies by (1 + weight), so folding a SmoothQuant scale s into it needs "
+    "weight' = (1 + weight) / s - 1, and Neural Compressor folds weight / s",
+}
+SUPPORTED_MODEL_TYPES = set(FAMILIES)
+INC_NORM_ALIASES = {f.norm: f.shown_as for f in FAMILIES.values() if f.shown_as}
 # Ops with no norm in front of them, so SmoothQuant cannot fold a scale for them (INC: "150 out of 211").
 O_PROJ, DOWN_PROJ, LM_HEAD = (
     r".*o_proj(\.module)?",
@@ -66,7 +96,7 @@ class Recipe:
     tail: tuple[tuple[str, str], ...] = ()
     # INC's default for Linear activations is KL calibration, which clips the outliers LLMs depend on.
     activation_algorithm: str = "minmax"
-    # SmoothQuant for the pairs INC cannot absorb (SMOOTH_PAIRS: lm_head, down_proj, o_proj), done here the same
+    # SmoothQuant for the pairs INC cannot absorb (Family.pairs: lm_head, down_proj, o_proj), done here the same
     # way before INC runs: the producer's output channels scaled down, the consumer's input columns up.
     smooth_pairs: tuple[str, ...] = ()
     pair_alpha: float | None = (
@@ -260,32 +290,23 @@ class _Capture(logging.Handler):
 # SmoothQuant pairs INC does not absorb (it only folds into a norm it finds in its trace): where the scale goes
 # (a norm's weight, or a Linear's output rows) and the Linear whose input columns take it. down_proj's input is
 # silu(gate) * up, o_proj's is softmax-weighted rows of v, so scaling up's or v's rows scales them exactly.
-SMOOTH_PAIRS = {
-    "lm_head": ("model.norm", "lm_head"),
-    "down_proj": ("model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj"),
-    "o_proj": (
-        "model.layers.{i}.self_attn.v_proj",
-        "model.layers.{i}.self_attn.o_proj",
-    ),
-}
-
-
 def smooth_pairs(
     model: nn.Module,
     calibration: list[torch.Tensor],
     alpha: float,
     kinds: tuple[str, ...],
 ) -> dict[str, torch.Tensor]:
-    """SmoothQuant's migration (Xiao et al.) for the pairs `kinds` of SMOOTH_PAIRS: per input channel j of the
+    """SmoothQuant's migration (Xiao et al.) for the pairs `kinds` of the model's family (those it has): per input channel j of the
     consumer, s_j = max|X_j|^alpha / max|W_j|^(1-alpha); X is divided by s where it is produced, W's column j
     multiplied by s. Exact in real arithmetic; the outlier channels a per-token INT8 scale would spend its range
     on shrink. Needs untied embeddings (lm_head scaled alone). Returns s per consumer."""
-    layers = len(model.model.layers)
+    layers, family = len(model.model.layers), FAMILIES[model.config.model_type].pairs
     pairs = [
         (p.format(i=i), c.format(i=i))
         for k in kinds
-        for i in (range(layers) if "{i}" in SMOOTH_PAIRS[k][0] else [0])
-        for p, c in [SMOOTH_PAIRS[k]]
+        if k in family
+        for i in (range(layers) if "{i}" in family[k][0] else [0])
+        for p, c in [family[k]]
     ]
     x_max = {c: torch.zeros(model.get_submodule(c).in_features) for _, c in pairs}
 

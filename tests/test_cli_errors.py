@@ -114,6 +114,7 @@ def test_stages_resume_only_the_same_run(tmp_path):
         alpha=None,
         calibration_samples=48,
         calibration_file=None,
+        eval_file=None,
         bench_tokens=32,
         bench_rounds=3,
         skip_baseline=False,
