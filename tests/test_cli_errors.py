@@ -221,6 +221,7 @@ def run_cli_with_peak(*args: str, env: dict, peak_file) -> tuple[subprocess.Comp
     return proc, int(peak_file.read_text())
 
 
+@pytest.mark.slow  # two full runs of the command on a tiny model
 def test_a_model_below_its_bar_is_not_pushed_unless_asked(tmp_path, tiny_model):
     """A bar the model cannot meet (perplexity at most 1.0x BF16's and top-1 1.0, for a random tiny model's INT8):
     the folder is written, nothing reaches the Hub, and the sentence says which bar failed by how much. With
@@ -259,6 +260,7 @@ def test_a_model_below_its_bar_is_not_pushed_unless_asked(tmp_path, tiny_model):
         assert set(hub.files(repo)) >= {"README.md", "engine.safetensors", "quantize_report.json"}
 
 
+@pytest.mark.slow  # two full runs of the command on a tiny model
 def test_maintainers_own_calibration_text_and_eval_chats(tmp_path, tiny_model, tokenizer):
     """--calibration-file as plain text (cut into 512-token pieces) and --eval-file as JSON chats: the quality
     numbers are measured on those chats (their user turns as prompts, all turns as prose), and the card says so."""

@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_LLAMA, run_cli
 from transformers import AutoConfig, AutoModelForCausalLM
 
+pytestmark = pytest.mark.slow  # the whole command on each family
 FAST = ("--skip-baseline", "--calibration-samples", "4", "--bench-tokens", "4", "--bench-rounds", "1")
 # family -> (the Linears right after each norm, the norm that feeds them); names as transformers 4.45 has them
 FOLDS = {
