@@ -65,10 +65,10 @@ def stream(
 
 
 class HFCache:
-    """What a transformers model hands back as its cache (a DynamicCache or INC's legacy tuples)."""
+    """What a transformers model hands back as its cache (a DynamicCache or legacy tuples)."""
 
-    def __init__(self) -> None:
-        self.past, self.length = DynamicCache(), 0
+    def __init__(self, past: DynamicCache | None) -> None:
+        self.past, self.length = past, 0
 
 
 class HFDecoder:
@@ -76,7 +76,8 @@ class HFDecoder:
 
     def __init__(self, model: torch.nn.Module, label: str) -> None:
         self.model, self.label, self.config = model.eval(), label, model.config.to_dict()
-        self.max_len = model.config.max_position_embeddings or 4096
+        # BLOOM (ALiBi) and MPT have no position table; 4096 bounds a chat there
+        self.max_len = getattr(model.config, "max_position_embeddings", None) or 4096
 
     @property
     def weight_bytes(self) -> int:
@@ -96,7 +97,8 @@ class HFDecoder:
         return self.weight_bytes - (0 if tied else weight_bytes(emb))
 
     def new_cache(self, max_len: int | None = None) -> HFCache:
-        return HFCache()
+        # models that only take legacy tuples (BLOOM, MPT in transformers 4.45) start from None
+        return HFCache(DynamicCache() if self.model._supports_cache_class else None)
 
     def forward(self, ids: torch.Tensor, cache: HFCache, all_logits: bool = False) -> torch.Tensor:
         out = self.model(input_ids=ids.reshape(1, -1), past_key_values=cache.past, use_cache=True)

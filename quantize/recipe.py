@@ -38,50 +38,97 @@ from torch import nn
 
 from quantize import engine
 
-LLAMA_PAIRS = {  # the pairs INC cannot absorb, smoothed here before it runs (see `smooth_pairs`)
+# A family's Linears by role, as regexes over module names (INC names some ops "<name>.module").
+#   qkv, gate_up: right after a norm, so INC absorbs SmoothQuant's scales into that norm;
+#   o_proj, down_proj, lm_head: no norm in front that INC pairs them with (the recipe's `tail` decides for them).
+LLAMA_LINEARS = {
+    "qkv": r".*[qkv]_proj",  # also Phi-3's fused qkv_proj
+    "gate_up": r".*(gate|up)_proj",  # also Phi-3's fused gate_up_proj
+    "o_proj": r".*o_proj",
+    "down_proj": r".*down_proj",
+    "lm_head": r"lm_head",
+}
+# Pairs INC does not absorb, smoothed here before it runs (see `smooth_pairs`): role -> (producer, consumer).
+LLAMA_PAIRS = {
     "lm_head": ("model.norm", "lm_head"),
     "down_proj": ("model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj"),
     "o_proj": ("model.layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.o_proj"),
 }
+ROLES = tuple(LLAMA_LINEARS)
 
 
 @dataclass(frozen=True)
 class Family:
     """How SmoothQuant meets one architecture (a transformers model_type). INC absorbs a Linear's scales into the
-    norm in front of it, finding and scaling norms by class name (waq/graph_trace.py, waq/smooth_quant.py); it
-    knows LlamaRMSNorm, so a norm that computes exactly what LlamaRMSNorm does is shown to INC as one."""
+    norm in front of it, finding and scaling norms by class name (waq/graph_trace.py, waq/smooth_quant.py): it
+    knows LlamaRMSNorm and LayerNorm, so a norm that computes what LlamaRMSNorm does is shown to INC as one."""
 
     norm: str  # the family's norm class
     shown_as: str | None  # the class INC is shown instead, or None when INC knows `norm`
+    linears: dict[str, str]  # role (ROLES) -> regex of the module names
     pairs: dict[str, tuple[str, str]]  # role -> (producer, consumer) that `smooth_pairs` may scale
+    # Gemma's norm multiplies by (1 + weight): shown to INC with weight + 1, so INC's weight / s is the right
+    # fold, and given back as weight - 1 once INC is done.
+    norm_offset: float = 0.0
+    # roles transformers itself reads as float weights, so they stay BF16 whatever the recipe says (Gemma 2's
+    # generate() takes its mask dtype from lm_head.weight)
+    float_roles: tuple[str, ...] = ()
 
 
-# The names of the Linears (q/k/v, gate/up, o_proj, down_proj, lm_head) are the same in all of these, so one set
-# of patterns (QKV, GATE_UP, O_PROJ, DOWN_PROJ, LM_HEAD) serves them; a family with other names adds its own.
+OPT_LINEARS = {"qkv": r".*[qkv]_proj", "gate_up": r".*fc1", "o_proj": r".*out_proj", "down_proj": r".*fc2",
+               "lm_head": r"lm_head"}  # fmt: skip
+FUSED_QKV_LINEARS = {"qkv": r".*query_key_value", "gate_up": r".*dense_h_to_4h", "o_proj": r".*attention\.dense",
+                     "down_proj": r".*dense_4h_to_h", "lm_head": r"lm_head"}  # fmt: skip
 FAMILIES = {
-    "llama": Family("LlamaRMSNorm", None, LLAMA_PAIRS),
-    "mistral": Family("MistralRMSNorm", "LlamaRMSNorm", LLAMA_PAIRS),
-    "qwen2": Family("Qwen2RMSNorm", "LlamaRMSNorm", LLAMA_PAIRS),
-    # Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): INC absorbs into the norms in front of them (the
-    # QKV and GATE_UP patterns match the fused names). The producers of o_proj's and down_proj's inputs are slices
-    # of those fused Linears, so only the final norm -> lm_head pair is smoothed before INC.
-    "phi3": Family("Phi3RMSNorm", "LlamaRMSNorm", {"lm_head": LLAMA_PAIRS["lm_head"]}),
-}
-# Families INC cannot smooth as they stand, and why (one sentence each; the command stops with it).
-NOT_SMOOTHABLE = {
-    "gemma2": "Gemma 2's RMSNorm multiplies by (1 + weight), so folding a SmoothQuant scale s into it needs "
-    "weight' = (1 + weight) / s - 1, and Neural Compressor folds weight / s",
-    "gemma": "Gemma's RMSNorm multiplies by (1 + weight), so folding a SmoothQuant scale s into it needs "
-    "weight' = (1 + weight) / s - 1, and Neural Compressor folds weight / s",
+    "llama": Family("LlamaRMSNorm", None, LLAMA_LINEARS, LLAMA_PAIRS),
+    "mistral": Family("MistralRMSNorm", "LlamaRMSNorm", LLAMA_LINEARS, LLAMA_PAIRS),
+    "qwen2": Family("Qwen2RMSNorm", "LlamaRMSNorm", LLAMA_LINEARS, LLAMA_PAIRS),
+    # Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): INC absorbs into the norms in front of them. The
+    # producers of o_proj's and down_proj's inputs are slices of those fused Linears, so only the final
+    # norm -> lm_head pair is smoothed before INC.
+    "phi3": Family("Phi3RMSNorm", "LlamaRMSNorm", LLAMA_LINEARS, {"lm_head": LLAMA_PAIRS["lm_head"]}),
+    "gemma2": Family("Gemma2RMSNorm", "LlamaRMSNorm", LLAMA_LINEARS, LLAMA_PAIRS, 1.0, ("lm_head",)),
+    "gemma": Family("GemmaRMSNorm", "LlamaRMSNorm", LLAMA_LINEARS, LLAMA_PAIRS, norm_offset=1.0),
+    # OPT: fc2 reads relu(fc1(x)), and relu(x / s) = relu(x) / s for s > 0, so fc1's rows take fc2's scales.
+    "opt": Family(
+        "LayerNorm",
+        None,
+        OPT_LINEARS,
+        {
+            "lm_head": ("model.decoder.final_layer_norm", "lm_head"),
+            "down_proj": ("model.decoder.layers.{i}.fc1", "model.decoder.layers.{i}.fc2"),
+            "o_proj": (
+                "model.decoder.layers.{i}.self_attn.v_proj",
+                "model.decoder.layers.{i}.self_attn.out_proj",
+            ),
+        },
+    ),  # fmt: skip
+    # BLOOM fuses q/k/v per head and puts GELU before dense_4h_to_h (not scale-invariant): only the final
+    # norm -> lm_head pair is smoothed before INC.
+    "bloom": Family("LayerNorm", None, FUSED_QKV_LINEARS, {"lm_head": ("transformer.ln_f", "lm_head")}),
+    # MPT as transformers has it: LayerNorm without bias, fused Wqkv, GELU before down_proj.
+    "mpt": Family(
+        "LayerNorm",
+        None,
+        LLAMA_LINEARS | {"qkv": r".*Wqkv", "gate_up": r".*up_proj", "o_proj": r".*out_proj"},
+        {"lm_head": ("transformer.norm_f", "lm_head")},
+    ),  # fmt: skip
 }
 SUPPORTED_MODEL_TYPES = set(FAMILIES)
-INC_NORM_ALIASES = {f.norm: f.shown_as for f in FAMILIES.values() if f.shown_as}
-# Ops with no norm in front of them, so SmoothQuant cannot fold a scale for them (INC: "150 out of 211").
-O_PROJ, DOWN_PROJ, LM_HEAD = (
-    r".*o_proj(\.module)?",
-    r".*down_proj(\.module)?",
-    r"lm_head(\.module)?",
-)
+# Families INC cannot smooth as transformers builds them, and why (one sentence each; the command stops with it).
+NOT_SMOOTHABLE = {
+    "gpt_neox": "with GPT-NeoX's parallel attention and MLP, the model Neural Compressor smooths no longer "
+    "computes the original (a tiny one's INT8 logits correlated 0.61 with FP32, against over 0.99 for the "
+    "families it takes)",
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    return FAMILIES[model.config.model_type]
+
+
+def linear_pattern(family: Family, role: str) -> str:
+    return family.linears[role] + r"(\.module)?"
 
 
 @dataclass(frozen=True)
@@ -91,7 +138,7 @@ class Recipe:
     name: str
     smooth_quant: bool = True
     alpha: float | str = 0.5  # SmoothQuant migration strength, or "auto" (INC searches per layer)
-    # op-name regex -> what it runs instead of static INT8: "fp32", "dynamic" (FBGEMM INT8, scale per call) or
+    # role (ROLES) -> what its Linears run instead of static INT8: "fp32", "dynamic" (FBGEMM INT8, scale per call) or
     # "bf16" (INC's BF16 wrapper)
     tail: tuple[tuple[str, str], ...] = ()
     # INC's default for Linear activations is KL calibration, which clips the outliers LLMs depend on.
@@ -104,20 +151,18 @@ class Recipe:
     )
     description: str = ""
 
-    @property
-    def excluded(self) -> tuple[str, ...]:
-        return tuple(p for p, _ in self.tail)
 
-
-QKV, GATE_UP = r".*[qkv]_proj(\.module)?", r".*(gate|up)_proj(\.module)?"
+def tail_for(recipe: Recipe, family: Family) -> tuple[tuple[str, str], ...]:
+    """The recipe's tail on this family: the family's float_roles in BF16 whatever the recipe says."""
+    return tuple((dict(recipe.tail) | {role: "bf16" for role in family.float_roles}).items())
 
 
 def tail_modes(
     o_proj: str, down_proj: str, lm_head: str, qkv_gate_up: str | None = None
 ) -> tuple[tuple[str, str], ...]:
-    """A recipe's `tail`: what each group of Linears runs instead of static INT8 (None: static INT8)."""
-    inputs = ((QKV, qkv_gate_up), (GATE_UP, qkv_gate_up)) if qkv_gate_up else ()
-    return inputs + ((O_PROJ, o_proj), (DOWN_PROJ, down_proj), (LM_HEAD, lm_head))
+    """A recipe's `tail`: what each role of Linears (ROLES) runs instead of static INT8 (None: static INT8)."""
+    inputs = (("qkv", qkv_gate_up), ("gate_up", qkv_gate_up)) if qkv_gate_up else ()
+    return inputs + (("o_proj", o_proj), ("down_proj", down_proj), ("lm_head", lm_head))
 
 
 RECIPES: dict[str, Recipe] = {
@@ -231,7 +276,7 @@ class QuantizeResult:
 
     def summary(self) -> dict:
         return {
-            "recipe": asdict(self.recipe),
+            "recipe": {**asdict(self.recipe), "tail": tail_for(self.recipe, family_of(self.model))},
             "smoothquant": self.smoothquant,
             "modules": self.modules,
             "seconds": round(self.seconds, 1),
@@ -248,17 +293,40 @@ def untie_embeddings(model: nn.Module) -> bool:
     return True
 
 
-def present_norms_to_inc(model: nn.Module) -> None:
-    """Give norms INC cannot see the class INC knows (INC_NORM_ALIASES): same computation, a name INC matches."""
+def present_norms_to_inc(model: nn.Module) -> dict[str, nn.Module]:
+    """Show INC the family's norms in a form it folds correctly, computing the same thing: under the class it
+    knows (Family.shown_as) with weight + norm_offset, and with a zero bias where a LayerNorm has none (INC
+    scales a LayerNorm's bias with its weight). Returns the norms changed, as they were (see `restore_norms`)."""
     from transformers.models.llama import modeling_llama
 
-    for mod in model.modules():
-        alias = INC_NORM_ALIASES.get(type(mod).__name__)
+    family, originals = family_of(model), {}
+    for name, mod in model.named_modules():
+        alias = family.shown_as and type(mod).__name__ == family.norm
+        biasless = isinstance(mod, nn.LayerNorm) and mod.bias is None
+        if alias or biasless:
+            originals[name] = copy.deepcopy(mod)
         if alias:
-            mod.__class__ = getattr(modeling_llama, alias)
+            mod.variance_epsilon = getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6))
+            mod.__class__ = getattr(modeling_llama, family.shown_as)
+            with torch.no_grad():
+                mod.weight.add_(family.norm_offset)
+        if biasless:
+            mod.bias = nn.Parameter(torch.zeros_like(mod.weight))
+    return originals
 
 
-def build_config(recipe: Recipe, calibration_size: int):
+def restore_norms(qmodel: nn.Module, originals: dict[str, nn.Module], offset: float) -> None:
+    """Put each norm shown to INC back as it was, with INC's folded weight (minus norm_offset). INC may have
+    traced it into a GraphModule; its parameters keep their names."""
+    for name, norm in originals.items():
+        folded = qmodel.get_submodule(name)
+        with torch.no_grad():
+            norm.weight.copy_(folded.weight.detach() - offset)
+        parent, _, child = name.rpartition(".")
+        setattr(qmodel.get_submodule(parent), child, norm)
+
+
+def build_config(recipe: Recipe, family: Family, calibration_size: int):
     from neural_compressor.config import PostTrainingQuantConfig
 
     recipes = {}
@@ -272,7 +340,7 @@ def build_config(recipe: Recipe, calibration_size: int):
         approach="static",
         backend="default",
         recipes=recipes,
-        op_name_dict={pattern: fp32 for pattern in recipe.excluded} or None,
+        op_name_dict={linear_pattern(family, role): fp32 for role, _ in tail_for(recipe, family)} or None,
         op_type_dict={"Linear": {"activation": {"algorithm": [recipe.activation_algorithm]}}},
         calibration_sampling_size=[calibration_size],
     )
@@ -300,7 +368,7 @@ def smooth_pairs(
     consumer, s_j = max|X_j|^alpha / max|W_j|^(1-alpha); X is divided by s where it is produced, W's column j
     multiplied by s. Exact in real arithmetic; the outlier channels a per-token INT8 scale would spend its range
     on shrink. Needs untied embeddings (lm_head scaled alone). Returns s per consumer."""
-    layers, family = len(model.model.layers), FAMILIES[model.config.model_type].pairs
+    layers, family = model.config.num_hidden_layers, family_of(model).pairs
     pairs = [
         (p.format(i=i), c.format(i=i))
         for k in kinds
@@ -364,16 +432,19 @@ def _migrate(
     return s
 
 
-def prepare_for_inc(model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe) -> nn.Module:
+def prepare_for_inc(
+    model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe
+) -> dict[str, nn.Module]:
     """Make the FP32 copy ready for INC: embeddings untied, norms shown under a class INC knows, and the pairs INC
-    cannot absorb already smoothed."""
+    cannot absorb already smoothed. Returns the norms shown to INC (see `restore_norms`)."""
     untie_embeddings(model)
-    present_norms_to_inc(model)
+    shown = present_norms_to_inc(model)
     if recipe.smooth_pairs:
         alpha = recipe.pair_alpha or (float(recipe.alpha) if recipe.alpha != "auto" else 0.5)
         smooth_pairs(model, calibration, alpha, recipe.smooth_pairs)
-    model.config.return_dict = False  # INC's jit trace for SmoothQuant needs tuple outputs
-    return model
+    # INC's jit trace for SmoothQuant needs tuple outputs, and no cache object among them (Gemma 2's HybridCache)
+    model.config.return_dict, model.config.use_cache = False, False
+    return shown
 
 
 def quantize(
@@ -389,8 +460,8 @@ def quantize(
     start = time.perf_counter()
     model = copy.deepcopy(model).float().eval()
     # before any smoothing: the final norm is smoothed here (smooth_pairs), the others by INC
-    norms_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("norm.weight")}
-    prepare_for_inc(model, calibration, recipe)
+    family, norms_before = family_of(model), norm_weights(model)
+    shown = prepare_for_inc(model, calibration, recipe)
     ids = [x[0].tolist() for x in calibration]
     ds = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
     from neural_compressor.config import options
@@ -402,7 +473,7 @@ def quantize(
     try:
         quantizer = INCQuantizer.from_pretrained(model, task="text-generation")
         quantizer.quantize(
-            quantization_config=build_config(recipe, len(ds)),
+            quantization_config=build_config(recipe, family, len(ds)),
             calibration_dataset=ds,
             batch_size=1,  # no padding: every calibration sample keeps its own length
             save_directory=workdir,
@@ -410,12 +481,13 @@ def quantize(
     finally:
         inc_log.removeHandler(capture)
     qmodel = quantizer._quantized_model
-    qmodel.config.return_dict = True  # back to normal outputs now that INC's trace is done
+    qmodel.config.return_dict, qmodel.config.use_cache = True, True  # INC's trace is done
     q_config = torch.load(Path(workdir) / "pytorch_model.bin", map_location="cpu", weights_only=False)[
         "best_configure"
     ]
 
-    apply_tail(qmodel, q_config, recipe)
+    restore_norms(qmodel, shown, family.norm_offset)
+    apply_tail(qmodel, q_config, recipe, family)
 
     evidence = smoothquant_evidence(capture.lines, norms_before, qmodel) if recipe.smooth_quant else {}
     seconds = time.perf_counter() - start
@@ -467,6 +539,15 @@ def save_int8(result: QuantizeResult, out: Path, tokenizer, original: nn.Module)
         original.generation_config.save_pretrained(out)
 
 
+def norm_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every norm's weight (LayerNorm, *RMSNorm), by parameter name: where folding puts the scales."""
+    return {
+        f"{name}.weight": mod.weight.detach().clone()
+        for name, mod in model.named_modules()
+        if type(mod).__name__.endswith("Norm") and getattr(mod, "weight", None) is not None
+    }
+
+
 def smoothquant_evidence(
     log_lines: list[str], norms_before: dict[str, torch.Tensor], qmodel: nn.Module
 ) -> dict:
@@ -490,12 +571,12 @@ def smoothquant_evidence(
     }
 
 
-def apply_tail(qmodel: nn.Module, q_config: dict, recipe: Recipe) -> None:
-    for pattern, mode in recipe.tail:
+def apply_tail(qmodel: nn.Module, q_config: dict, recipe: Recipe, family: Family) -> None:
+    for role, mode in tail_for(recipe, family):
         if mode == "dynamic":
-            make_dynamic(qmodel, q_config, (pattern,))
+            make_dynamic(qmodel, q_config, (linear_pattern(family, role),))
         elif mode == "bf16":
-            make_bf16(qmodel, q_config, (pattern,))
+            make_bf16(qmodel, q_config, (linear_pattern(family, role),))
 
 
 def _tail_modules(qmodel: nn.Module, patterns: tuple[str, ...]) -> list[str]:
