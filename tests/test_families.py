@@ -19,6 +19,7 @@ FOLDS = {
                               "post_attention_layernorm": ["mlp.gate_up_proj"]}, 0.0),
     "gemma2": ("model.layers", {"input_layernorm": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                                 "pre_feedforward_layernorm": ["mlp.gate_proj", "mlp.up_proj"]}, 1.0),
+    "gemma": ("model.layers", {"post_attention_layernorm": ["mlp.gate_proj", "mlp.up_proj"]}, 1.0),
     "opt": ("model.decoder.layers", {"self_attn_layer_norm": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                                      "final_layer_norm": ["fc1"]}, 0.0),
     "bloom": ("transformer.h", {"input_layernorm": ["self_attention.query_key_value"],
@@ -28,6 +29,7 @@ FOLDS = {
 SIZES = {  # the tiny size in each config's own words
     "phi3": TINY_LLAMA,
     "gemma2": {**TINY_LLAMA, "head_dim": 16},
+    "gemma": {**TINY_LLAMA, "head_dim": 16},
     "opt": {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
             "word_embed_proj_dim": 64},
     "bloom": {"hidden_size": 64, "n_layer": 2, "n_head": 4},
