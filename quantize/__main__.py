@@ -49,6 +49,15 @@ OPTIONS = {
     "--min-top1": dict(
         type=float, help="quality bar: top-1 agreement with BF16 at least this (default %(default)s)"
     ),
+    "--tune-trials": dict(
+        type=int,
+        default=8,
+        help="when the recipe misses the bar, Neural Compressor judges up to this many trials of the search "
+        "(alpha, then float fallbacks, then calibration size; 1: the recipe only; default %(default)s)",
+    ),
+    "--tune-minutes": dict(
+        type=float, default=60.0, help="time budget of that search in minutes (default %(default)s)"
+    ),
     "--bench-tokens": dict(type=int, default=32, help="new tokens per timed generation (default 32)"),
     "--bench-rounds": dict(type=int, default=3, help="interleaved INT8/BF16 rounds (default 3)"),
     "--skip-baseline": dict(action="store_true", help="do not build INT8 without SmoothQuant for comparison"),
@@ -104,6 +113,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ModelError("--max-ppl-ratio must be at least 1 and --min-top1 within [0, 1].")
     if args.calibration_samples < 1:
         raise ModelError("--calibration-samples must be at least 1.")
+    if args.tune_trials < 1 or not args.tune_minutes > 0:
+        raise ModelError("--tune-trials must be at least 1 and --tune-minutes above 0.")
     for flag, path in (("--calibration-file", args.calibration_file), ("--eval-file", args.eval_file)):
         try:
             text = path.read_text() if path is not None else "set"
@@ -165,7 +176,15 @@ def run(args: argparse.Namespace, stage_bar=None) -> int:
     report = json.loads((args.out / "quantize_report.json").read_text())
     print(card.summary_table(report))
     print(f"INT8 model written to {args.out}")
-    missed = card.missed_bar(report)
+    missed, tuning = card.missed_bar(report), report["tuning"]
+    if not tuning["met"] and not args.push_below_bar:
+        lead = "Not pushed: tuning ended" if args.push_to_hub else "Tuning ended"
+        raise ModelError(
+            f"{lead} without a point that meets the bar: {tuning['stopped']}. The best point "
+            f"({tuning['chosen']}) misses it ({missed or 'as the search measured it'}) and is in {args.out} "
+            "with its card; raise --tune-trials or --tune-minutes, relax the bar, or pass --push-below-bar "
+            "to keep it anyway."
+        )
     if args.push_to_hub and missed and not args.push_below_bar:
         raise ModelError(
             f"Not pushed: the INT8 model misses its quality bar ({missed}). It is in {args.out}; pass "

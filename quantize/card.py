@@ -53,6 +53,7 @@ def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir
         "quality": quality,
         "quality_eval": {k: v for k, v in done["quality"].items() if k != "models"},
         "quality_bar": against_bar(quality["int8"], bar),
+        "tuning": done["quantize"]["tuning"],
         "peak_rss_bytes": peak_rss_bytes(),  # of this process: loading, calibrating, quantizing, verifying
         "speed": {k: v for k, v in speed.items() if k != "cpu"},
         "cpu": speed["cpu"],
@@ -127,6 +128,21 @@ def frontier_table(frontier: dict | None) -> str:
     return "\n".join(rows)
 
 
+def tuning_table(tuning: dict) -> str:
+    """The points this run's search walked, each judged by Neural Compressor's AccuracyCriterion."""
+    head = (
+        f"{len(tuning['trials'])} trial(s) in {tuning['minutes']} min; the search stopped because "
+        f"{tuning['stopped']}. Chosen: {tuning['chosen']}.\n\n"
+        "| trial | point | perplexity x BF16 | top-1 | INC's criterion | seconds |\n|---|---|---|---|---|---|"
+    )
+    rows = [
+        f"| {i} | {t['point']} | {t['perplexity_ratio']:.4f} | {t['top1_agreement']:.3f} | "
+        f"{'met' if t['met'] else 'missed'} | {t['seconds']} |"
+        for i, t in enumerate(tuning["trials"], 1)
+    ]
+    return "\n".join([head, *rows])
+
+
 def bench_table(bench: dict | None) -> str:
     """The latest speed benchmark, one row per thread count and engine, with each model's bandwidth floor."""
     if not bench:
@@ -168,7 +184,7 @@ def card_fields(report: dict) -> dict:
     smoothquant = f"applied, alpha {rec['alpha']}" if rec["smooth_quant"] else "off"
     if sq:
         smoothquant += (
-            f" — INC: “{sq['inc_log'][0].strip()}”; {sq['norms_rescaled']} of {sq['norms_total']} RMSNorm "
+            f" — INC: “{sq['inc_log'][0].strip()}”; {sq['norms_rescaled']} of {sq['norms_total']} norm "
             "weights carry the folded scales"
         )
     verdict = "meets" if bar["met"] else "does **not** meet"
@@ -198,6 +214,7 @@ def card_fields(report: dict) -> dict:
         "peak_rss_mb": report["peak_rss_bytes"] / 1e6,
         "bench_table": bench_table(report.get("bench")),
         "frontier_table": frontier_table(report["frontier"]),
+        "tuning_table": tuning_table(report["tuning"]),
         "versions": ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "created": report["created"],
     }

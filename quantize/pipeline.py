@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize import calibration, card, evaluate, files, latency, models, recipe
+from quantize import calibration, card, evaluate, files, latency, models, recipe, tune
 from quantize.generate import HFDecoder
 
 
@@ -44,7 +44,7 @@ class Record:
 
 def fingerprint(args: argparse.Namespace) -> str:
     keys = ["model", "revision", "recipe", "alpha", "calibration_samples", "calibration_file", "eval_file", "bench_tokens",
-            "bench_rounds", "skip_baseline"]  # fmt: skip
+            "bench_rounds", "skip_baseline", "max_ppl_ratio", "min_top1", "tune_trials", "tune_minutes"]  # fmt: skip
     blob = json.dumps({k: str(getattr(args, k)) for k in keys}, sort_keys=True)
     # a code change (recipe, evaluation) must not resume onto stages an older version produced
     readers = ("bench.py", "frontier.py")  # tools that only read the result
@@ -79,19 +79,33 @@ class Build:
         """The INT8 folder loaded the way the app serves it: what ships is what is verified."""
         return models.open_int8(self.int8_dir)
 
-    def calibration(self) -> list:
+    @property
+    def bar(self) -> dict:
+        return {"max_perplexity_ratio": self.args.max_ppl_ratio, "min_top1_agreement": self.args.min_top1}
+
+    def calibration(self, samples: int | None = None) -> list:
         chats = self.args.calibration_file or calibration.CHATS
-        return calibration.calibration_ids(self.tokenizer, self.args.calibration_samples, chats)
+        return calibration.calibration_ids(self.tokenizer, samples or self.args.calibration_samples, chats)
 
 
 def quantize_stage(b: Build) -> dict:
-    calib = b.calibration()
-    result = recipe.build_int8(b.bf16, b.tokenizer, calib, b.recipe, b.int8_dir)
+    """The recipe, judged by Neural Compressor against the bar; when it misses, the tuning search (tune.py)."""
+    judge = tune.Judge(b.bf16, b.tokenizer, evaluate.held_out(b.args.eval_file), b.bar)
+    budget = tune.Budget(b.args.tune_trials, b.args.tune_minutes)
+    start = tune.Point(b.recipe, b.args.calibration_samples)
+    outcome = tune.search(b.bf16, b.calibration, start, judge, budget, b.partial / "inc-tune")
+    try:
+        recipe.check_smoothquant(outcome.result)
+        recipe.save_int8(outcome.result, b.int8_dir, b.tokenizer, b.bf16)
+    finally:
+        shutil.rmtree(b.partial / "inc-tune", ignore_errors=True)
     own = b.args.calibration_file
     source = (
         f"the maintainer's `{own.name}`" if own else "chats written for the project, in the chat template"
     )
-    return {**result.summary(), "calibration_samples": len(calib), "calibration_source": source}
+    samples = outcome.chosen.point.samples
+    return {**outcome.result.summary(), "calibration_samples": samples, "calibration_source": source,
+            "tuning": outcome.summary()}  # fmt: skip
 
 
 def baseline_stage(b: Build) -> dict:
@@ -126,8 +140,7 @@ def speed_stage(b: Build) -> dict:
 
 
 def card_stage(b: Build) -> None:
-    bar = {"max_perplexity_ratio": b.args.max_ppl_ratio, "min_top1_agreement": b.args.min_top1}
-    report = card.build_report(b.record.done, b.recipe, b.base_id, str(b.source), b.int8_dir, bar)
+    report = card.build_report(b.record.done, b.recipe, b.base_id, str(b.source), b.int8_dir, b.bar)
     files.write_file(b.int8_dir / "quantize_report.json", json.dumps(report, indent=1))
     card.write_card(report, b.int8_dir)
 

@@ -30,6 +30,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -273,6 +274,7 @@ class QuantizeResult:
     modules: dict = field(default_factory=dict)  # counts of module types after quantization
     seconds: float = 0.0
     workdir: Path | None = None  # where INCQuantizer wrote config.json, inc_config.json, pytorch_model.bin
+    criterion_met: bool | None = None  # INC's AccuracyCriterion on this trial (None: not judged)
 
     def summary(self) -> dict:
         return {
@@ -326,8 +328,10 @@ def restore_norms(qmodel: nn.Module, originals: dict[str, nn.Module], offset: fl
         setattr(qmodel.get_submodule(parent), child, norm)
 
 
-def build_config(recipe: Recipe, family: Family, calibration_size: int):
-    from neural_compressor.config import PostTrainingQuantConfig
+def build_config(recipe: Recipe, family: Family, calibration_size: int, judged: bool = False):
+    """INC's config for `recipe` on `family`; `judged`: a trial of accuracy-aware tuning (quantize/tune.py),
+    passing when its eval_fn's score loses nothing against the FP32 baseline's."""
+    from neural_compressor.config import AccuracyCriterion, PostTrainingQuantConfig, TuningCriterion
 
     recipes = {}
     if recipe.smooth_quant:
@@ -343,6 +347,10 @@ def build_config(recipe: Recipe, family: Family, calibration_size: int):
         op_name_dict={linear_pattern(family, role): fp32 for role, _ in tail_for(recipe, family)} or None,
         op_type_dict={"Linear": {"activation": {"algorithm": [recipe.activation_algorithm]}}},
         calibration_sampling_size=[calibration_size],
+        accuracy_criterion=AccuracyCriterion(criterion="absolute", tolerable_loss=0.0),
+        # one trial per INC run (tune.py says why); 2, because with max_trials=1 a missed criterion returns no
+        # model at all, where the early stop returns the one it tried
+        tuning_criterion=TuningCriterion(max_trials=2 if judged else 1, timeout=0),
     )
 
 
@@ -448,50 +456,73 @@ def prepare_for_inc(
 
 
 def quantize(
-    model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe, workdir: Path
+    model: nn.Module,
+    calibration: list[torch.Tensor],
+    recipe: Recipe,
+    workdir: Path,
+    judge: Callable[[nn.Module], float] | None = None,
 ) -> QuantizeResult:
-    """Quantize a copy of `model` (any float dtype) with `recipe`, calibrating on token-id tensors [1, T].
+    """Quantize a copy of `model` (any float dtype) with `recipe`, calibrating on token-id tensors [1, T];
+    `judge`, INC's eval_fn, makes it a trial of accuracy-aware tuning (quantize/tune.py).
 
     INCQuantizer writes its own files into `workdir`; the caller saves the final folder with `save_int8`.
     """
-    import datasets
-    from optimum.intel import INCQuantizer
-
     start = time.perf_counter()
     model = copy.deepcopy(model).float().eval()
     # before any smoothing: the final norm is smoothed here (smooth_pairs), the others by INC
     family, norms_before = family_of(model), norm_weights(model)
     shown = prepare_for_inc(model, calibration, recipe)
+    qmodel, log_lines = run_inc(
+        model, calibration, build_config(recipe, family, len(calibration), judge is not None), workdir, judge
+    )
+    qmodel.config.return_dict, qmodel.config.use_cache = True, True  # INC's trace is done
+    q_config = torch.load(Path(workdir) / "pytorch_model.bin", map_location="cpu", weights_only=False)[
+        "best_configure"
+    ]
+    restore_norms(qmodel, shown, family.norm_offset)
+    apply_tail(qmodel, q_config, recipe, family)
+
+    evidence = smoothquant_evidence(log_lines, norms_before, qmodel) if recipe.smooth_quant else {}
+    seconds = time.perf_counter() - start
+    met = criterion_met(log_lines) if judge is not None else None
+    return QuantizeResult(
+        qmodel, q_config, recipe, evidence, module_counts(qmodel), seconds, Path(workdir), met
+    )
+
+
+def run_inc(
+    model: nn.Module, calibration: list[torch.Tensor], config, workdir: Path, judge
+) -> tuple[nn.Module, list[str]]:
+    """INCQuantizer on the prepared FP32 model: the quantized model, and what INC logged meanwhile."""
+    import datasets
+    from neural_compressor.config import options
+    from optimum.intel import INCQuantizer
+
     ids = [x[0].tolist() for x in calibration]
     ds = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
-    from neural_compressor.config import options
-
     options.workspace = str(Path(workdir) / "nc_workspace")  # INC writes its history here, not into the CWD
     capture = _Capture()
     inc_log = logging.getLogger("neural_compressor")
     inc_log.addHandler(capture)
     try:
-        quantizer = INCQuantizer.from_pretrained(model, task="text-generation")
+        quantizer = INCQuantizer.from_pretrained(model, task="text-generation", eval_fn=judge)
         quantizer.quantize(
-            quantization_config=build_config(recipe, family, len(ds)),
+            quantization_config=config,
             calibration_dataset=ds,
             batch_size=1,  # no padding: every calibration sample keeps its own length
             save_directory=workdir,
         )
     finally:
         inc_log.removeHandler(capture)
-    qmodel = quantizer._quantized_model
-    qmodel.config.return_dict, qmodel.config.use_cache = True, True  # INC's trace is done
-    q_config = torch.load(Path(workdir) / "pytorch_model.bin", map_location="cpu", weights_only=False)[
-        "best_configure"
-    ]
+    return quantizer._quantized_model, capture.lines
 
-    restore_norms(qmodel, shown, family.norm_offset)
-    apply_tail(qmodel, q_config, recipe, family)
 
-    evidence = smoothquant_evidence(capture.lines, norms_before, qmodel) if recipe.smooth_quant else {}
-    seconds = time.perf_counter() - start
-    return QuantizeResult(qmodel, q_config, recipe, evidence, module_counts(qmodel), seconds, Path(workdir))
+def criterion_met(log_lines: list[str]) -> bool:
+    """INC's verdict on its trial, from its own line "Tune 1 result is: [...], Best tune result is: [...]": the
+    best stays "n/a" until a trial meets the AccuracyCriterion. (fit() also returns a trial that missed it when
+    SmoothQuant's early stop ends tuning, and then logs that it found one that meets it.)"""
+    verdicts = [ln.rpartition("Best tune result is:")[2] for ln in log_lines if "Best tune result is:" in ln]
+    return bool(verdicts) and "n/a" not in verdicts[-1]
 
 
 def build_int8(
@@ -503,18 +534,23 @@ def build_int8(
 ) -> QuantizeResult:
     """The one way an INT8 folder is made (the maintainer command, the bench's config model, the frontier):
     quantize, prove SmoothQuant ran when the recipe asks for it, and save the folder at `out`."""
-    from quantize.models import ModelError
-
     work = Path(out).with_name(Path(out).name + ".inc-work")
     try:
         result = quantize(bf16, calibration, recipe, work)
-        if recipe.smooth_quant and not result.smoothquant.get("applied"):
-            said = " ".join(result.smoothquant.get("inc_log") or []) or "nothing"
-            raise ModelError(f"SmoothQuant was not applied to this model (Neural Compressor said: {said}).")
+        check_smoothquant(result)
         save_int8(result, out, tokenizer, bf16)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def check_smoothquant(result: QuantizeResult) -> None:
+    """Never ship plain PTQ under SmoothQuant's name: a recipe that asks for it must show it was applied."""
+    from quantize.models import ModelError
+
+    if result.recipe.smooth_quant and not result.smoothquant.get("applied"):
+        said = " ".join(result.smoothquant.get("inc_log") or []) or "nothing"
+        raise ModelError(f"SmoothQuant was not applied to this model (Neural Compressor said: {said}).")
 
 
 def save_int8(result: QuantizeResult, out: Path, tokenizer, original: nn.Module) -> None:
