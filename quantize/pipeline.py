@@ -103,7 +103,7 @@ def quantize_stage(b: Build) -> dict:
     source = (
         f"the maintainer's `{own.name}`" if own else "chats written for the project, in the chat template"
     )
-    samples = outcome.chosen.point.samples
+    samples = len(b.calibration(outcome.chosen.point.samples))  # a short file gives fewer than asked
     return {**outcome.result.summary(), "calibration_samples": samples, "calibration_source": source,
             "tuning": outcome.summary()}  # fmt: skip
 

@@ -118,6 +118,10 @@ def test_stages_resume_only_the_same_run(tmp_path):
         bench_tokens=32,
         bench_rounds=3,
         skip_baseline=False,
+        max_ppl_ratio=1.1,
+        min_top1=0.85,
+        tune_trials=8,
+        tune_minutes=60.0,
     )
     partial = tmp_path / "out.partial"
     Record(partial, fingerprint(args)).add("quantize", {"seconds": 1})

@@ -1,5 +1,5 @@
-"""Accuracy-aware tuning through the whole command, on a random two-layer Llama: the bar is set from a first run's
-own trials, so that the recipe misses it and a later point of the search meets it."""
+"""Accuracy-aware tuning through the whole command, on a random two-layer Qwen2 (served by the engine): the bar is
+set from a first run's own trials, so that the recipe misses it and a later point of the search meets it."""
 
 import json
 
@@ -32,7 +32,7 @@ def kinds(model, name: str) -> str:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), **TINY_LLAMA)
+    config = AutoConfig.for_model("qwen2", vocab_size=len(tokenizer), **TINY_LLAMA)
     folder = tmp_path_factory.mktemp("tune") / "tiny"
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
