@@ -53,7 +53,7 @@ OPTIONS = {
         type=int,
         default=8,
         help="when the recipe misses the bar, Neural Compressor judges up to this many trials of the search "
-        "(alpha, then float fallbacks, then calibration size; 1: the recipe only; default %(default)s)",
+        "(alpha, then float fallbacks, then calibration size; 1: the recipe alone, unjudged; default %(default)s)",
     ),
     "--tune-minutes": dict(
         type=float, default=60.0, help="time budget of that search in minutes (default %(default)s)"
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, stage_bar=None) -> int:
     print(card.summary_table(report))
     print(f"INT8 model written to {args.out}")
     missed, tuning = card.missed_bar(report), report["tuning"]
-    if not tuning["met"] and not args.push_below_bar:
+    if tuning and not tuning["met"] and not args.push_below_bar:
         lead = "Not pushed: tuning ended" if args.push_to_hub else "Tuning ended"
         raise ModelError(
             f"{lead} without a point that meets the bar: {tuning['stopped']}. The best point "

@@ -53,7 +53,7 @@ def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir
         "quality": quality,
         "quality_eval": {k: v for k, v in done["quality"].items() if k != "models"},
         "quality_bar": against_bar(quality["int8"], bar),
-        "tuning": done["quantize"]["tuning"],
+        "tuning": done["quantize"].get("tuning"),  # None: --tune-trials 1, the recipe alone
         "peak_rss_bytes": peak_rss_bytes(),  # of this process: loading, calibrating, quantizing, verifying
         "speed": {k: v for k, v in speed.items() if k != "cpu"},
         "cpu": speed["cpu"],
@@ -128,8 +128,10 @@ def frontier_table(frontier: dict | None) -> str:
     return "\n".join(rows)
 
 
-def tuning_table(tuning: dict) -> str:
+def tuning_table(tuning: dict | None) -> str:
     """The points this run's search walked, each judged by Neural Compressor's AccuracyCriterion."""
+    if tuning is None:
+        return "_No search: this run built the recipe alone (`--tune-trials 1`)._"
     head = (
         f"{len(tuning['trials'])} trial(s) in {tuning['minutes']} min; the search stopped because "
         f"{tuning['stopped']}. Chosen: {tuning['chosen']}.\n\n"

@@ -89,7 +89,16 @@ class Build:
 
 
 def quantize_stage(b: Build) -> dict:
-    """The recipe, judged by Neural Compressor against the bar; when it misses, the tuning search (tune.py)."""
+    """The recipe, judged by Neural Compressor against the bar, and when it misses the tuning search (tune.py);
+    with --tune-trials 1 the recipe alone, unjudged (the quality stage still measures it against the bar)."""
+    own = b.args.calibration_file
+    source = (
+        f"the maintainer's `{own.name}`" if own else "chats written for the project, in the chat template"
+    )
+    if b.args.tune_trials == 1:
+        calib = b.calibration()
+        result = recipe.build_int8(b.bf16, b.tokenizer, calib, b.recipe, b.int8_dir)
+        return {**result.summary(), "calibration_samples": len(calib), "calibration_source": source}
     judge = tune.Judge(b.bf16, b.tokenizer, evaluate.held_out(b.args.eval_file), b.bar)
     budget = tune.Budget(b.args.tune_trials, b.args.tune_minutes)
     start = tune.Point(b.recipe, b.args.calibration_samples)
@@ -99,10 +108,6 @@ def quantize_stage(b: Build) -> dict:
         recipe.save_int8(outcome.result, b.int8_dir, b.tokenizer, b.bf16)
     finally:
         shutil.rmtree(b.partial / "inc-tune", ignore_errors=True)
-    own = b.args.calibration_file
-    source = (
-        f"the maintainer's `{own.name}`" if own else "chats written for the project, in the chat template"
-    )
     samples = len(b.calibration(outcome.chosen.point.samples))  # a short file gives fewer than asked
     return {**outcome.result.summary(), "calibration_samples": samples, "calibration_source": source,
             "tuning": outcome.summary()}  # fmt: skip
