@@ -9,6 +9,7 @@ A model argument is one of:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -297,6 +299,21 @@ def open_int8(path: Path):
                 f"Cannot load the INT8 model in {path}: {type(e).__name__}: {str(e)[:200]}"
             ) from e
     return HFDecoder(load_int8(path), "transformers + INC (generic path)")
+
+
+@contextlib.contextmanager
+def served(model: torch.nn.Module, label: str) -> Iterator:
+    """An INT8 model still in memory, served as the app would serve its folder: Q8-Chat's engine where it runs
+    the family, transformers otherwise. So a candidate or a baseline is measured with the kernels that ship."""
+    from quantize import engine
+    from quantize.generate import HFDecoder
+
+    with tempfile.TemporaryDirectory() as folder:
+        if model.config.model_type in engine.ARCHITECTURES and engine.write_engine_file(model, Path(folder)):
+            model.config.to_json_file(Path(folder) / "config.json")
+            yield engine.load(Path(folder))
+        else:
+            yield HFDecoder(model, label)
 
 
 def open_bf16(path: Path, trust_remote_code: bool = False):

@@ -30,6 +30,7 @@ import logging
 import re
 import shutil
 import time
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -476,9 +477,10 @@ def quantize(
         model, calibration, build_config(recipe, family, len(calibration), judge is not None), workdir, judge
     )
     qmodel.config.return_dict, qmodel.config.use_cache = True, True  # INC's trace is done
-    q_config = torch.load(Path(workdir) / "pytorch_model.bin", map_location="cpu", weights_only=False)[
-        "best_configure"
-    ]
+    # mmap: only INC's tuning config is read, not the INT8 state dict saved next to it
+    q_config = torch.load(
+        Path(workdir) / "pytorch_model.bin", map_location="cpu", weights_only=False, mmap=True
+    )["best_configure"]
     restore_norms(qmodel, shown, family.norm_offset)
     apply_tail(qmodel, q_config, recipe, family)
 
@@ -506,6 +508,10 @@ def run_inc(
     inc_log.addHandler(capture)
     try:
         quantizer = INCQuantizer.from_pretrained(model, task="text-generation", eval_fn=judge)
+        if judge is None:
+            # optimum stands `lambda model: 1` in for a missing eval_fn, and any eval_fn makes INC tune: it quantizes
+            # a deep copy of the FP32 model. Without one INC quantizes in place (performance_only): one copy less.
+            quantizer.eval_fn = None
         quantizer.quantize(
             quantization_config=config,
             calibration_dataset=ds,
@@ -514,7 +520,38 @@ def run_inc(
         )
     finally:
         inc_log.removeHandler(capture)
-    return quantizer._quantized_model, capture.lines
+        release_inc_leftovers()
+    return drop_borrowed_methods(quantizer._quantized_model), capture.lines
+
+
+def release_inc_leftovers() -> None:
+    """Free the FP32 copies INC's run leaves in torch's process-wide state, which gc cannot reach:
+    - torch caches `assert_and_get_unique_device` on every module it is given (functools.cache), so each FX
+      GraphModule INC builds lives on with its own FP32 weights;
+    - SmoothQuant's graph trace (torch.jit.trace + freeze) leaves the frozen graph, the weights inlined as constants,
+      in TorchScript's global compilation unit (pytorch#96726). Cleared the way torch's own JIT tests reset it;
+      nothing in Q8-Chat keeps a TorchScript module across an INC run.
+    Without this a quantize process grows by two FP32 copies of the model per INC run."""
+    from torch.ao.quantization.fx.utils import assert_and_get_unique_device
+
+    assert_and_get_unique_device.cache_clear()
+    torch._C._jit_clear_class_registry()
+    torch.jit._recursive.concrete_type_store = torch.jit._recursive.ConcreteTypeStore()
+    torch.jit._state._clear_class_state()
+
+
+def drop_borrowed_methods(qmodel: nn.Module) -> nn.Module:
+    """INC copies every attribute of an FP32 module onto the FX module that replaces it (`append_attr`), bound methods
+    such as `reset_parameters` included: each keeps its FP32 original, weights and all, alive inside the INT8 model."""
+    for module in qmodel.modules():
+        for name, value in list(vars(module).items()):
+            if (
+                isinstance(value, types.MethodType)
+                and isinstance(value.__self__, nn.Module)
+                and value.__self__ is not module
+            ):
+                delattr(module, name)
+    return qmodel
 
 
 def criterion_met(log_lines: list[str]) -> bool:

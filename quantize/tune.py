@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from quantize import engine, evaluate, recipe
+from quantize import evaluate, models, recipe
 from quantize.generate import HFDecoder
 
 # What the walk changes, in order; a value equal to the best point's is skipped.
@@ -98,6 +97,7 @@ class Judge:
     def __call__(self, model: torch.nn.Module) -> float:
         if not any("quantized" in type(m).__module__ for m in model.modules()):
             return 1.0  # INC's FP32 baseline: the score is the share of the bar met, and it meets it
+        recipe.release_inc_leftovers()  # INC is done with its trace and capability query: free their FP32 copies
         ratio, top1 = self.measure(self.shipped(model))
         bar = self.bar
         score = min(bar["max_perplexity_ratio"] / ratio, top1 / bar["min_top1_agreement"], 1.0)
@@ -106,7 +106,9 @@ class Judge:
 
     def shipped(self, model: torch.nn.Module) -> torch.nn.Module:
         """The candidate as it will ship: INC left the tail's Linears in FP32; they get the trial's modes."""
-        model = copy.deepcopy(model)
+        model = copy.deepcopy(
+            recipe.drop_borrowed_methods(model)
+        )  # else the copy takes INC's FP32 originals along
         ops = {(n, "Linear"): {} for n, m in model.named_modules() if type(m) is torch.nn.Linear}
         trial = recipe.Recipe("trial", tail=self.tail)
         recipe.apply_tail(model, {"op": ops}, trial, self.family)
@@ -114,16 +116,10 @@ class Judge:
         return model
 
     def measure(self, model: torch.nn.Module) -> tuple[float, float]:
-        """Perplexity ratio and top-1 of the candidate as the app serves it: Q8-Chat's engine where it runs the
-        family (its 8-bit activations on VNNI CPUs score above the 7-bit ones of torch's dynamic Linear),
-        transformers otherwise, as the quality stage measures the saved folder."""
-        with tempfile.TemporaryDirectory() as folder:
-            servable = model.config.model_type in engine.ARCHITECTURES
-            if servable and engine.write_engine_file(model, Path(folder)):
-                model.config.to_json_file(Path(folder) / "config.json")
-                decoder = engine.load(Path(folder))
-            else:
-                decoder = HFDecoder(model, "candidate")
+        """Perplexity ratio and top-1 of the candidate as the app serves it (`models.served`): the quality stage
+        measures the saved folder the same way. On VNNI CPUs the engine's 8-bit activations score above the
+        7-bit ones of torch's dynamic Linear."""
+        with models.served(model, "candidate") as decoder:
             nll, top = evaluate.teacher_forced(decoder, self.ids)
         return math.exp(nll - self.ref_nll), (top == self.ref_top).float().mean().item()
 
