@@ -106,9 +106,8 @@ class Judge:
 
     def shipped(self, model: torch.nn.Module) -> torch.nn.Module:
         """The candidate as it will ship: INC left the tail's Linears in FP32; they get the trial's modes."""
-        model = copy.deepcopy(
-            recipe.drop_borrowed_methods(model)
-        )  # else the copy takes INC's FP32 originals along
+        # without drop_borrowed_methods the copy would take INC's FP32 originals along
+        model = copy.deepcopy(recipe.drop_borrowed_methods(model))
         ops = {(n, "Linear"): {} for n, m in model.named_modules() if type(m) is torch.nn.Linear}
         trial = recipe.Recipe("trial", tail=self.tail)
         recipe.apply_tail(model, {"op": ops}, trial, self.family)
