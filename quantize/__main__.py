@@ -143,8 +143,8 @@ def prepare(args: argparse.Namespace):
         rec = recipe.Recipe(**{**rec.__dict__, "alpha": args.alpha})
     src = models.resolve_model(args.model, revision=args.revision)
     tok = models.load_tokenizer(src, trust_remote_code=args.trust_remote_code)
-    bf16 = models.load_bf16(src, trust_remote_code=args.trust_remote_code)
-    kind = bf16.config.model_type
+    config = models.load_config(src, trust_remote_code=args.trust_remote_code)
+    kind = config.model_type
     if kind in recipe.NOT_SMOOTHABLE:
         raise models.ModelError(f"Architecture {kind!r} cannot be smoothed: {recipe.NOT_SMOOTHABLE[kind]}.")
     if kind not in recipe.FAMILIES:
@@ -154,11 +154,11 @@ def prepare(args: argparse.Namespace):
         )
     base_id = args.model if args.model and not Path(args.model).exists() else models.DEFAULT_MODEL_HUB_ID
     if args.model and Path(args.model).exists():
-        base_id = bf16.config.name_or_path if "/" in str(bf16.config._name_or_path) else base_id
+        base_id = config.name_or_path if "/" in str(config._name_or_path) else base_id
     files.recover_dir(args.out)  # a run killed inside a two-rename swap left the old folder beside --out
     # created only once the inputs are known to be good
     record = pipeline.Record(args.out.with_name(args.out.name + ".partial"), pipeline.fingerprint(args))
-    return pipeline.Build(args, rec, record, tok, bf16, src, base_id)
+    return pipeline.Build(args, rec, record, tok, src, base_id, kind)
 
 
 def run(args: argparse.Namespace, stage_bar=None) -> int:

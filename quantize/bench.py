@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import logging
 import os
@@ -31,14 +32,17 @@ EPILOG = """examples:
 The peer (llama.cpp, `pip install llama-cpp-python`) runs a Q8_0 GGUF: for the embedded default model it is
 made once from the shipped GGUF with llama.cpp's own quantizer; for any other model pass --peer-gguf."""
 
-# ~0.38B parameters with SmolLM2's 49152-token vocabulary: big enough that decode is memory-bound on any CPU.
-BUILD_CONFIG = {
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-}
+# Model bodies for --build-config-model, with SmolLM2's 49152-token vocabulary: 0.4b (0.38B parameters) is big
+# enough that decode is memory-bound on any CPU; 1.5b is Qwen2.5-1.5B's body (1.46B), 7b Mistral-7B's (7.1B).
+SIZES = {
+    "0.4b": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
+             "num_key_value_heads": 8},
+    "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+             "num_key_value_heads": 2},
+    "7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8},
+}  # fmt: skip
+BUILD_CONFIG = SIZES["0.4b"]
 BANDWIDTH_MIB = 512  # far beyond any last-level cache, so the copy runs from DRAM
 # What the bench times, in this order: the engine on both models (the panel's comparison), transformers' own BF16
 # loop (what a visitor would get without Q8-Chat) and llama.cpp (the pace to beat).
@@ -60,8 +64,10 @@ OPTIONS = {
     "--peer": dict(action=argparse.BooleanOptionalAction, default=True,
                    help="time llama.cpp Q8_0 too when llama_cpp is installed (default on)"),
     "--peer-gguf": dict(type=Path, default=None, help="the peer's GGUF (Q8_0) of the --bf16 model"),
-    "--build-config-model": dict(type=Path, metavar="DIR", default=None, help="build a random ~0.4B Llama "
-                                 "(DIR/bf16) and its INT8 (DIR/int8), then benchmark them"),
+    "--build-config-model": dict(type=Path, metavar="DIR", default=None, help="build a random Llama of --size "
+                                 "(DIR/bf16) and its INT8 (DIR/int8, block by block), then benchmark them"),
+    "--size": dict(choices=sorted(SIZES), default="0.4b", help="body of the --build-config-model model: 0.4b, "
+                   "1.5b (Qwen2.5-1.5B's) or 7b (Mistral-7B's) (default %(default)s)"),
     "--profile": dict(type=int, metavar="TOKENS", default=0, help="also print where INT8 decode time goes "
                       "(torch.profiler over TOKENS tokens, last thread count)"),
 }  # fmt: skip
@@ -127,37 +133,61 @@ def build_config_model(
     root: Path, tokenizer, size: dict = BUILD_CONFIG, samples: int = 8, seed: int = 0
 ) -> tuple[Path, Path]:
     """A Llama with random weights saved as BF16 (root/bf16) with `tokenizer`, and its INT8 made with the default
-    recipe (root/int8), the way `python -m quantize` makes it minus the quality checks. Reused when root/int8 is
-    already an INT8 folder. Only its speed means anything."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from quantize import calibration, recipe
+    recipe block by block (root/int8), the way `python -m quantize` makes it minus the quality checks. Reused when
+    root/int8 is already an INT8 folder. Only its speed and memory mean anything."""
+    from quantize import blockwise, calibration, recipe
 
     root = Path(root)
     bf16_dir, int8_dir = root / "bf16", root / "int8"
     if models.is_int8_folder(int8_dir) and (bf16_dir / "config.json").is_file():
         return bf16_dir, int8_dir
-    torch.manual_seed(seed)
-    ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    # Untied, like most Llamas of this size: lm_head is then read in full per token, the embedding only gathered.
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **ids, **size)
-    bf16 = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16).eval()
-    bf16.generation_config = GenerationConfig(**ids)
-    bf16.save_pretrained(bf16_dir, safe_serialization=True)
-    tokenizer.save_pretrained(bf16_dir)
-
+    write_random_llama(bf16_dir, tokenizer, size, seed)
     calib = calibration.calibration_ids(tokenizer, samples)
     partial = (
         root / "int8.partial"
     )  # int8_dir is only ever a complete folder, so "already built" can trust it
-    shutil.rmtree(partial, ignore_errors=True)
-    recipe.build_int8(bf16, tokenizer, calib, recipe.RECIPES[recipe.DEFAULT_RECIPE], partial)
+    rec = recipe.RECIPES[recipe.DEFAULT_RECIPE]
+    blockwise.quantize_by_block(bf16_dir, calib, rec, root / "int8.work", partial, tokenizer)
     files.replace_dir(partial, int8_dir)
+    shutil.rmtree(root / "int8.work", ignore_errors=True)
     return bf16_dir, int8_dir
+
+
+def write_random_llama(folder: Path, tokenizer, size: dict, seed: int) -> None:
+    """A BF16 Llama folder with transformers' own initialisation (normal(0, initializer_range), norms 1), written a
+    block per shard and a tensor at a time: a 7B one never sits in memory. Untied, like most Llamas of this size:
+    lm_head is read in full per token, the embedding only gathered."""
+    from transformers import GenerationConfig, LlamaConfig
+
+    from quantize import blockwise
+
+    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **ids, **size)
+    shapes = {n: p.shape for n, p in blockwise.skeleton(config).named_parameters()}
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(name: str):
+        if name.endswith("norm.weight"):
+            return torch.ones(shapes[name], dtype=torch.bfloat16)
+        return torch.randn(shapes[name], generator=generator).mul_(config.initializer_range).bfloat16()
+
+    groups = collections.defaultdict(list)  # one shard per block, one for the ends
+    for name in shapes:
+        groups[name.split(".")[2] if ".layers." in name else "ends"].append(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i, names in enumerate(groups.values()):
+        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        files.write_safetensors(
+            folder / shard, {n: functools.partial(tensor, n) for n in names}, {"format": "pt"}
+        )
+        weight_map |= dict.fromkeys(names, shard)
+    index = {"metadata": {}, "weight_map": weight_map}
+    files.write_file(folder / "model.safetensors.index.json", json.dumps(index, indent=1))
+    config.torch_dtype = torch.bfloat16
+    config.save_pretrained(folder)
+    GenerationConfig(**ids).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 # ---------------------------------------------------------------- bytes, bandwidth, memory
@@ -502,7 +532,7 @@ def folders(args: argparse.Namespace) -> tuple[Path, Path, bool]:
     """(BF16 folder, INT8 folder, whether BF16 is the embedded default) from the arguments."""
     if args.build_config_model:
         tok = models.load_tokenizer(models.resolve_model(None))
-        bf16_dir, int8_dir = build_config_model(args.build_config_model, tok)
+        bf16_dir, int8_dir = build_config_model(args.build_config_model, tok, SIZES[args.size])
         print(f"random-weight Llama: --bf16 {bf16_dir} --int8 {int8_dir} (speed only, not quality)")
         return bf16_dir, int8_dir, False
     int8_dir = resolve_int8(args.int8, args.int8_revision)  # first: a wrong --int8 fails before any loading

@@ -12,6 +12,21 @@ from quantize.latency import LABELS, fmt, peak_rss_bytes, speedup_line
 from quantize.recipe import Recipe
 
 FRONTIER = Path(__file__).parent / "frontier.json"
+WEIGHT_FILES = ("engine.safetensors", "pytorch_model.bin")
+# How each kind of folder is loaded outside the app: the engine reads both; INC's loader only a whole-model one.
+LOAD_INC = """The same INT8 model for Optimum Intel users (`pytorch_model.bin`, a pickle: load it only from a folder you
+wrote or a Hub revision pinned by commit hash; its numbers differ from the engine's: INC's 7-bit activations):
+
+```python
+from optimum.intel import INCModelForCausalLM
+
+model = INCModelForCausalLM.from_pretrained("<this repo or folder>")
+model.model.config.return_dict = True
+model.model.config.use_cache = True
+```"""
+LOAD_BLOCKS = """This folder was quantized block by block ({blocks} decoder blocks, never the whole model in FP32), so it
+holds the engine's safetensors only: `INCModelForCausalLM` cannot load it (INC's loader rebuilds a graph only
+from a folder Neural Compressor built from the whole model), and there is no pickle in it."""
 BENCH = (
     Path(__file__).parent / "bench.json"
 )  # the latest `python -m quantize.bench --json quantize/bench.json`
@@ -57,7 +72,13 @@ def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir
         "peak_rss_bytes": peak_rss_bytes(),  # of this process: loading, calibrating, quantizing, verifying
         "speed": {k: v for k, v in speed.items() if k != "cpu"},
         "cpu": speed["cpu"],
-        "disk_bytes": sum(f.stat().st_size for f in Path(int8_dir).glob("pytorch_model.bin")),
+        "disk_bytes": {
+            f.name: f.stat().st_size
+            for f in sorted(Path(int8_dir).iterdir())
+            if f.name in WEIGHT_FILES or f.name.startswith("engine-")
+        },  # fmt: skip
+        "block_by_block": done["quantize"].get("block_by_block"),  # blocks, or None: INC's whole-model path
+        "quantize_peak_rss_bytes": done["quantize"].get("peak_rss_bytes"),
         "versions": versions(),
         "frontier": json.loads(FRONTIER.read_text()) if FRONTIER.is_file() else None,
         "bench": json.loads(BENCH.read_text()) if BENCH.is_file() else None,
@@ -212,14 +233,25 @@ def card_fields(report: dict) -> dict:
         "threads": cpu["threads"],
         "int8_mb": weights.get("int8", 0) / 1e6,
         "bf16_mb": weights.get("bf16", 0) / 1e6,
-        "disk_mb": report["disk_bytes"] / 1e6,
-        "peak_rss_mb": report["peak_rss_bytes"] / 1e6,
+        "disk": ", ".join(f"`{n}` {b / 1e6:.1f} MB" for n, b in report["disk_bytes"].items()),
+        "peak_rss": memory_line(report),
+        "loaders": LOAD_BLOCKS.format(blocks=report["block_by_block"])
+        if report["block_by_block"]
+        else LOAD_INC,
         "bench_table": bench_table(report.get("bench")),
         "frontier_table": frontier_table(report["frontier"]),
         "tuning_table": tuning_table(report["tuning"]),
         "versions": ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "created": report["created"],
     }
+
+
+def memory_line(report: dict) -> str:
+    whole = f"{report['peak_rss_bytes'] / 1e6:.0f} MB for the whole `python -m quantize` process that wrote this card"
+    if not report.get("quantize_peak_rss_bytes"):
+        return whole
+    return (f"{report['quantize_peak_rss_bytes'] / 1e6:.0f} MB while quantizing block by block; {whole} (its "
+            "verification holds the BF16 and the INT8 model together)")  # fmt: skip
 
 
 def write_card(report: dict, folder: Path) -> None:

@@ -27,7 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ENGINE_FILE = "engine.safetensors"  # written by `python -m quantize` next to INC's pytorch_model.bin
+ENGINE_FILE = (
+    "engine.safetensors"  # written by `python -m quantize` (next to INC's pytorch_model.bin, if any)
+)
+ENGINE_INDEX = "engine.safetensors.index.json"  # a large model's shards instead of ENGINE_FILE
 FORMAT = "q8chat-int8/1"
 # The families whose blocks are the same up to optional biases (read from the weights) and a sliding window.
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -147,13 +150,24 @@ class Tensors:
         return t.view(view) if view is not None else t
 
 
+def shard_name(i: int, n: int) -> str:
+    return f"engine-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
 def safetensors_files(folder: Path) -> list[Path]:
-    if (folder / ENGINE_FILE).is_file():
-        return [folder / ENGINE_FILE]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    """An INT8 folder's engine file or shards, else a BF16 folder's model file or shards."""
+    for single, index in ((ENGINE_FILE, ENGINE_INDEX), ("model.safetensors", "model.safetensors.index.json")):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            return sorted(
+                {folder / f for f in json.loads((folder / index).read_text())["weight_map"].values()}
+            )
+    return []
+
+
+def has_engine_file(folder: Path) -> bool:
+    return (Path(folder) / ENGINE_FILE).is_file() or (Path(folder) / ENGINE_INDEX).is_file()
 
 
 # ---------------------------------------------------------------- the model

@@ -35,7 +35,8 @@ DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_CONVERSION_VERSION = 2
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$|^[A-Za-z0-9][\w.-]{0,95}$")
-INT8_MARKERS = ("inc_config.json",)
+# INC's folder (built from the whole model) or the engine's alone (built block by block: quantize/blockwise.py)
+INT8_MARKERS = ("inc_config.json", "engine.safetensors", "engine.safetensors.index.json")
 
 
 class ModelError(RuntimeError):
@@ -244,6 +245,16 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tok
 
 
+def load_config(path: Path, trust_remote_code: bool = False):
+    """The model's transformers config alone (no weights read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        raise ModelError(f"Cannot read the model config in {path}: {str(e).splitlines()[0]}") from e
+
+
 def load_bf16(path: Path, trust_remote_code: bool = False) -> torch.nn.Module:
     """The original model in BF16, eval mode."""
     from transformers import AutoModelForCausalLM
@@ -264,7 +275,12 @@ def load_int8(path: Path) -> torch.nn.Module:
     path = Path(path)
     if not is_int8_folder(path):
         raise ModelError(
-            f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json)."
+            f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json or engine.safetensors)."
+        )
+    if not (path / "inc_config.json").is_file():
+        raise ModelError(
+            f"{path} was built block by block: Q8-Chat's engine serves it (engine.safetensors); "
+            "INCModelForCausalLM needs a folder Neural Compressor built from the whole model."
         )
     from optimum.intel import INCModelForCausalLM
 
@@ -289,9 +305,9 @@ def open_int8(path: Path):
     path = Path(path)
     if not is_int8_folder(path):
         raise ModelError(
-            f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json)."
+            f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json or engine.safetensors)."
         )
-    if engine.is_engine_folder(path) and (path / engine.ENGINE_FILE).is_file():
+    if engine.is_engine_folder(path) and engine.has_engine_file(path):
         try:
             return engine.load(path)
         except (KeyError, ValueError, OSError, RuntimeError) as e:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize import calibration, card, engine, evaluate, files, latency, models, recipe, tune
+from quantize import blockwise, calibration, card, engine, evaluate, files, latency, models, recipe, tune
 from quantize.generate import HFDecoder
 
 
@@ -63,9 +63,15 @@ class Build:
     recipe: recipe.Recipe
     record: Record
     tokenizer: object
-    bf16: object  # the transformers BF16 model
     source: Path  # the BF16 model's folder
     base_id: str  # what the card names as the base model
+    model_type: str
+
+    @functools.cached_property
+    def bf16(self):
+        """The transformers BF16 model, loaded whole only by the stages that need it (not the block-by-block
+        quantize stage)."""
+        return models.load_bf16(self.source, trust_remote_code=self.args.trust_remote_code)
 
     @property
     def partial(self) -> Path:
@@ -96,6 +102,14 @@ def quantize_stage(b: Build) -> dict:
     source = (
         f"the maintainer's `{own.name}`" if own else "chats written for the project, in the chat template"
     )
+    if b.args.tune_trials == 1 and blockwise.takes(b.model_type, b.recipe):
+        calib = b.calibration()
+        work = b.partial / "blocks"
+        summary = blockwise.quantize_by_block(b.source, calib, b.recipe, work, b.int8_dir, b.tokenizer)
+        recipe.require_smoothquant(b.recipe, summary["smoothquant"])
+        shutil.rmtree(work, ignore_errors=True)
+        return {**summary, "calibration_samples": len(calib), "calibration_source": source,
+                "peak_rss_bytes": latency.peak_rss_bytes()}  # fmt: skip
     if b.args.tune_trials == 1:
         calib = b.calibration()
         result = recipe.build_int8(b.bf16, b.tokenizer, calib, b.recipe, b.int8_dir)

@@ -367,24 +367,28 @@ class _Capture(logging.Handler):
 # SmoothQuant pairs INC does not absorb (it only folds into a norm it finds in its trace): where the scale goes
 # (a norm's weight, or a Linear's output rows) and the Linear whose input columns take it. down_proj's input is
 # silu(gate) * up, o_proj's is softmax-weighted rows of v, so scaling up's or v's rows scales them exactly.
-def smooth_pairs(
-    model: nn.Module,
-    calibration: list[torch.Tensor],
-    alpha: float,
-    kinds: tuple[str, ...],
-) -> dict[str, torch.Tensor]:
-    """SmoothQuant's migration (Xiao et al.) for the pairs `kinds` of the model's family (those it has): per input channel j of the
-    consumer, s_j = max|X_j|^alpha / max|W_j|^(1-alpha); X is divided by s where it is produced, W's column j
-    multiplied by s. Exact in real arithmetic; the outlier channels a per-token INT8 scale would spend its range
-    on shrink. Needs untied embeddings (lm_head scaled alone). Returns s per consumer."""
-    layers, family = model.config.num_hidden_layers, family_of(model).pairs
-    pairs = [
+def family_pairs(
+    family: Family, kinds: tuple[str, ...], layers: range | list[int], model_wide: bool = True
+) -> list[tuple[str, str]]:
+    """The (producer, consumer) module names of the pairs `kinds` that `family` has: the per-block ones of the
+    blocks `layers`, and with `model_wide` those that occur once (final norm -> lm_head)."""
+    return [
         (p.format(i=i), c.format(i=i))
         for k in kinds
-        if k in family
-        for i in (range(layers) if "{i}" in family[k][0] else [0])
-        for p, c in [family[k]]
+        if k in family.pairs
+        for p, c in [family.pairs[k]]
+        for i in (layers if "{i}" in p else [0] if model_wide else [])
     ]
+
+
+def smooth_pairs(
+    model: nn.Module, run: Callable[[], object], pairs: list[tuple[str, str]], alpha: float
+) -> dict[str, torch.Tensor]:
+    """SmoothQuant's migration (Xiao et al.) for `pairs` (producer, consumer) of `model`: per input channel j of the
+    consumer, s_j = max|X_j|^alpha / max|W_j|^(1-alpha), X observed while `run()` passes the calibration through
+    `model`; X is divided by s where it is produced, W's column j multiplied by s. Exact in real arithmetic; the
+    outlier channels a per-token INT8 scale would spend its range on shrink. Needs untied embeddings (lm_head
+    scaled alone). Returns s per consumer."""
     x_max = {c: torch.zeros(model.get_submodule(c).in_features) for _, c in pairs}
 
     def observe(name: str):
@@ -398,8 +402,7 @@ def smooth_pairs(
     hooks = [model.get_submodule(c).register_forward_pre_hook(observe(c)) for _, c in pairs]
     try:
         with torch.inference_mode():
-            for ids in calibration:
-                model(input_ids=ids)
+            run()
     finally:
         for h in hooks:
             h.remove()
@@ -411,6 +414,10 @@ def smooth_pairs(
         c: _migrate(model.get_submodule(p), model.get_submodule(c), x_max[c], alpha, head_dim)
         for p, c in pairs
     }
+
+
+def pair_alpha(recipe: Recipe) -> float:
+    return recipe.pair_alpha or (float(recipe.alpha) if recipe.alpha != "auto" else 0.5)
 
 
 def _migrate(
@@ -449,8 +456,8 @@ def prepare_for_inc(
     untie_embeddings(model)
     shown = present_norms_to_inc(model)
     if recipe.smooth_pairs:
-        alpha = recipe.pair_alpha or (float(recipe.alpha) if recipe.alpha != "auto" else 0.5)
-        smooth_pairs(model, calibration, alpha, recipe.smooth_pairs)
+        pairs = family_pairs(family_of(model), recipe.smooth_pairs, range(model.config.num_hidden_layers))
+        smooth_pairs(model, lambda: [model(input_ids=ids) for ids in calibration], pairs, pair_alpha(recipe))
     # INC's jit trace for SmoothQuant needs tuple outputs, and no cache object among them (Gemma 2's HybridCache)
     model.config.return_dict, model.config.use_cache = False, False
     return shown
@@ -473,9 +480,10 @@ def quantize(
     # before any smoothing: the final norm is smoothed here (smooth_pairs), the others by INC
     family, norms_before = family_of(model), norm_weights(model)
     shown = prepare_for_inc(model, calibration, recipe)
-    qmodel, log_lines = run_inc(
-        model, calibration, build_config(recipe, family, len(calibration), judge is not None), workdir, judge
-    )
+    ids = [x[0].tolist() for x in calibration]
+    columns = {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
+    config = build_config(recipe, family, len(calibration), judge is not None)
+    qmodel, log_lines = run_inc(model, columns, config, workdir, judge)
     qmodel.config.return_dict, qmodel.config.use_cache = True, True  # INC's trace is done
     # mmap: only INC's tuning config is read, not the INT8 state dict saved next to it
     q_config = torch.load(
@@ -493,15 +501,15 @@ def quantize(
 
 
 def run_inc(
-    model: nn.Module, calibration: list[torch.Tensor], config, workdir: Path, judge
+    model: nn.Module, columns: dict[str, list], config, workdir: Path, judge
 ) -> tuple[nn.Module, list[str]]:
-    """INCQuantizer on the prepared FP32 model: the quantized model, and what INC logged meanwhile."""
+    """INCQuantizer on the prepared FP32 model (a whole model, or one block: quantize/blockwise.py), calibrated on
+    `columns` (its forward's arguments, one sample per row): the quantized model, and what INC logged meanwhile."""
     import datasets
     from neural_compressor.config import options
     from optimum.intel import INCQuantizer
 
-    ids = [x[0].tolist() for x in calibration]
-    ds = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
+    ds = datasets.Dataset.from_dict(columns)
     options.workspace = str(Path(workdir) / "nc_workspace")  # INC writes its history here, not into the CWD
     capture = _Capture()
     inc_log = logging.getLogger("neural_compressor")
@@ -582,11 +590,15 @@ def build_int8(
 
 
 def check_smoothquant(result: QuantizeResult) -> None:
+    require_smoothquant(result.recipe, result.smoothquant)
+
+
+def require_smoothquant(recipe: Recipe, evidence: dict) -> None:
     """Never ship plain PTQ under SmoothQuant's name: a recipe that asks for it must show it was applied."""
     from quantize.models import ModelError
 
-    if result.recipe.smooth_quant and not result.smoothquant.get("applied"):
-        said = " ".join(result.smoothquant.get("inc_log") or []) or "nothing"
+    if recipe.smooth_quant and not evidence.get("applied"):
+        said = " ".join(evidence.get("inc_log") or []) or "nothing"
         raise ModelError(f"SmoothQuant was not applied to this model (Neural Compressor said: {said}).")
 
 

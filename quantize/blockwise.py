@@ -1,0 +1,413 @@
+"""Block-by-block quantization: the model is never whole in FP32, so a 7B model quantizes on a 24 GB machine.
+
+The BF16 folder's safetensors are memory-mapped and read one decoder block at a time into a skeleton built on the
+meta device (accelerate's init_empty_weights). The calibration chats go through the embedding once; what reaches
+the first block (its hidden states and the mask and positions the model gives every block) is captured, and from
+there each block in turn:
+  1. runs in FP32 on its inputs, observing what the recipe's extra pairs need (up_proj->down_proj, v_proj->o_proj)
+     and giving the next block's inputs;
+  2. gets the recipe's own SmoothQuant migration for those pairs (recipe.smooth_pairs);
+  3. goes through Neural Compressor's SmoothQuant and quantization (recipe.run_inc: INCQuantizer on the block,
+     calibrated on its captured inputs), which absorbs the norm->q/k/v and norm->gate/up scales;
+  4. gets the recipe's tail (recipe.apply_tail: dynamic INT8 or BF16) and is written as safetensors; then freed.
+The block sits in a module under the name it has in the whole model (model.layers.7), so INC's op names, the pairs
+and the tensors written are the whole model's. The final norm -> lm_head pair and the embedding (weight-only INT8,
+as INC stores it) are done last. Blocks are recorded as they finish: a rerun of the same command goes on from the
+last finished block. The result is the engine's format (engine.safetensors, sharded when large); INC's loader needs
+a folder built from the whole model, so none is written here (see README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantize import engine, files, recipe
+
+SHARD_BYTES = (
+    2 * 2**30
+)  # engine.safetensors is split into shards of at most this (a few GB, as the Hub likes)
+FP32 = 4
+
+
+def takes(model_type: str, rec: recipe.Recipe) -> bool:
+    """The families and recipes built block by block: those the engine serves (every Linear dynamic INT8 or float).
+    The others keep INC's whole-model path, whose folder INCModelForCausalLM loads (the app serves them with it)."""
+    family = recipe.FAMILIES.get(model_type)
+    tail = dict(recipe.tail_for(rec, family)) if family else {}
+    return model_type in engine.ARCHITECTURES and all(tail.get(role) for role in recipe.ROLES)
+
+
+class _Captured(Exception):
+    """Stops the skeleton's forward once the first block's inputs are seen (the rest of it has no weights)."""
+
+
+@dataclass
+class Source:
+    """The BF16 model on disk: its config and its memory-mapped tensors."""
+
+    folder: Path
+    config: object  # transformers PretrainedConfig
+    tensors: engine.Tensors
+
+    @classmethod
+    def open(cls, folder: Path) -> Source:
+        from transformers import AutoConfig
+
+        return cls(
+            Path(folder), AutoConfig.from_pretrained(folder), engine.Tensors(engine.safetensors_files(folder))
+        )
+
+    def load(self, module: nn.Module, prefix: str, fallback: dict[str, str] | None = None) -> nn.Module:
+        """Give a meta-device module its FP32 weights from the file (`fallback`: a tied name to read instead)."""
+        state = {}
+        for name, _ in module.named_parameters():
+            full = f"{prefix}.{name}" if prefix else name
+            full = full if full in self.tensors else (fallback or {}).get(full, full)
+            state[name] = self.tensors.get(full).float()
+        module.load_state_dict(state, strict=False, assign=True)
+        return module
+
+
+def skeleton(config) -> nn.Module:
+    """The whole model with every weight on the meta device (no memory); buffers such as RoPE's are real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    return model.eval()
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks and its name (model.layers, model.decoder.layers, transformer.h)."""
+    n = model.config.num_hidden_layers
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return name, mod
+    raise ValueError("no list of decoder blocks found in this model")
+
+
+class Part(nn.Module):
+    """Modules of the whole model under their whole-model names (model.layers.7, lm_head), so INC's op names, the
+    pairs and the tensors written are the whole model's; its `config` is the model's (INC and the recipe read it)."""
+
+    def __init__(self, config, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.config = config
+        for name, module in modules.items():
+            parent: nn.Module = self
+            *outer, last = name.split(".")
+            for part in outer:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.ModuleDict() if part.isdigit() else nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(last, module)
+
+
+class BlockModel(Part):
+    """One decoder block called on hidden states alone: the other arguments the whole model passes its blocks
+    (captured, by sequence length: mask, positions, RoPE tables) are filled in. What INC quantizes."""
+
+    def __init__(self, config, name: str, layer: nn.Module, kwargs: dict[int, dict]) -> None:
+        super().__init__(config, {name: layer})
+        self.name, self.kwargs = name, kwargs
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        length = int(hidden_states.shape[1])  # a traced size is a tensor, which a dict lookup does not find
+        return self.get_submodule(self.name)(hidden_states, **self.kwargs[length])[0]
+
+
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, calibration: list[torch.Tensor]):
+    """What the first block receives for each calibration sample: hidden states, and the other arguments by
+    length (the same for every block: mask, positions, RoPE tables)."""
+    hidden, kwargs = [], {}
+
+    def grab(_module, args, kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h.detach().clone())
+        kwargs[h.shape[1]] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        raise _Captured
+
+    hook = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for ids in calibration:
+                with contextlib.suppress(_Captured):
+                    model(input_ids=ids, use_cache=False)
+    finally:
+        hook.remove()
+    return hidden, kwargs
+
+
+@dataclass
+class Plan:
+    """What a block-by-block run will hold and write, known before the work starts."""
+
+    blocks: int
+    block_fp32_bytes: int  # the largest block in FP32
+    ends_fp32_bytes: int  # embedding + lm_head in FP32
+    int8_bytes: int  # about what the INT8 folder will hold
+    hidden_bytes: int  # the calibration's hidden states
+
+    @property
+    def peak_bytes(self) -> int:
+        """Measured on the 1.5B and 7B shapes: INC holds about three copies of the block it quantizes (ours, its
+        trace's, its capability query's); the ends are done one at a time after the blocks; plus torch itself."""
+        work = max(4 * self.block_fp32_bytes, 2 * self.ends_fp32_bytes)
+        return work + 4 * self.hidden_bytes + 2**30
+
+
+def plan(source: Source, calibration: list[torch.Tensor]) -> Plan:
+    config, where = source.config, source.tensors.where
+    numel = {name: _numel(info) for name, (_, info, _) in where.items()}
+    per_block = [sum(v for k, v in numel.items() if f".{i}." in k) for i in range(config.num_hidden_layers)]
+    ends = sum(v for k, v in numel.items() if "embed" in k or k.startswith("lm_head") or "wte" in k)
+    if "lm_head.weight" not in numel:  # tied: lm_head gets its own copy
+        ends *= 2
+    tokens = sum(ids.shape[1] for ids in calibration)
+    return Plan(len(per_block), FP32 * max(per_block), FP32 * ends, sum(numel.values()) + ends // 2,
+                FP32 * tokens * config.hidden_size)  # fmt: skip
+
+
+def _numel(info: dict) -> int:
+    n = 1
+    for d in info["shape"]:
+        n *= d
+    return n
+
+
+def check_room(p: Plan, out: Path, available_ram: int) -> None:
+    """Refuse before hours of work: the disk must hold the blocks and the shards made from them, the memory the
+    largest step."""
+    from quantize.models import ModelError
+
+    probe = Path(out)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < 2 * p.int8_bytes:
+        raise ModelError(f"The INT8 model needs about {2 * p.int8_bytes / 1e9:.1f} GB free under {probe} while "
+                         f"it is written (blocks, then shards); {free / 1e9:.1f} GB are free.")  # fmt: skip
+    if available_ram < p.peak_bytes:
+        raise ModelError(f"Quantizing this model block by block needs about {p.peak_bytes / 1e9:.1f} GB of "
+                         f"memory; {available_ram / 1e9:.1f} GB are available.")  # fmt: skip
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Progress:
+    """What a run has finished, in its work folder: block files, the next block's inputs, the evidence so far."""
+
+    work: Path
+
+    def __post_init__(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.file = self.work / "progress.json"
+        self.state = json.loads(self.file.read_text()) if self.file.is_file() else {"next": 0, "blocks": []}
+
+    def inputs(self, captured: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The next block's inputs: the captured ones for block 0, else those the last finished block gave."""
+        if not self.state["next"]:
+            return captured
+        saved = engine.Tensors([self.work / "inputs.safetensors"])
+        return [saved.get(str(i)).clone() for i in range(len(captured))]
+
+    def finish_block(self, index: int, tensors: dict, outputs: list[torch.Tensor], summary: dict) -> None:
+        save(tensors, self.work / f"block-{index:05d}.safetensors")
+        save({str(i): h.contiguous() for i, h in enumerate(outputs)}, self.work / "inputs.safetensors")
+        self.state["next"], self.state["blocks"] = index + 1, self.state["blocks"] + [summary]
+        files.write_file(self.file, json.dumps(self.state))
+
+
+def save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    files.write_safetensors(path, {n: (lambda t=t: t) for n, t in tensors.items()}, {"format": engine.FORMAT})
+
+
+def quantize_by_block(
+    source_dir: Path, calibration: list[torch.Tensor], rec: recipe.Recipe, work: Path, out: Path, tokenizer
+) -> dict:
+    """Quantize the BF16 folder `source_dir` with `rec`, block by block (see the module docstring), into the INT8
+    folder `out`, using `work` for what a rerun resumes from. Returns what recipe.QuantizeResult.summary does."""
+    import psutil
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    source = Source.open(source_dir)
+    check_room(plan(source, calibration), Path(out), psutil.virtual_memory().available)
+    family = recipe.FAMILIES[source.config.model_type]
+    config = source.config
+    config.return_dict, config.use_cache = False, False  # INC's trace wants tuples and no cache objects
+    model = skeleton(config)
+    path, layers = decoder_layers(model)
+    embed_name = module_name(model, model.get_input_embeddings())
+    source.load(model.get_input_embeddings(), embed_name)
+    captured, kwargs = capture_inputs(model, layers, calibration)
+    model.get_input_embeddings().to("meta")  # its FP32 copy is done with
+    progress = Progress(Path(work))
+    hidden = progress.inputs(captured)
+    del captured
+    for i in tqdm(range(progress.state["next"], len(layers)), desc="blocks", unit="block", initial=progress.state["next"], total=len(layers)):  # fmt: skip
+        block = BlockModel(config, f"{path}.{i}", source.load(layers[i], f"{path}.{i}"), kwargs)
+        tensors, hidden, summary = quantize_block(block, hidden, rec, family, i, Path(work) / "inc")
+        progress.finish_block(i, tensors, hidden, summary)
+        layers[i] = layers[i].to("meta")  # the block's weights are freed; the skeleton keeps its shape
+        del block
+        engine.malloc_trim()
+    counts = quantize_ends(model, source, hidden, rec, family, Path(work) / "ends.safetensors")
+    write_folder(source, Path(work), Path(out), tokenizer)
+    parts = progress.state["blocks"] + [{"smoothquant": {}, "modules": counts}]
+    return summarize(rec, family, parts, time.perf_counter() - start)
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, mod in model.named_modules() if mod is module)
+
+
+def quantize_block(
+    block: BlockModel,
+    inputs: list[torch.Tensor],
+    rec: recipe.Recipe,
+    family: recipe.Family,
+    index: int,
+    work: Path,
+) -> tuple[dict, list[torch.Tensor], dict]:
+    """One block, as recipe.quantize does a whole model: the recipe's pairs smoothed, INC's SmoothQuant and
+    quantization, the tail. Returns its engine tensors, its FP32 outputs (the next block's inputs) and evidence."""
+    outputs: list[torch.Tensor] = []
+
+    def run() -> None:
+        outputs.clear()
+        outputs.extend(block(h) for h in inputs)
+
+    norms_before = recipe.norm_weights(block)
+    shown = recipe.present_norms_to_inc(block)
+    pairs = recipe.family_pairs(family, rec.smooth_pairs, [index], model_wide=False)
+    recipe.smooth_pairs(block, run, pairs, recipe.pair_alpha(rec))  # observes on the block before smoothing
+    config = recipe.build_config(rec, family, len(inputs))
+    qmodel, log_lines = recipe.run_inc(
+        block, {"hidden_states": [h[0].numpy() for h in inputs]}, config, work, None
+    )
+    q_config = torch.load(work / "pytorch_model.bin", map_location="cpu", weights_only=False, mmap=True)["best_configure"]  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)
+    recipe.restore_norms(qmodel, shown, family.norm_offset)
+    recipe.apply_tail(qmodel, q_config, rec, family)
+    evidence = recipe.smoothquant_evidence(log_lines, norms_before, qmodel) if rec.smooth_quant else {}
+    tensors = engine.engine_tensors(qmodel)
+    if tensors is None:
+        raise ValueError(f"recipe {rec.name} leaves static INT8 Linears, which the engine does not run")
+    return tensors, outputs, {"smoothquant": evidence, "modules": recipe.module_counts(qmodel)}
+
+
+def quantize_ends(
+    model: nn.Module,
+    source: Source,
+    hidden: list[torch.Tensor],
+    rec: recipe.Recipe,
+    family: recipe.Family,
+    path: Path,
+) -> dict[str, int]:
+    """lm_head (after the last block) and the embedding, one at a time, saved at `path`; their module kinds."""
+    head = quantize_head(model, source, hidden, rec, family)
+    ends, counts = engine.engine_tensors(head), recipe.module_counts(head)
+    model.to("meta")  # the FP32 final norm and lm_head the INT8 ones were made from
+    embedding = quantize_embedding(model, source, module_name(model, model.get_input_embeddings()))
+    ends |= engine.engine_tensors(embedding)
+    model.to("meta")
+    for kind, n in recipe.module_counts(embedding).items():
+        counts[kind] = counts.get(kind, 0) + n
+    save(ends, path)
+    return counts
+
+
+def quantize_head(
+    model: nn.Module, source: Source, hidden: list[torch.Tensor], rec: recipe.Recipe, family: recipe.Family
+) -> dict:
+    """The final norm and lm_head (its own copy when tied): the recipe's norm -> lm_head pair, then its tail."""
+    norm_name, head_name = family.pairs["lm_head"]
+    tied = {f"{head_name}.weight": f"{module_name(model, model.get_input_embeddings())}.weight"}
+    norm = source.load(model.get_submodule(norm_name), norm_name)
+    head = source.load(model.get_output_embeddings(), head_name, fallback=tied)
+    part = Part(model.config, {norm_name: norm, head_name: head})
+    shown = recipe.present_norms_to_inc(part)
+    pairs = recipe.family_pairs(family, rec.smooth_pairs, [])
+    recipe.smooth_pairs(part, lambda: [head(norm(h)) for h in hidden], pairs, recipe.pair_alpha(rec))
+    recipe.restore_norms(part, shown, family.norm_offset)
+    recipe.apply_tail(part, {"op": {(head_name, "Linear"): {}}}, rec, family)
+    return part
+
+
+def quantize_embedding(model: nn.Module, source: Source, name: str) -> dict:
+    """The input embedding weight-only INT8 (u8 per row with a float scale and zero point), as INC stores it."""
+    from torch.ao.nn.quantized import Embedding
+    from torch.ao.quantization import float_qparams_weight_only_qconfig
+
+    embed = source.load(model.get_input_embeddings(), name)
+    embed.qconfig = float_qparams_weight_only_qconfig
+    return Part(model.config, {name: Embedding.from_float(embed)})
+
+
+COUNTED = ("absorbed_layers", "candidate_layers", "norms_rescaled", "norms_total")
+
+
+def summarize(rec: recipe.Recipe, family: recipe.Family, parts: list[dict], seconds: float) -> dict:
+    """The run as recipe.QuantizeResult.summary says a whole-model run: SmoothQuant's evidence and the module kinds
+    added up over the blocks and the ends (the final norm counts as rescaled when the recipe smooths lm_head)."""
+    modules: dict[str, int] = {}
+    for part in parts:
+        for k, v in part["modules"].items():
+            modules[k] = modules.get(k, 0) + v
+    blocks = [p["smoothquant"] for p in parts if p["smoothquant"]]
+    evidence: dict = {}
+    if blocks:
+        evidence = {k: sum(b[k] for b in blocks) for k in COUNTED}
+        evidence["norms_rescaled"] += 1 if "lm_head" in rec.smooth_pairs else 0
+        evidence["norms_total"] += 1
+        evidence |= {"applied": all(b["applied"] for b in blocks), "inc_log": blocks[0]["inc_log"]}
+    return {"recipe": {**asdict(rec), "tail": recipe.tail_for(rec, family)}, "smoothquant": evidence,
+            "modules": dict(sorted(modules.items())), "seconds": round(seconds, 1), "block_by_block": len(blocks)}  # fmt: skip
+
+
+def write_folder(source: Source, work: Path, out: Path, tokenizer) -> None:
+    """The INT8 folder: the engine's tensors (one file, or shards of at most SHARD_BYTES with an index), the
+    config as a loader wants it (dict outputs, a KV cache, lm_head untied), tokenizer and generation config."""
+    parts = [work / "ends.safetensors"] + sorted(work.glob("block-*.safetensors"))
+    shards, size = [[]], 0
+    for f in parts:
+        if shards[-1] and size + f.stat().st_size > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(f)
+        size += f.stat().st_size
+    out.mkdir(parents=True, exist_ok=True)
+    names = (
+        [engine.ENGINE_FILE]
+        if len(shards) == 1
+        else [engine.shard_name(i, len(shards)) for i in range(len(shards))]
+    )
+    weight_map = {}
+    for name, group in zip(names, shards):
+        tensors = engine.Tensors(group)  # memory-mapped: one tensor at a time is read and written
+        layout = {n: (info["dtype"], info["shape"]) for n, (_, info, _) in tensors.where.items()}
+        files.write_safetensors(out / name, {n: functools.partial(tensors.get, n) for n in tensors.where},
+                                {"format": engine.FORMAT}, layout)  # fmt: skip
+        weight_map |= dict.fromkeys(tensors.where, name)
+        engine.malloc_trim()
+    if len(shards) > 1:
+        index = {"metadata": {"format": engine.FORMAT}, "weight_map": weight_map}
+        files.write_file(out / engine.ENGINE_INDEX, json.dumps(index, indent=1))
+    config = source.config.to_dict() | {"return_dict": True, "use_cache": True, "tie_word_embeddings": False}
+    files.write_file(out / "config.json", json.dumps(config, indent=2))
+    tokenizer.save_pretrained(out)
+    if (source.folder / "generation_config.json").is_file():
+        shutil.copy2(source.folder / "generation_config.json", out / "generation_config.json")
