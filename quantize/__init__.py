@@ -3,7 +3,8 @@
 The maintainer step, `python -m quantize` (see README.md):
     __main__.py     the command: arguments, the checks that refuse early, the exit codes
     pipeline.py     its stages, as a list over one context: quantize, baseline, quality, speed, card, publish
-    recipe.py       Neural Compressor's SmoothQuant through Optimum Intel; `build_int8` makes every INT8 folder
+    recipe.py       Neural Compressor's SmoothQuant through Optimum Intel on a whole model; `build_int8`
+    blockwise.py    the same recipe a decoder block at a time (never the model in FP32): engine families at any size
     calibration.py  the chats it calibrates on
     evaluate.py     quality against BF16 on held-out text, and the quality bar
     card.py         quantize_report.json and the model card (data/model_card.md)

@@ -80,8 +80,8 @@ def test_bench_tiny_model(tmp_path, tokenizer):
     # gathered (this model's lm_head is its own matrix). The floor is the time to stream those bytes once at the
     # copy bandwidth measured in the same run.
     streamed = {
-        "int8": _streamed_bytes(int8_dir / "engine.safetensors"),
-        "bf16": _streamed_bytes(bf16_dir / "model.safetensors"),
+        "int8": _streamed_bytes(int8_dir, "engine*.safetensors"),
+        "bf16": _streamed_bytes(bf16_dir, "model*.safetensors"),  # one shard per block here
     }
     streamed["hf_bf16"] = streamed["bf16"]
     assert streamed["bf16"] > 1.5 * streamed["int8"]  # BF16 reads ~2x the bytes of INT8
@@ -105,18 +105,22 @@ def test_bench_tiny_model(tmp_path, tokenizer):
         assert "peer" not in res["models"] and "peer skipped: llama_cpp is not installed" in proc.stdout
 
 
-def _streamed_bytes(path) -> int:
-    """Bytes of every tensor in a safetensors file but the token embedding's, from the file's own header."""
+def _streamed_bytes(folder, pattern: str) -> int:
+    """Bytes of every tensor in a folder's safetensors files but the token embedding's, from the files' own
+    headers."""
     import struct
 
-    with open(path, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    return sum(
-        end - start
-        for name, info in header.items()
-        if name != "__metadata__" and not name.startswith("model.embed_tokens")
-        for start, end in [info["data_offsets"]]
-    )
+    total = 0
+    for path in sorted(folder.glob(pattern)):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        total += sum(
+            end - start
+            for name, info in header.items()
+            if name != "__metadata__" and not name.startswith("model.embed_tokens")
+            for start, end in [info["data_offsets"]]
+        )
+    return total
 
 
 def test_missing_int8_folder_is_one_sentence():
