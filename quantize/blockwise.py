@@ -38,12 +38,22 @@ SHARD_BYTES = (
 FP32 = 4
 
 
-def takes(model_type: str, rec: recipe.Recipe) -> bool:
-    """The families and recipes built block by block: those the engine serves (every Linear dynamic INT8 or float).
-    The others keep INC's whole-model path, whose folder INCModelForCausalLM loads (the app serves them with it)."""
+# Below this many parameters INC's whole-model path fits any machine here (about 11 bytes per parameter plus 1.1 GB)
+# and is faster: INC's fixed cost per run (trace, FX, calibration) paid once per block made the 30 thin blocks of
+# the default model take about 30 s each, against about 4 minutes for the whole model in one run.
+WHOLE_MODEL_MAX_PARAMS = 1_000_000_000
+
+
+def takes(source_dir: Path, model_type: str, rec: recipe.Recipe) -> bool:
+    """The models built block by block: above WHOLE_MODEL_MAX_PARAMS, of a family and recipe the engine serves
+    (every Linear dynamic INT8 or float). The others keep INC's whole-model path, whose folder INCModelForCausalLM
+    loads (the app serves the other families with it); tests hold the two paths to the same model."""
     family = recipe.FAMILIES.get(model_type)
     tail = dict(recipe.tail_for(rec, family)) if family else {}
-    return model_type in engine.ARCHITECTURES and all(tail.get(role) for role in recipe.ROLES)
+    if model_type not in engine.ARCHITECTURES or not all(tail.get(role) for role in recipe.ROLES):
+        return False
+    where = engine.Tensors(engine.safetensors_files(Path(source_dir))).where
+    return sum(_numel(info) for _, info, _ in where.values()) > WHOLE_MODEL_MAX_PARAMS
 
 
 class _Captured(Exception):

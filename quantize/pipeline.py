@@ -102,7 +102,7 @@ def quantize_stage(b: Build) -> dict:
     source = (
         f"the maintainer's `{own.name}`" if own else "chats written for the project, in the chat template"
     )
-    if b.args.tune_trials == 1 and blockwise.takes(b.model_type, b.recipe):
+    if b.args.tune_trials == 1 and blockwise.takes(b.source, b.model_type, b.recipe):
         calib = b.calibration()
         work = b.partial / "blocks"
         summary = blockwise.quantize_by_block(b.source, calib, b.recipe, work, b.int8_dir, b.tokenizer)

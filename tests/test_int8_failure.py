@@ -15,24 +15,24 @@ from quantize.models import ModelError
 
 @pytest.fixture(scope="module")
 def broken_int8(int8_run, tmp_path_factory):
-    """Copies of the real INT8 folder (built block by block: the engine's safetensors alone): one with its weights
-    cut in half, one without them."""
+    """Copies of the real INT8 folder: one with its weights (INC's pickle and the engine's safetensors) cut in
+    half, one without them."""
     root = tmp_path_factory.mktemp("broken")
     corrupt, missing = root / "corrupt", root / "missing"
     shutil.copytree(int8_run["out"], corrupt)
     shutil.copytree(int8_run["out"], missing)
-    for name in ("engine.safetensors",):
+    for name in ("pytorch_model.bin", "engine.safetensors"):
         weights = corrupt / name
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         (missing / name).unlink()
     return {"corrupt": corrupt, "missing": missing}
 
 
-def test_broken_folder_is_a_clear_error(broken_int8):
+@pytest.mark.parametrize("kind", ["corrupt", "missing"])
+@pytest.mark.parametrize("load", [models.load_int8, models.open_int8])
+def test_broken_folder_is_a_clear_error(broken_int8, kind, load):
     with pytest.raises(ModelError, match="Cannot load the INT8 model"):
-        models.open_int8(broken_int8["corrupt"])
-    with pytest.raises(ModelError, match="is not an INT8 folder written by `python -m quantize`"):
-        models.open_int8(broken_int8["missing"])
+        load(broken_int8[kind])
 
 
 def test_hub_int8_needs_a_commit_pin():
