@@ -3,7 +3,7 @@
 The app, the benchmark and the quality check run both models through `Engine.forward`, so INT8 and BF16 share
 the cache, the attention, the fusions and the glue, and the speed-up the panel shows is quantization's alone.
 What differs is the Linear: `Int8Linear` (FBGEMM dynamic INT8, one activation scale per token) or
-`FloatLinear` (BF16 or FP32 `F.linear`).
+`FloatLinear` (BF16 or FP32 `F.linear`); on CPUs without VNNI, down_proj runs `WeightOnlyInt8Linear`.
 
 Lean means:
   * weights are read from safetensors straight into their kernels: INT8 matrices into FBGEMM's packed format,
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,10 +54,16 @@ def cpu_flags() -> set[str]:
         return set()
 
 
+# FBGEMM's own switch (read once, at its first GEMM) can hold it below the CPU's best ISA; these names keep VNNI
+FBGEMM_ISA = "FBGEMM_ENABLE_INSTRUCTIONS"
+FBGEMM_VNNI = ("AVX512_E1", "AVX512_E1_256")
+
+
 def full_range_activations(flags: set[str] | None = None) -> bool:
-    """u8 activations use all 8 bits only where FBGEMM has a VNNI kernel (vpdpbusd accumulates in int32);
+    """u8 activations use all 8 bits only where FBGEMM runs a VNNI kernel (vpdpbusd accumulates in int32);
     without it `vpmaddubsw` adds two u8*s8 products in int16, which saturates, so activations keep 7 bits."""
-    return "avx512_vnni" in (cpu_flags() if flags is None else flags)
+    forced = os.environ.get(FBGEMM_ISA)
+    return "avx512_vnni" in (cpu_flags() if flags is None else flags) and forced in (None, *FBGEMM_VNNI)
 
 
 # ---------------------------------------------------------------- the two kinds of Linear
@@ -76,6 +83,24 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+
+
+class WeightOnlyInt8Linear:
+    """The same s8 weights and scales, BF16 activations (`torch._weight_int8pack_mm`): for the input 7-bit
+    activations cannot carry. down_proj's input, silu(gate) * up, holds the outlier channels; on the default model
+    7-bit activations there cost top-1 0.872 -> 0.846, this kernel there gives 0.883 (README, "CPUs")."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.qweight, self.scale, self.bias = qweight.contiguous(), scale.to(torch.bfloat16), bias
+        self.nbytes = qweight.numel() + scale.numel() * 2 + (0 if bias is None else bias.numel() * 4)
+
+    @staticmethod
+    def takes(in_features: int) -> bool:
+        return in_features % 16 == 0  # the kernel's inner blocking: other widths return inf/nan in torch 2.13
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
 
 class FloatLinear:
@@ -196,7 +221,9 @@ class Cache:
 class Engine:
     """One Llama-family model; `forward(ids, cache)` runs a prompt or a token and returns logits."""
 
-    def __init__(self, config: dict, tensors: Tensors, label: str, reduce_range: bool) -> None:
+    def __init__(
+        self, config: dict, tensors: Tensors, label: str, reduce_range: bool, weight_only_down: bool = False
+    ) -> None:
         self.config, self.label = config, label
         int8 = tensors.metadata.get("format") == FORMAT
         self.dtype = torch.float32 if int8 else torch.bfloat16  # the activations INC's INT8 model runs in
@@ -206,7 +233,7 @@ class Engine:
         window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
         self.max_len = min(config.get("max_position_embeddings") or 4096, window or 1 << 30)  # never slides
         self.reduce_range = reduce_range
-        read = _Reader(tensors, self.dtype, reduce_range)
+        read = _Reader(tensors, self.dtype, reduce_range, weight_only_down)
         self.blocks = [
             read.block(f"model.layers.{i}", self.head_dim) for i in range(config["num_hidden_layers"])
         ]
@@ -320,8 +347,15 @@ def malloc_trim() -> None:
 class _Reader:
     """Turns a folder's tensors into the engine's kernels, one layer at a time (peak memory: one layer)."""
 
-    def __init__(self, tensors: Tensors, dtype: torch.dtype, reduce_range: bool) -> None:
-        self.t, self.dtype, self.reduce_range = tensors, dtype, reduce_range
+    def __init__(
+        self, tensors: Tensors, dtype: torch.dtype, reduce_range: bool, weight_only_down: bool = False
+    ) -> None:
+        self.t, self.dtype, self.reduce_range, self.weight_only_down = (
+            tensors,
+            dtype,
+            reduce_range,
+            weight_only_down,
+        )
         self.nbytes, self.kinds = 0, {}
 
     def vector(self, name: str) -> torch.Tensor:
@@ -336,9 +370,10 @@ class _Reader:
         return {k: v[rows] if rows is not None else v for k, v in got.items()}
 
     def linear(
-        self, names: list[str], rows: list[list[int] | None] | None = None
-    ) -> Int8Linear | FloatLinear:
-        """The Linears `names` (which share one input) as one kernel, their outputs concatenated."""
+        self, names: list[str], rows: list[list[int] | None] | None = None, weight_only: bool = False
+    ) -> Int8Linear | WeightOnlyInt8Linear | FloatLinear:
+        """The Linears `names` (which share one input) as one kernel, their outputs concatenated; INT8 ones with
+        `weight_only` keep their weights and take float activations."""
         parts = [self.parts(n, r) for n, r in zip(names, rows or [None] * len(names))]
         kinds = {"int8" if "qweight" in p else "float" for p in parts}
         if len(kinds) != 1:
@@ -355,19 +390,22 @@ class _Reader:
             else None
         )
         if kinds == {"int8"}:
-            lin = Int8Linear(
+            q, scale = (
                 torch.cat([p["qweight"] for p in parts]),
                 torch.cat([p["scale"].float() for p in parts]),
-                bias,
-                self.reduce_range,
             )
+            if weight_only and WeightOnlyInt8Linear.takes(q.shape[1]):
+                lin = WeightOnlyInt8Linear(q, scale, bias)
+            else:
+                lin = Int8Linear(q, scale, bias, self.reduce_range)
         else:  # an INT8 folder's float tail keeps its stored dtype (BF16 or FP32); a BF16 model is BF16
             weight = torch.cat(
                 [p["weight"] for p in parts]
             )  # a copy in ordinary memory, like the packed INT8
             lin = FloatLinear(weight.to(torch.bfloat16) if self.dtype == torch.bfloat16 else weight, bias)
+        kind = {Int8Linear: "int8", WeightOnlyInt8Linear: "int8 weight-only"}.get(type(lin))
         for n in names:
-            self.kinds[n] = "int8" if kinds == {"int8"} else str(lin.weight.dtype).removeprefix("torch.")
+            self.kinds[n] = kind or str(lin.weight.dtype).removeprefix("torch.")
         self.nbytes += lin.nbytes
         return lin
 
@@ -384,7 +422,8 @@ class _Reader:
             o=self.linear([o]),
             mlp_norm=self.vector(f"{prefix}.post_attention_layernorm.weight"),
             gate_up=self.linear([gate, up]),
-            down=self.linear([down]),
+            # 7-bit activations lose down_proj's outliers (WeightOnlyInt8Linear)
+            down=self.linear([down], weight_only=self.weight_only_down),
         )
 
     def out_features(self, name: str) -> int:
@@ -409,17 +448,20 @@ def is_engine_folder(folder: Path) -> bool:
     return json.loads(config.read_text()).get("model_type") in ARCHITECTURES
 
 
-def load(folder: Path, reduce_range: bool | None = None) -> Engine:
-    """The engine for an INT8 folder (`engine.safetensors`) or a BF16 one (`model.safetensors`)."""
+def load(folder: Path, reduce_range: bool | None = None, weight_only_down: bool | None = None) -> Engine:
+    """The engine for an INT8 folder (`engine.safetensors`) or a BF16 one (`model.safetensors`). By default the
+    CPU decides: 8-bit activations with VNNI; else 7-bit ones, and down_proj weight-only."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     tensors = Tensors(safetensors_files(folder))
-    if reduce_range is None:
-        reduce_range = not full_range_activations()
+    reduce_range = not full_range_activations() if reduce_range is None else reduce_range
+    weight_only_down = reduce_range if weight_only_down is None else weight_only_down
     int8 = tensors.metadata.get("format") == FORMAT
-    bits = "7-bit" if reduce_range else "8-bit"
-    label = f"Q8 engine, FBGEMM INT8 ({bits} activations)" if int8 else "Q8 engine, BF16"
-    return Engine(config, tensors, label, reduce_range)
+    how = f"{7 if reduce_range else 8}-bit activations" + (
+        ", down_proj weight-only" if weight_only_down else ""
+    )
+    label = f"Q8 engine, FBGEMM INT8 ({how})" if int8 else "Q8 engine, BF16"
+    return Engine(config, tensors, label, reduce_range, weight_only_down)
 
 
 # ---------------------------------------------------------------- the file `python -m quantize` writes

@@ -1,6 +1,7 @@
 """The engine (quantize/engine.py) against the documented loader, INCModelForCausalLM, on the same folder; its
 cache, its activation paths on this CPU, and what it refuses to read."""
 
+import os
 import pickle
 import shutil
 
@@ -83,7 +84,9 @@ def greedy(decoder, ids, n=TOKENS):
 def test_engine_matches_inc_on_config_models(tmp_path, tokenizer, family):
     model, bf16_dir, int8_dir = build(tmp_path, tokenizer, family)
     inc = HFDecoder(models.load_int8(int8_dir), "INC")
-    ours = engine.load(int8_dir, reduce_range=True)  # the activation precision INC's dynamic Linear uses
+    ours = engine.load(
+        int8_dir, reduce_range=True, weight_only_down=False
+    )  # INC's kernels: 7-bit activations
     linears = {
         n.removesuffix(".weight")
         for n, p in model.named_parameters()
@@ -173,6 +176,69 @@ def test_engine_picks_activation_bits_from_cpu_flags(tiny):
     vnni = "avx512_vnni" in engine.cpu_flags()
     assert served.reduce_range is not vnni
     assert ("8-bit" if vnni else "7-bit") in served.label
+
+
+# Run in a child whose FBGEMM is held to its AVX2 kernels (FBGEMM reads the switch once, at its first GEMM): the
+# CPUs without VNNI that CI and Spaces also land on.
+AVX2_CHILD = """
+import sys
+import numpy as np
+import torch
+from quantize import engine
+q = torch.full((8, 64), 127, dtype=torch.int8)
+x = torch.ones(1, 64); x[0, 0] = 0  # u8 codes of 255: two 255 * 127 products overflow int16
+full = engine.Int8Linear(q, torch.full((8,), 1 / 127), None, reduce_range=False)(x)
+tiny = engine.load(sys.argv[1])
+ids = torch.tensor([1, 5, 77, 1234, 9])
+np.save(sys.argv[2], full[0].numpy())
+np.save(sys.argv[3], tiny.forward(ids, tiny.new_cache(16), all_logits=True).numpy())
+"""
+
+
+def test_cpus_without_vnni_get_7_bit_activations_and_weight_only_down_proj(tiny, tmp_path):
+    """In FBGEMM's AVX2 kernels full-range activations saturate (the sum is not 63 * 127 * (255/255)); the
+    engine there serves what 7-bit activations with a weight-only down_proj compute, not the 8-bit model."""
+    import subprocess
+    import sys
+
+    sums, logits = tmp_path / "sums.npy", tmp_path / "logits.npy"
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    subprocess.run(
+        [sys.executable, "-c", AVX2_CHILD, str(tiny[2]), str(sums), str(logits)], env=env, check=True
+    )
+    assert np.abs(np.load(sums) - 63.0).max() > 10  # 63 ones times weight 1.0 each, had it not saturated
+    ids = torch.tensor([1, 5, 77, 1234, 9])
+    got = torch.from_numpy(np.load(logits))
+
+    def here(**how):
+        e = engine.load(tiny[2], **how)
+        return e.forward(ids, e.new_cache(16), all_logits=True)
+
+    seven = here(reduce_range=True, weight_only_down=True)
+    assert (got - seven).abs().max() < 1e-4 * seven.abs().max()
+    for other in (
+        here(reduce_range=False, weight_only_down=False),
+        here(reduce_range=True, weight_only_down=False),
+    ):
+        assert (got - other).abs().max() > 1e-3 * seven.abs().max()
+
+
+def test_weight_only_kernel_keeps_an_outlier_channel():
+    """down_proj's input has outlier channels: INT8 weights with BF16 activations keep them, 7-bit codes do not."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 256)
+    scale = w.abs().amax(1) / 127
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    x = torch.randn(4, 256)
+    x[:, 7] *= 80
+    exact = x.double() @ (q.double() * scale.double()[:, None]).T
+
+    def error(y: torch.Tensor) -> float:
+        return ((y.double() - exact).abs().max() / exact.abs().max()).item()
+
+    weight_only = error(engine.WeightOnlyInt8Linear(q, scale, None)(x))
+    assert weight_only < 0.01  # BF16 activations: 8 significant bits per value, not per tensor
+    assert weight_only < error(engine.Int8Linear(q, scale, None, reduce_range=True)(x)) / 3
 
 
 def test_int8_folder_is_served_without_unpickling(tiny, tmp_path, tokenizer):
