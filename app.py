@@ -233,7 +233,9 @@ def status() -> dict:
 def run_benchmark(new_tokens: float, rounds: float, progress=gr.Progress(track_tqdm=True)):
     """Fixed prompts, greedy, both models interleaved in one run (latency.interleaved)."""
     if not STATE.compare_available:
-        raise gr.Error("The benchmark needs both models; the INT8 model is not loaded.")
+        raise gr.Error(
+            "The benchmark needs both models loaded; " + (STATE.bf16.error or "the INT8 model is not.")
+        )
     chats = [[{"role": "user", "content": text}] for text in asset("bench_prompts.json")]
     prompts = [torch.tensor([chat.encode_chat(STATE.tokenizer, c)]) for c in chats]
     decoders = {"INT8": STATE.int8.decoder, "BF16": STATE.bf16.decoder}

