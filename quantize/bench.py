@@ -68,6 +68,8 @@ OPTIONS = {
                                  "(DIR/bf16) and its INT8 (DIR/int8, block by block), then benchmark them"),
     "--size": dict(choices=sorted(SIZES), default="0.4b", help="body of the --build-config-model model: 0.4b, "
                    "1.5b (Qwen2.5-1.5B's) or 7b (Mistral-7B's) (default %(default)s)"),
+    "--layers": dict(type=int, default=None, help="decoder blocks of the --build-config-model model (default: the "
+                     "size's own); the 7b body with 4 measures its per-block memory and time in minutes"),
     "--profile": dict(type=int, metavar="TOKENS", default=0, help="also print where INT8 decode time goes "
                       "(torch.profiler over TOKENS tokens, last thread count)"),
 }  # fmt: skip
@@ -532,7 +534,8 @@ def folders(args: argparse.Namespace) -> tuple[Path, Path, bool]:
     """(BF16 folder, INT8 folder, whether BF16 is the embedded default) from the arguments."""
     if args.build_config_model:
         tok = models.load_tokenizer(models.resolve_model(None))
-        bf16_dir, int8_dir = build_config_model(args.build_config_model, tok, SIZES[args.size])
+        size = SIZES[args.size] | ({"num_hidden_layers": args.layers} if args.layers else {})
+        bf16_dir, int8_dir = build_config_model(args.build_config_model, tok, size)
         print(f"random-weight Llama: --bf16 {bf16_dir} --int8 {int8_dir} (speed only, not quality)")
         return bf16_dir, int8_dir, False
     int8_dir = resolve_int8(args.int8, args.int8_revision)  # first: a wrong --int8 fails before any loading
