@@ -314,15 +314,16 @@ def test_engine_serves_the_shipped_folder_as_inc_does(int8_run, int8, bf16, toke
     """The engine (what the app serves) in INC's activation precision against INCModelForCausalLM on the same
     folder. This model is chaotic under INT8 noise (1e-6 relative noise in one norm flips ~15% of argmaxes), so
     two implementations cannot match token for token: they must measure the same against BF16 (the config-built
-    models in test_engine.py do match token for token)."""
+    models in test_engine.py do match token for token). Token by token: in a prompt the engine scales each token,
+    INC's Linear the whole prompt."""
     from quantize import engine, evaluate
 
     ours = engine.load(int8_run["out"], reduce_range=True, weight_only_down=False)
     ids = tokenizer(evaluate.heldout_text(), return_tensors="pt").input_ids[:, :1024]
-    ref_nll, ref_top = evaluate.teacher_forced(HFDecoder(bf16, "BF16"), ids)
+    ref_nll, ref_top = evaluate.teacher_forced(HFDecoder(bf16, "BF16"), ids, prefill=1)
     got = {}
     for name, decoder in (("engine", ours), ("inc", HFDecoder(int8, "INC"))):
-        nll, top = evaluate.teacher_forced(decoder, ids)
+        nll, top = evaluate.teacher_forced(decoder, ids, prefill=1)
         got[name] = (nll - ref_nll, (top == ref_top).float().mean().item())
     assert abs(got["engine"][0] - got["inc"][0]) < 0.02, got  # log-perplexity ratio within 2%
     assert abs(got["engine"][1] - got["inc"][1]) < 0.04, got
