@@ -89,7 +89,7 @@ class Int8Linear:
         if x.shape[0] == 1:
             y = torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
         else:
-            lo, hi = x.aminmax(dim=-1, keepdim=True)
+            lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # aminmax(dim=) is 17x slower here
             mid, half = (hi + lo) / 2, ((hi - lo) / 2).clamp_min(1e-30)
             y = torch.ops.quantized.linear_dynamic((x - mid) / half, self.packed, self.reduce_range)
             y = y.mul_(half).addcmul_(mid, self.row_sums)
