@@ -143,13 +143,14 @@ def quality_md(report: dict | None) -> str:
     if not report:
         return "No quality report found next to the INT8 model."
     lines = [
-        "| model | perplexity | x BF16 | top-1 agreement | chat top-1 agreement |",
-        "|---|---:|---:|---:|---:|",
+        "| model | perplexity | x BF16 | top-1 agreement | long prompt x BF16 | long prompt top-1 | chat top-1 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, v in report["quality"].items():
         lines.append(
             f"| {name} | {fmt(v['perplexity'], '.2f')} | {fmt(v['perplexity_ratio'], '.3f')} | "
-            f"{fmt(v['top1_agreement'], '.3f')} | {fmt(v.get('chat_top1_agreement'), '.3f')} |"
+            f"{fmt(v['top1_agreement'], '.3f')} | {fmt(v.get('long_perplexity_ratio'), '.3f')} | "
+            f"{fmt(v.get('long_top1_agreement'), '.3f')} | {fmt(v.get('chat_top1_agreement'), '.3f')} |"
         )
     bar = report["quality_bar"]
     return (

@@ -83,6 +83,10 @@ class Trial:
         }
 
 
+# (window, prefill) of the quality stage's two modes (evaluate.compare)
+MODES = {"decode": (evaluate.WINDOW, evaluate.PREFILL), "long": (evaluate.LONG_WINDOW, evaluate.LONG_WINDOW)}
+
+
 class Judge:
     """INC's eval_fn: a candidate's perplexity ratio and top-1 agreement against BF16 on the held-out text, as
     one score, the share of the bar met, at most 1: min(max ratio / ratio, top-1 / min top-1, 1). The FP32
@@ -91,7 +95,8 @@ class Judge:
     def __init__(self, bf16: torch.nn.Module, tokenizer, held: evaluate.HeldOut, bar: dict) -> None:
         self.ids = tokenizer(held.text, return_tensors="pt").input_ids[:, :1024]
         self.bar, self.tail, self.family = bar, (), recipe.family_of(bf16)
-        self.ref_nll, self.ref_top = evaluate.teacher_forced(HFDecoder(bf16, "BF16"), self.ids)
+        reference = HFDecoder(bf16, "BF16")
+        self.refs = {mode: evaluate.teacher_forced(reference, self.ids, *w) for mode, w in MODES.items()}
         self.last: tuple[float, float, float] = (math.nan, math.nan, math.nan)  # ratio, top-1, score
 
     def __call__(self, model: torch.nn.Module) -> float:
@@ -115,12 +120,16 @@ class Judge:
         return model
 
     def measure(self, model: torch.nn.Module) -> tuple[float, float]:
-        """Perplexity ratio and top-1 of the candidate as the app serves it (`models.served`): the quality stage
-        measures the saved folder the same way. On VNNI CPUs the engine's 8-bit activations score above the
-        7-bit ones of torch's dynamic Linear."""
+        """The worse perplexity ratio and top-1 of the candidate as the app serves it (`models.served`), of
+        decoding and a long prompt: the quality stage measures the saved folder the same way, against the bar."""
+        ratios, tops = [], []
         with models.served(model, "candidate") as decoder:
-            nll, top = evaluate.teacher_forced(decoder, self.ids)
-        return math.exp(nll - self.ref_nll), (top == self.ref_top).float().mean().item()
+            for mode, window in MODES.items():
+                nll, top = evaluate.teacher_forced(decoder, self.ids, *window)
+                ref_nll, ref_top = self.refs[mode]
+                ratios.append(math.exp(nll - ref_nll))
+                tops.append((top == ref_top).float().mean().item())
+        return max(ratios), min(tops)
 
 
 def walk(start: Point, trials: list[Trial]):

@@ -207,22 +207,22 @@ def test_report_and_card(int8_run, report):
     assert report["speed"]["models"]["int8"]["median_ms"] > 0 and report["cpu"]["model"]
 
 
-def measure(served, bf16, tokenizer) -> dict:
+def measure(served, bf16, tokenizer, window: int = 128, prefill: int = 32) -> dict:
     """Perplexity ratio and top-1 agreement of a served INT8 model against BF16, measured here on the first 1024
-    tokens of the held-out text, in windows of 128 read like a chat: the first 32 tokens as one prompt, then one
-    token per forward pass with the cache."""
+    tokens of the held-out text, in windows of `window` read like a chat: the first `prefill` tokens as one
+    prompt, then one token per forward pass with the cache (window = prefill: a long prompt in one pass)."""
     text = (ROOT / "quantize" / "data" / "heldout_eval.txt").read_text()
     ids = tokenizer(text, return_tensors="pt").input_ids[0, :1024]
     nll_bf16 = nll_int8 = 0.0
     same = n = 0
     with torch.inference_mode():
-        for start in range(0, len(ids) - 1, 128):
-            x = ids[start : start + 129]
+        for start in range(0, len(ids) - 1, window):
+            x = ids[start : start + window + 1]
             ref = bf16(input_ids=x[None, :-1]).logits[0].float()  # teacher forcing in one pass
             cache = served.new_cache(len(x))
             got = torch.cat(
-                [served.forward(x[:32], cache, all_logits=True)]
-                + [served.forward(x[t : t + 1], cache) for t in range(32, len(x) - 1)]
+                [served.forward(x[:prefill], cache, all_logits=True)]
+                + [served.forward(x[t : t + 1], cache) for t in range(prefill, len(x) - 1)]
             )
             nll_bf16 += F.cross_entropy(ref, x[1:], reduction="sum").item()
             nll_int8 += F.cross_entropy(got, x[1:], reduction="sum").item()
@@ -243,6 +243,21 @@ def test_quality_bar(measured):
     assert measured["top1_agreement"] >= MIN_TOP1_AGREEMENT, measured
 
 
+@pytest.fixture(scope="module")
+def measured_long(int8_run, bf16, tokenizer) -> dict:
+    """`measure` on prompts of 512 tokens, each prefilled in one pass, as a chat with history is."""
+    return measure(models.open_int8(int8_run["out"]), bf16, tokenizer, window=512, prefill=512)
+
+
+def test_quality_bar_on_a_long_prompt(measured_long, report):
+    assert measured_long["tokens"] == 1023
+    assert measured_long["perplexity_ratio"] <= MAX_PERPLEXITY_RATIO, measured_long
+    assert measured_long["top1_agreement"] >= MIN_TOP1_AGREEMENT, measured_long
+    q = report["quality"]["int8"]  # and the card's long-prompt numbers are these
+    assert q["long_perplexity_ratio"] == pytest.approx(measured_long["perplexity_ratio"], abs=0.01), q
+    assert q["long_top1_agreement"] == pytest.approx(measured_long["top1_agreement"], abs=0.01), q
+
+
 # `measure` in a child whose FBGEMM is held to its AVX2 kernels (read once, at its first GEMM): CPUs without VNNI
 AVX2_MEASURE = """
 import json, sys
@@ -250,8 +265,9 @@ sys.path.insert(0, sys.argv[3])
 from test_quantize_e2e import measure
 from quantize import models
 decoder = models.open_int8(sys.argv[1])
-print(json.dumps({**measure(decoder, models.load_bf16(sys.argv[2]), models.load_tokenizer(sys.argv[2])),
-                  "served_by": decoder.label}))
+bf16, tokenizer = models.load_bf16(sys.argv[2]), models.load_tokenizer(sys.argv[2])
+print(json.dumps({"decode": measure(decoder, bf16, tokenizer),
+                  "long": measure(decoder, bf16, tokenizer, window=512, prefill=512), "served_by": decoder.label}))
 """
 
 
@@ -264,9 +280,10 @@ def test_quality_bar_on_cpus_without_vnni(int8_run, default_dir):
     env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
     child = [sys.executable, "-c", AVX2_MEASURE, str(int8_run["out"]), str(default_dir), str(ROOT / "tests")]
     got = json.loads(subprocess.run(child, env=env, check=True, capture_output=True, text=True).stdout)
-    assert got["tokens"] == 1023
-    assert got["perplexity_ratio"] <= MAX_PERPLEXITY_RATIO, got
-    assert got["top1_agreement"] >= MIN_TOP1_AGREEMENT, got
+    for mode in ("decode", "long"):
+        assert got[mode]["tokens"] == 1023
+        assert got[mode]["perplexity_ratio"] <= MAX_PERPLEXITY_RATIO, got
+        assert got[mode]["top1_agreement"] >= MIN_TOP1_AGREEMENT, got
 
 
 def test_card_quotes_the_quality_measured_here(report, measured):
