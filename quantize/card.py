@@ -219,6 +219,7 @@ def card_fields(report: dict) -> dict:
         "verdict": f"{verdict} the project's quality bar (perplexity ≤ {bar['max_perplexity_ratio']}x BF16, "
         f"top-1 agreement ≥ {bar['min_top1_agreement']})",
         "int8_engine": report["quality_eval"].get("int8_engine", "engine"),
+        "long_window": measured.get("long_window", "–"),  # a run resumed from a record without the long mode
         "recipe_name": rec["name"],
         "recipe_description": rec["description"],
         "smoothquant": smoothquant,
