@@ -249,12 +249,13 @@ def quantize_by_block(
 ) -> dict:
     """Quantize the BF16 folder `source_dir` with `rec`, block by block (see the module docstring), into the INT8
     folder `out`, using `work` for what a rerun resumes from. Returns what recipe.QuantizeResult.summary does."""
-    import psutil
     from tqdm import tqdm
+
+    from quantize.serving import memory_room  # the app's measure: the OS's, the container's and the set limit
 
     start = time.perf_counter()
     source = Source.open(source_dir)
-    check_room(plan(source, calibration), Path(out), psutil.virtual_memory().available)
+    check_room(plan(source, calibration), Path(out), memory_room())
     family = recipe.FAMILIES[source.config.model_type]
     config = source.config
     config.return_dict, config.use_cache = False, False  # INC's trace wants tuples and no cache objects

@@ -56,6 +56,7 @@ def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir
     if done.get("baseline"):
         quality["int8_no_sq"] = {k: v for k, v in done["baseline"].items() if k != "recipe"}
     speed = done["speed"]
+    stage_peaks = {name: v["peak_rss_bytes"] for name, v in done.items() if v and "peak_rss_bytes" in v}
     report = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "base_model": base_id,
@@ -70,6 +71,7 @@ def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir
         "quality_bar": against_bar(quality["int8"], bar),
         "tuning": done["quantize"].get("tuning"),  # None: --tune-trials 1, the recipe alone
         "peak_rss_bytes": peak_rss_bytes(),  # of this process: loading, calibrating, quantizing, verifying
+        "stage_peak_rss_bytes": stage_peaks,  # the high-water mark of the process that ran each, by its end
         "speed": {k: v for k, v in speed.items() if k != "cpu"},
         "cpu": speed["cpu"],
         "disk_bytes": {
@@ -78,7 +80,6 @@ def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir
             if f.name in WEIGHT_FILES or f.name.startswith("engine-")
         },  # fmt: skip
         "block_by_block": done["quantize"].get("block_by_block"),  # blocks, or None: INC's whole-model path
-        "quantize_peak_rss_bytes": done["quantize"].get("peak_rss_bytes"),
         "versions": versions(),
         "frontier": json.loads(FRONTIER.read_text()) if FRONTIER.is_file() else None,
         "bench": json.loads(BENCH.read_text()) if BENCH.is_file() else None,
@@ -119,7 +120,10 @@ def summary_table(report: dict) -> str:
             f"{fmt(t.get('median_ms'))} | {spread} | {fmt(t.get('ttft_ms'))} |"
         )
     sp = report["speed"]
-    rows.append("\n" + speedup_line(sp["speedup_per_round"]) + " (median of the per-round ratios)")
+    if sp.get("bf16_not_timed"):
+        rows.append("\nSpeed: INT8 alone. " + sp["bf16_not_timed"])
+    else:
+        rows.append("\n" + speedup_line(sp["speedup_per_round"]) + " (median of the per-round ratios)")
     return "\n".join(rows)
 
 
@@ -249,11 +253,14 @@ def card_fields(report: dict) -> dict:
 
 
 def memory_line(report: dict) -> str:
-    whole = f"{report['peak_rss_bytes'] / 1e6:.0f} MB for the whole `python -m quantize` process that wrote this card"
-    if not report.get("quantize_peak_rss_bytes"):
+    whole = (
+        f"{report['peak_rss_bytes'] / 1e6:.0f} MB for the `python -m quantize` process that wrote this card"
+    )
+    stages = report.get("stage_peak_rss_bytes") or {}
+    if not stages:
         return whole
-    return (f"{report['quantize_peak_rss_bytes'] / 1e6:.0f} MB while quantizing block by block; {whole} (its "
-            "verification holds the BF16 and the INT8 model together)")  # fmt: skip
+    each = ", ".join(f"{name} {b / 1e6:.0f} MB" for name, b in stages.items())
+    return f"{whole}; the high-water mark by the end of each stage: {each}"
 
 
 def write_card(report: dict, folder: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,23 +109,25 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 def compare(
-    models: dict,
+    openers: dict[str, Callable[[], object]],
     reference: str,
     tokenizer,
     held: HeldOut | None = None,
     max_tokens: int = 1024,
     greedy_tokens: int = 48,
 ) -> dict:
-    """Perplexity of every model; top-1 agreement and greedy-continuation match of each against `reference`."""
+    """Perplexity of every model; top-1 agreement and greedy-continuation match of each against `reference`.
+
+    `openers` give each model when called. They are opened one at a time, the reference first, and each is let go
+    before the next is opened: the verification of a 7B model never holds its BF16 and INT8 weights together."""
     held = held or held_out()
     ids = tokenizer(held.text, return_tensors="pt").input_ids[:, :max_tokens]
     prompts = [prompt_ids(tokenizer, p) for p in held.prompts]
-    nll, top, long_nll, long_top, cont = {}, {}, {}, {}, {}
-    for name, model in models.items():
-        nll[name], top[name] = teacher_forced(model, ids)
-        long_nll[name], long_top[name] = teacher_forced(model, ids, LONG_WINDOW, LONG_WINDOW)
-        cont[name] = [greedy(model, p, greedy_tokens, tokenizer.eos_token_id) for p in prompts]
-    ref_ppl = math.exp(nll[reference])
+    seen: dict[str, dict] = {}
+    for name in [reference, *(n for n in openers if n != reference)]:
+        answers = seen[reference]["answers"] if seen else None
+        seen[name] = _measure(openers[name](), ids, prompts, greedy_tokens, tokenizer.eos_token_id, answers)
+        gc.collect()  # the model this opener gave is no longer referenced here
     out = {
         "source": held.source,
         "eval_tokens": int(ids.shape[1]),
@@ -134,21 +138,36 @@ def compare(
         "chat_prompts": len(prompts),
         "models": {},
     }
-    for name, model in models.items():
-        prefix = [_common_prefix(a, b) / max(len(b), 1) for a, b in zip(cont[name], cont[reference])]
-        # Chat agreement: along the reference's own greedy answers, how often this model picks the same token.
-        picks = [(follows(model, p, ans), ans) for p, ans in zip(prompts, cont[reference])]
-        same = sum(a == b for mine, ans in picks for a, b in zip(mine, ans))
+    ref = seen[reference]
+    for name, m in seen.items():
+        prefix = [_common_prefix(a, b) / max(len(b), 1) for a, b in zip(m["answers"], ref["answers"])]
         out["models"][name] = {
-            "perplexity": math.exp(nll[name]),
-            "perplexity_ratio": math.exp(nll[name]) / ref_ppl,
-            "top1_agreement": (top[name] == top[reference]).float().mean().item(),
-            "long_perplexity_ratio": math.exp(long_nll[name] - long_nll[reference]),
-            "long_top1_agreement": (long_top[name] == long_top[reference]).float().mean().item(),
-            "chat_top1_agreement": same / max(sum(len(ans) for _, ans in picks), 1),
+            "perplexity": math.exp(m["nll"]),
+            "perplexity_ratio": math.exp(m["nll"] - ref["nll"]),
+            "top1_agreement": (m["top"] == ref["top"]).float().mean().item(),
+            "long_perplexity_ratio": math.exp(m["long_nll"] - ref["long_nll"]),
+            "long_top1_agreement": (m["long_top"] == ref["long_top"]).float().mean().item(),
+            "chat_top1_agreement": m["chat_same"] / max(sum(len(a) for a in ref["answers"]), 1),
             "greedy_prefix_match": sum(prefix) / len(prefix),
+            "engine": m["engine"],
         }
     return out
+
+
+def _measure(model, ids, prompts: list, greedy_tokens: int, eos: int, reference_answers: list | None) -> dict:
+    """One model's side of `compare`: both modes on the prose, its greedy answers, and (for a model that is not the
+    reference) how often it picks the reference's token along the reference's own greedy answers."""
+    nll, top = teacher_forced(model, ids)
+    long_nll, long_top = teacher_forced(model, ids, LONG_WINDOW, LONG_WINDOW)
+    answers = [greedy(model, p, greedy_tokens, eos) for p in prompts]
+    if reference_answers is None:  # the reference, along its own greedy answers, picks every token
+        same = sum(len(a) for a in answers)
+    else:
+        same = sum(
+            a == b for p, ans in zip(prompts, reference_answers) for a, b in zip(follows(model, p, ans), ans)
+        )
+    return {"nll": nll, "top": top, "long_nll": long_nll, "long_top": long_top, "answers": answers,
+            "chat_same": same, "engine": getattr(model, "label", type(model).__name__)}  # fmt: skip
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

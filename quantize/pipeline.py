@@ -18,7 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize import blockwise, calibration, card, engine, evaluate, files, latency, models, recipe, tune
+from quantize import (
+    blockwise,
+    calibration,
+    card,
+    engine,
+    evaluate,
+    files,
+    latency,
+    models,
+    recipe,
+    serving,
+    tune,
+)
 from quantize.generate import HFDecoder
 
 
@@ -69,9 +81,15 @@ class Build:
 
     @functools.cached_property
     def bf16(self):
-        """The transformers BF16 model, loaded whole only by the stages that need it (not the block-by-block
-        quantize stage)."""
+        """The transformers BF16 model, kept for the stages that share it (INC's whole-model path, the baseline)."""
+        return self.load_bf16()
+
+    def load_bf16(self):
         return models.load_bf16(self.source, trust_remote_code=self.args.trust_remote_code)
+
+    def shared_or_new_bf16(self):
+        """The shared BF16 model when an earlier stage of this process loaded it, else one for the caller alone."""
+        return self.__dict__.get("bf16") or self.load_bf16()
 
     @property
     def partial(self) -> Path:
@@ -80,11 +98,6 @@ class Build:
     @property
     def int8_dir(self) -> Path:
         return self.partial / "int8"
-
-    @functools.cached_property
-    def int8(self):
-        """The INT8 folder loaded the way the app serves it: what ships is what is verified."""
-        return models.open_int8(self.int8_dir)
 
     @property
     def bar(self) -> dict:
@@ -108,8 +121,7 @@ def quantize_stage(b: Build) -> dict:
         summary = blockwise.quantize_by_block(b.source, calib, b.recipe, work, b.int8_dir, b.tokenizer)
         recipe.require_smoothquant(b.recipe, summary["smoothquant"])
         shutil.rmtree(work, ignore_errors=True)
-        return {**summary, "calibration_samples": len(calib), "calibration_source": source,
-                "peak_rss_bytes": latency.peak_rss_bytes()}  # fmt: skip
+        return {**summary, "calibration_samples": len(calib), "calibration_source": source}
     if b.args.tune_trials == 1:
         calib = b.calibration()
         result = recipe.build_int8(b.bf16, b.tokenizer, calib, b.recipe, b.int8_dir)
@@ -133,30 +145,39 @@ def baseline_stage(b: Build) -> dict:
     work = b.partial / "inc-base"
     base = recipe.quantize(b.bf16, b.calibration(), recipe.RECIPES[recipe.BASELINE_NO_SQ], work)
     with models.served(base.model, "INT8 no SQ") as int8_no_sq:  # the kernels the shipped INT8 is measured on
-        decoders = {"bf16": HFDecoder(b.bf16, "BF16"), "int8_no_sq": int8_no_sq}
-        quality = evaluate.compare(decoders, "bf16", b.tokenizer, evaluate.held_out(b.args.eval_file))
+        openers = {"bf16": lambda: HFDecoder(b.bf16, "BF16"), "int8_no_sq": lambda: int8_no_sq}
+        quality = evaluate.compare(openers, "bf16", b.tokenizer, evaluate.held_out(b.args.eval_file))
     shutil.rmtree(work, ignore_errors=True)
     return {"recipe": recipe.BASELINE_NO_SQ, **quality["models"]["int8_no_sq"]}
 
 
 def quality_stage(b: Build) -> dict:
-    decoders = {"bf16": HFDecoder(b.bf16, "transformers BF16"), "int8": b.int8}
-    quality = evaluate.compare(decoders, "bf16", b.tokenizer, evaluate.held_out(b.args.eval_file))
-    return {**quality, "int8_engine": b.int8.label}
+    """BF16 first, then INT8, one at a time: the BF16 model is loaded for this stage alone (unless the whole-model
+    quantize stage already holds it) and let go before the INT8 model is opened."""
+    openers = {"bf16": lambda: HFDecoder(b.shared_or_new_bf16(), "transformers BF16"),
+               "int8": lambda: models.open_int8(b.int8_dir)}  # the INT8 folder as the app serves it  # fmt: skip
+    quality = evaluate.compare(openers, "bf16", b.tokenizer, evaluate.held_out(b.args.eval_file))
+    return {**quality, "int8_engine": quality["models"]["int8"]["engine"]}
 
 
 def speed_stage(b: Build) -> dict:
-    """INT8 against BF16 run by the same loop (the engine), interleaved, so the gain is quantization's."""
+    """INT8 against BF16 run by the same loop (the engine), interleaved, so the gain is quantization's; INT8 alone,
+    with the sentence that says why, when the two do not fit in memory together (the app's rule)."""
     from tqdm import tqdm
 
     prompts = [evaluate.prompt_ids(b.tokenizer, p) for p in evaluate.heldout_prompts()[:2]]
-    bf16 = models.open_bf16(b.source, trust_remote_code=b.args.trust_remote_code)
+    bf16_bytes = models.weight_file_bytes(b.source)
+    bf16_not_timed = serving.pair_does_not_fit(bf16_bytes, models.weight_file_bytes(b.int8_dir))
+    decoders = {"int8": models.open_int8(b.int8_dir)}
+    if not bf16_not_timed:
+        decoders["bf16"] = models.open_bf16(b.source, trust_remote_code=b.args.trust_remote_code)
     rounds, tokens = b.args.bench_rounds, b.args.bench_tokens
-    with tqdm(total=rounds * len(prompts) * 2, desc="timing", leave=False) as bar:
-        speed = latency.interleaved({"int8": b.int8, "bf16": bf16}, prompts, tokens, rounds, progress=bar)
+    with tqdm(total=rounds * len(prompts) * len(decoders), desc="timing", leave=False) as bar:
+        speed = latency.interleaved(decoders, prompts, tokens, rounds, progress=bar)
     speed["cpu"] = latency.describe_cpu().asdict()
-    speed["weight_bytes"] = {"int8": b.int8.weight_bytes, "bf16": bf16.weight_bytes}
-    speed["engines"] = {"int8": b.int8.label, "bf16": bf16.label}
+    speed["weight_bytes"] = {"bf16": bf16_bytes} | {n: d.weight_bytes for n, d in decoders.items()}
+    speed["engines"] = {n: d.label for n, d in decoders.items()}
+    speed["bf16_not_timed"] = bf16_not_timed
     return speed
 
 
@@ -196,7 +217,8 @@ def run_stages(b: Build, bar) -> None:
         bar.set_description(f"{stage.name}: {stage.what}")
         skipped = stage.skip_flag and getattr(b.args, stage.skip_flag)
         if stage.recorded and not skipped and stage.name not in b.record.done:
-            b.record.add(stage.name, stage.run(b))
+            # the process's high-water mark by the end of the stage: the first stage to reach the top raised it
+            b.record.add(stage.name, {**stage.run(b), "peak_rss_bytes": latency.peak_rss_bytes()})
         elif not stage.recorded:
             stage.run(b)
         release_memory()  # a stage's models are gone: the next one starts from the BF16 model alone

@@ -238,6 +238,12 @@ def bf16_does_not_fit(src: Path, pair: Pair) -> str | None:
     local = Path(pair.int8).expanduser() if pair.int8 else models.default_int8_dir(pair.bf16)
     # an INT8 folder not here yet (to build, or on the Hub): about half of BF16's bytes
     int8 = models.weight_file_bytes(local) if models.is_int8_folder(local) else bf16 // 2
+    return pair_does_not_fit(bf16, int8)
+
+
+def pair_does_not_fit(bf16: int, int8: int) -> str | None:
+    """The one rule for holding both models (the app, the quantize step's speed stage): None when `bf16` and
+    `int8` bytes of weights fit in the memory there is now, else the sentence that says why only INT8 runs."""
     room = memory_room()
     if (bf16 + int8) * HEADROOM <= room:
         return None

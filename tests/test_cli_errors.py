@@ -226,6 +226,21 @@ def run_cli_with_peak(*args: str, env: dict, peak_file) -> tuple[subprocess.Comp
 
 
 @pytest.mark.slow  # two full runs of the command on a tiny model
+def test_speed_is_int8_alone_when_the_pair_does_not_fit(tmp_path, tiny_model):
+    """The app's rule in the quantize step: a BF16 model and its INT8 copy that do not fit in memory together (a
+    7B pair on a 24 GB machine) are not loaded together to be timed; INT8's own speed is, and the card says why."""
+    bf16 = sum(f.stat().st_size for f in tiny_model.glob("*.safetensors"))
+    for cap, timed in ((None, {"int8", "bf16"}), (bf16, {"int8"})):  # the second: room for one of the two
+        out = tmp_path / f"o-{cap}"
+        env = {"Q8CHAT_MEMORY_BYTES": str(cap)} if cap else {}
+        assert run_cli("--model", str(tiny_model), "--out", str(out), *FAST, env=env).returncode == 0
+        speed = json.loads((out / "quantize_report.json").read_text())["speed"]["models"]
+        assert set(speed) == timed and speed["int8"]["median_ms"] > 0
+    card = (out / "README.md").read_text()
+    assert "INT8 alone" in card and f"its {bf16 / 1e9:.2f} GB of weights" in card
+
+
+@pytest.mark.slow  # two full runs of the command on a tiny model
 def test_a_model_below_its_bar_is_not_pushed_unless_asked(tmp_path, tiny_model):
     """A bar the model cannot meet (perplexity at most 1.0x BF16's and top-1 1.0, for a random tiny model's INT8):
     the folder is written, nothing reaches the Hub, and the sentence says which bar failed by how much. With
