@@ -521,10 +521,12 @@ def table(threads: int, res: dict) -> str:
         )
     for slow, fast in (("bf16", "int8"), ("hf_bf16", "int8"), ("int8", "peer")):
         if slow in res["models"] and fast in res["models"]:
+            read = res["models"][slow]["bytes_per_token"] / res["models"][fast]["bytes_per_token"]
             line = latency.speedup_line(
                 latency.round_ratios(res, slow, fast),
                 latency.LABELS[fast],
                 latency.LABELS[slow],
+                predicted=read,
             )
             lines.append("speed-up: " + line.replace("**", ""))
     return "\n".join(lines)
@@ -543,12 +545,31 @@ def folders(args: argparse.Namespace) -> tuple[Path, Path, bool]:
 
 
 def open_decoders(bf16_dir: Path, int8_dir: Path) -> dict:
-    """The three engines, after checking the two folders hold the same model."""
-    decoders = {
-        "int8": models.open_int8(int8_dir),
-        "bf16": models.open_bf16(bf16_dir),
-        "hf_bf16": HFDecoder(models.load_bf16(bf16_dir), "transformers BF16"),
+    """The engines that fit in memory together, by the app's rule (weights x serving.HEADROOM within the room
+    there is): INT8, then the BF16 engine, then transformers' BF16, each with every one before it. A 7B model's
+    BF16 sides do not fit a 24 GB machine beside its INT8: those are left out, and the bench says so."""
+    from quantize import serving
+
+    int8_bytes, bf16_bytes, room = (
+        models.weight_file_bytes(int8_dir),
+        models.weight_file_bytes(bf16_dir),
+        serving.memory_room(),
+    )
+    openers = {  # name: (how to open it, its weights with every engine opened before it)
+        "int8": (models.open_int8, int8_bytes),
+        "bf16": (models.open_bf16, int8_bytes + bf16_bytes),
+        "hf_bf16": (
+            lambda p: HFDecoder(models.load_bf16(p), "transformers BF16"),
+            int8_bytes + 2 * bf16_bytes,
+        ),
     }
+    decoders = {}
+    for name, (open_model, together) in openers.items():
+        if name != "int8" and together * serving.HEADROOM > room:
+            print(f"{latency.LABELS[name]}: not timed: with the engines before it, {together / 1e9:.2f} GB of "
+                  f"weights need more than the {room / 1e9:.2f} GB of memory this machine has free")  # fmt: skip
+            break
+        decoders[name] = open_model(int8_dir if name == "int8" else bf16_dir)
     vocab = {name: d.config["vocab_size"] for name, d in decoders.items()}
     if len(set(vocab.values())) != 1:
         raise ModelError(f"{int8_dir} and {bf16_dir} are not the same model (vocabularies of {vocab}).")
@@ -564,10 +585,12 @@ def add_floors(res: dict, threads: int, sizes: dict, memory: dict) -> None:
         m.update(sizes[name], **memory.get(name, {}))
         m["floor_ms"] = m["bytes_per_token"] / bw * 1e3
         m["x_floor"] = m["median_ms"] / m["floor_ms"]
-    res["speedup_per_round"] = latency.round_ratios(res, "bf16", "int8")
-    res["speedup_median"] = statistics.median(res["speedup_per_round"])
+    if "bf16" in res["models"]:
+        res["speedup_per_round"] = latency.round_ratios(res, "bf16", "int8")
+        res["speedup_median"] = statistics.median(res["speedup_per_round"])
     if "peer" in res["models"]:
-        res["peer_ratio_per_round"] = {n: latency.round_ratios(res, n, "peer") for n in ("bf16", "int8")}
+        timed = [n for n in ("bf16", "int8") if n in res["models"]]
+        res["peer_ratio_per_round"] = {n: latency.round_ratios(res, n, "peer") for n in timed}
         res["peer_ratio_median"] = {n: statistics.median(v) for n, v in res["peer_ratio_per_round"].items()}
 
 
@@ -589,7 +612,7 @@ def run(args: argparse.Namespace) -> int:
         n: {"weight_bytes": d.weight_bytes, "bytes_per_token": d.bytes_per_token} for n, d in decoders.items()
     }
     del decoders
-    memory = footprints({"int8": int8_dir, "bf16": bf16_dir, "hf_bf16": bf16_dir})
+    memory = footprints({n: int8_dir if n == "int8" else bf16_dir for n in sizes})  # the engines timed
     if peer_gguf is not None:
         per_token = gguf_bytes_per_token(peer_gguf)
         sizes["peer"] = {
@@ -600,12 +623,10 @@ def run(args: argparse.Namespace) -> int:
     for threads, res in per_threads.items():
         add_floors(res, threads, sizes, memory)
         print(table(threads, res))
-    added = {n: memory[n]["added_bytes"] / 1e6 for n in memory}
-    print(
-        f"resident memory added (fresh process each): INT8 engine {added['int8']:.0f} MB, BF16 engine "
-        f"{added['bf16']:.0f} MB, transformers BF16 {added['hf_bf16']:.0f} MB; "
-        f"INT8/BF16 {added['int8'] / added['bf16']:.2f}x"
-    )
+    added = {n: memory[n]["added_bytes"] for n in memory}
+    each = ", ".join(f"{latency.LABELS[n]} {b / 1e6:.0f} MB" for n, b in added.items())
+    share = f"; INT8/BF16 {added['int8'] / added['bf16']:.2f}x" if "bf16" in added else ""
+    print(f"resident memory added (fresh process each): {each}{share}")
     if args.json:
         report = {"command": args.command, "created": time.strftime("%Y-%m-%d"), "tokens": args.tokens,
                   "rounds": args.rounds, "prompts": prompt_texts, "cpu": latency.describe_cpu().asdict(),

@@ -67,12 +67,17 @@ def round_ratios(result: dict, slow: str, fast: str) -> list[float]:
     return [s / f for s, f in zip(m[slow]["round_median_ms"], m[fast]["round_median_ms"])]
 
 
-def speedup_line(ratios: list[float], fast: str = "INT8", slow: str = "BF16") -> str:
-    """The one wording of a speed-up: the median of the per-round ratios, which way it goes, and every round."""
+def speedup_line(
+    ratios: list[float], fast: str = "INT8", slow: str = "BF16", predicted: float | None = None
+) -> str:
+    """The one wording of a speed-up: the median of the per-round ratios, which way it goes, and every round;
+    with `predicted` (slow's bytes read per token over fast's), what the bytes alone would give, so a reader sees
+    how much of it is quantization and how much kernels."""
     median = statistics.median(ratios)
     rounds = f" (rounds {' '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else ""
     way = "faster" if median >= 1 else "slower"
-    return f"**{fast} is {median:.2f}x {way} per token** than {slow}{rounds}"
+    bytes_say = f"; the bytes each token reads predict {predicted:.2f}x" if predicted else ""
+    return f"**{fast} is {median:.2f}x {way} per token** than {slow}{rounds}{bytes_say}"
 
 
 def percentile(xs: list[float], q: float) -> float | None:

@@ -102,6 +102,11 @@ def table_md(a: dict | None, b: dict | None, state: Serving, rounds: list[float]
     cells += [
         ("Weights (MB)", fmt(_mb(state.int8.weight_bytes), ".0f"), fmt(_mb(state.bf16.weight_bytes), ".0f")),
         (
+            "Read per token (MB)",
+            fmt(_mb(state.int8.bytes_per_token), ".0f"),
+            fmt(_mb(state.bf16.bytes_per_token), ".0f"),
+        ),
+        (
             "Resident memory (MB)",
             fmt(_mb(state.int8.rss_bytes), ".0f"),
             fmt(_mb(state.bf16.rss_bytes), ".0f"),
@@ -117,7 +122,10 @@ def verdict(a: dict, b: dict, state: Serving, rounds: list[float] | None = None)
     if not state.compare_available:
         return state.bf16.error or "Comparison unavailable: only one model is loaded."
     if a.get("median_ms") and b.get("median_ms"):
-        return speedup_line(rounds or [b["median_ms"] / a["median_ms"]])
+        read = state.int8.bytes_per_token, state.bf16.bytes_per_token
+        return speedup_line(
+            rounds or [b["median_ms"] / a["median_ms"]], predicted=all(read) and read[1] / read[0]
+        )
     return "Speed-up appears once both models have answered."
 
 

@@ -53,6 +53,7 @@ class LoadedModel:
     label: str
     decoder: object | None = None
     weight_bytes: int = 0
+    bytes_per_token: int = 0  # what one decode step streams (the embedding is only gathered)
     rss_bytes: int = 0  # resident memory added by loading it
     error: str | None = None
 
@@ -147,6 +148,7 @@ def load_resident(side: LoadedModel, load) -> None:
         decoder.forward(torch.tensor([1, 2, 3]), decoder.new_cache(8))
     side.rss_bytes = max(settled_rss() - before, 0)
     side.weight_bytes = decoder.weight_bytes
+    side.bytes_per_token = decoder.bytes_per_token
     side.decoder = decoder
 
 

@@ -56,6 +56,18 @@ def test_table_verdict_either_way(int8, bf16, verdict):
     assert f"| Median ms / token | {int8['median_ms']:.1f} | {(bf16 or {}).get('median_ms', '–')}" in md
 
 
+def test_verdict_gives_the_speed_up_the_bytes_predict():
+    """Next to the measured speed-up, what the bytes each token streams would give alone: a reader sees how much is
+    quantization (half the bytes) and how much the kernels."""
+    state = _state()
+    state.int8.bytes_per_token, state.bf16.bytes_per_token = 150_000_000, 270_000_000
+    md = panel.table_md(FAST, SLOW, state)
+    assert md.startswith(
+        "**INT8 is 2.50x faster per token** than BF16; the bytes each token reads predict 1.80x"
+    )
+    assert "| Read per token (MB) | 150 | 270 |" in md
+
+
 @pytest.mark.parametrize(
     "state,verdict",
     [

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from quantize import bench, models
 
 
-def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_bench(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m quantize.bench ...` in a child process, as conftest.run_cli runs `python -m quantize`."""
     return subprocess.run(
         [sys.executable, "-m", "quantize.bench", *args],
@@ -23,7 +23,7 @@ def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ),
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -95,6 +95,7 @@ def test_bench_tiny_model(tmp_path, tokenizer):
         )
         assert m["added_bytes"] > 0 and m["load_peak_bytes"] >= m["added_bytes"] * 0.5
     assert len(res["speedup_per_round"]) == 2 and all(r > 0 for r in res["speedup_per_round"])
+    assert f"the bytes each token reads predict {streamed['bf16'] / streamed['int8']:.2f}x" in proc.stdout
     # The peer runs where the optional llama_cpp is installed (on a GGUF written from the built model) and is
     # skipped with a line otherwise; either way the run goes on.
     import importlib.util
@@ -103,6 +104,22 @@ def test_bench_tiny_model(tmp_path, tokenizer):
         assert res["models"]["peer"]["median_ms"] > 0
     else:
         assert "peer" not in res["models"] and "peer skipped: llama_cpp is not installed" in proc.stdout
+
+
+def test_bench_leaves_out_the_bf16_sides_that_do_not_fit(tmp_path, tokenizer):
+    """A 7B model's BF16 beside its INT8 does not fit a 24 GB machine: with room for INT8 and half of BF16, the
+    bench times INT8 alone and says why instead of being killed."""
+    bf16_dir, int8_dir = bench.build_config_model(tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4)
+    size = {d: sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (bf16_dir, int8_dir)}
+    cap = size[int8_dir] + size[bf16_dir] // 2
+    out = tmp_path / "out.json"
+    args = ["--int8", str(int8_dir), "--bf16", str(bf16_dir), "--tokens", "4", "--rounds", "1", "--threads", "1",
+            "--prompts", "1", "--no-peer", "--json", str(out)]  # fmt: skip
+    proc = run_bench(*args, env={"Q8CHAT_MEMORY_BYTES": str(cap)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BF16 engine: not timed" in proc.stdout and f"the {cap / 1e9:.2f} GB of memory" in proc.stdout
+    res = json.loads(out.read_text())["threads"]["1"]
+    assert set(res["models"]) == {"int8"} and res["models"]["int8"]["x_floor"] > 0
 
 
 def _streamed_bytes(folder, pattern: str) -> int:
