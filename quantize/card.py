@@ -119,12 +119,29 @@ def summary_table(report: dict) -> str:
             f"{fmt(m['greedy_prefix_match'], '.2f')} | "
             f"{fmt(t.get('median_ms'))} | {spread} | {fmt(t.get('ttft_ms'))} |"
         )
+    if "int8_no_sq" in q:
+        rows.append("\n" + smoothing_line(q["int8"], q["int8_no_sq"]))
     sp = report["speed"]
     if sp.get("bf16_not_timed"):
         rows.append("\nSpeed: INT8 alone. " + sp["bf16_not_timed"])
     else:
         rows.append("\n" + speedup_line(sp["speedup_per_round"]) + " (median of the per-round ratios)")
     return "\n".join(rows)
+
+
+def smoothing_line(int8: dict, no_sq: dict) -> str:
+    """What SmoothQuant buys this model, said plainly either way: the worse mode of each, against the row without
+    smoothing (the same recipe, kernels and tail, nothing smoothed)."""
+    with_sq = worst_perplexity_ratio(int8), worst_top1(int8)
+    without = worst_perplexity_ratio(no_sq), worst_top1(no_sq)
+    numbers = (f"x{with_sq[0]:.3f} / top-1 {with_sq[1]:.3f} with SmoothQuant, x{without[0]:.3f} / "
+               f"{without[1]:.3f} without (the worse of the two modes; `int8_no_sq` is the same recipe, kernels and "
+               "tail with nothing smoothed)")  # fmt: skip
+    if with_sq[0] <= without[0] and with_sq[1] >= without[1]:
+        return f"SmoothQuant helps this model: {numbers}."
+    if with_sq[0] >= without[0] and with_sq[1] <= without[1]:
+        return f"**SmoothQuant does not help this model**: {numbers}."
+    return f"SmoothQuant trades one measure for the other on this model: {numbers}."
 
 
 def frontier_table(frontier: dict | None) -> str:

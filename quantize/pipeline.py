@@ -141,14 +141,24 @@ def quantize_stage(b: Build) -> dict:
 
 
 def baseline_stage(b: Build) -> dict:
-    """The same model quantized without SmoothQuant, for what smoothing buys."""
+    """The shipped recipe without smoothing (recipe.without_smoothing), built the way the shipped model is and
+    served the same way: the card's measure of what SmoothQuant buys."""
+    base = recipe.without_smoothing(b.recipe)
     work = b.partial / "inc-base"
-    base = recipe.quantize(b.bf16, b.calibration(), recipe.RECIPES[recipe.BASELINE_NO_SQ], work)
-    with models.served(base.model, "INT8 no SQ") as int8_no_sq:  # the kernels the shipped INT8 is measured on
-        openers = {"bf16": lambda: HFDecoder(b.bf16, "BF16"), "int8_no_sq": lambda: int8_no_sq}
-        quality = evaluate.compare(openers, "bf16", b.tokenizer, evaluate.held_out(b.args.eval_file))
+    bf16 = {"bf16": lambda: HFDecoder(b.shared_or_new_bf16(), "transformers BF16")}
+    held = evaluate.held_out(b.args.eval_file)
+    if b.args.tune_trials == 1 and blockwise.takes(b.source, b.model_type, base):
+        blockwise.quantize_by_block(
+            b.source, b.calibration(), base, work / "blocks", work / "int8", b.tokenizer
+        )
+        openers = bf16 | {"int8_no_sq": lambda: models.open_int8(work / "int8")}
+        quality = evaluate.compare(openers, "bf16", b.tokenizer, held)
+    else:
+        result = recipe.quantize(b.bf16, b.calibration(), base, work)
+        with models.served(result.model, "INT8 no SQ") as int8_no_sq:  # the kernels the shipped INT8 runs on
+            quality = evaluate.compare(bf16 | {"int8_no_sq": lambda: int8_no_sq}, "bf16", b.tokenizer, held)
     shutil.rmtree(work, ignore_errors=True)
-    return {"recipe": recipe.BASELINE_NO_SQ, **quality["models"]["int8_no_sq"]}
+    return {"recipe": base.name, **quality["models"]["int8_no_sq"]}
 
 
 def quality_stage(b: Build) -> dict:

@@ -32,7 +32,7 @@ import shutil
 import time
 import types
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -263,7 +263,19 @@ RECIPES: dict[str, Recipe] = {
     ]
 }
 DEFAULT_RECIPE = "sq-dynamic-all-smooth"
-BASELINE_NO_SQ = "no-sq-dynamic"
+
+
+def without_smoothing(rec: Recipe) -> Recipe:
+    """The card's baseline for `rec`: the same kernels and tail (every Linear as `rec` runs it), nothing smoothed,
+    neither by INC nor in the extra pairs; what SmoothQuant buys is the difference between the two."""
+    return replace(
+        rec,
+        name=f"{rec.name}-without-sq",
+        smooth_quant=False,
+        smooth_pairs=(),
+        pair_alpha=None,
+        description=f"{rec.name} without SmoothQuant: the same kernels and tail, nothing smoothed",
+    )
 
 
 @dataclass
