@@ -15,7 +15,8 @@ FRONTIER = Path(__file__).parent / "frontier.json"
 WEIGHT_FILES = ("engine.safetensors", "pytorch_model.bin")
 # How each kind of folder is loaded outside the app: the engine reads both; INC's loader only a whole-model one.
 LOAD_INC = """The same INT8 model for Optimum Intel users (`pytorch_model.bin`, a pickle: load it only from a folder you
-wrote or a Hub revision pinned by commit hash; its numbers differ from the engine's: INC's 7-bit activations):
+wrote or a Hub revision pinned by commit hash). Through this loader (INC's FX modules and 7-bit activations) it
+measures differently from the engine, on the same held-out text: {inc_quality}
 
 ```python
 from optimum.intel import INCModelForCausalLM
@@ -107,7 +108,7 @@ def summary_table(report: dict) -> str:
         "| greedy match | median ms/token | p10–p90 | TTFT ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("bf16", "int8", "int8_no_sq"):
+    for name in ("bf16", "int8", "int8_inc", "int8_no_sq"):
         if name not in q:
             continue
         m, t = q[name], s.get(name, {})
@@ -127,6 +128,20 @@ def summary_table(report: dict) -> str:
     else:
         rows.append("\n" + speedup_line(sp["speedup_per_round"]) + " (median of the per-round ratios)")
     return "\n".join(rows)
+
+
+def inc_loader_line(report: dict) -> str:
+    """INCModelForCausalLM's own numbers, and whether they meet the bar the card holds the engine to."""
+    inc = report["quality"].get("int8_inc")
+    if not inc:
+        return "not measured by the run that wrote this card."
+    met = against_bar(inc, report["quality_bar"])["met"]
+    return (
+        f"perplexity x{inc['perplexity_ratio']:.3f} BF16's and top-1 {inc['top1_agreement']:.3f} decoding, "
+        f"x{inc['long_perplexity_ratio']:.3f} and {inc['long_top1_agreement']:.3f} on a long prompt (row "
+        f"`int8_inc` below) — it {'meets' if met else '**does not meet**'} the quality bar, which applies to the "
+        f"engine{'' if met else '; use the engine for these numbers'}."
+    )
 
 
 def smoothing_line(int8: dict, no_sq: dict) -> str:
@@ -266,7 +281,7 @@ def card_fields(report: dict) -> dict:
         "peak_rss": memory_line(report),
         "loaders": LOAD_BLOCKS.format(blocks=report["block_by_block"])
         if report["block_by_block"]
-        else LOAD_INC,
+        else LOAD_INC.format(inc_quality=inc_loader_line(report)),
         "bench_table": bench_table(report.get("bench")),
         "frontier_table": frontier_table(report["frontier"]),
         "tuning_table": tuning_table(report["tuning"]),

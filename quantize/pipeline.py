@@ -166,6 +166,9 @@ def quality_stage(b: Build) -> dict:
     quantize stage already holds it) and let go before the INT8 model is opened."""
     openers = {"bf16": lambda: HFDecoder(b.shared_or_new_bf16(), "transformers BF16"),
                "int8": lambda: models.open_int8(b.int8_dir)}  # the INT8 folder as the app serves it  # fmt: skip
+    if engine.has_engine_file(b.int8_dir) and (b.int8_dir / "inc_config.json").is_file():
+        # the card offers INC's loader too: measured on the same text, not vouched for by the engine's numbers
+        openers["int8_inc"] = lambda: HFDecoder(models.load_int8(b.int8_dir), "INCModelForCausalLM")
     quality = evaluate.compare(openers, "bf16", b.tokenizer, evaluate.held_out(b.args.eval_file))
     return {**quality, "int8_engine": quality["models"]["int8"]["engine"]}
 

@@ -293,6 +293,29 @@ def test_card_quotes_the_quality_measured_here(report, measured):
     assert q["top1_agreement"] == pytest.approx(measured["top1_agreement"], abs=0.01), (q, measured)
 
 
+def test_card_measures_the_inc_loader_it_offers(int8_run, report, int8, bf16, tokenizer):
+    """The card tells Optimum Intel users to load the folder with INCModelForCausalLM: its row is that loader's own
+    numbers on the same text (measured here through it), and the card says whether they meet the bar."""
+    row = report["quality"]["int8_inc"]
+    got = {"decode": measure(HFDecoder(int8, "INC"), bf16, tokenizer),
+           "long": measure(HFDecoder(int8, "INC"), bf16, tokenizer, window=512, prefill=512)}  # fmt: skip
+    for mode, prefix in (("decode", ""), ("long", "long_")):
+        assert row[f"{prefix}perplexity_ratio"] == pytest.approx(got[mode]["perplexity_ratio"], abs=0.01), (
+            row,
+            got,
+        )
+        assert row[f"{prefix}top1_agreement"] == pytest.approx(got[mode]["top1_agreement"], abs=0.01), (
+            row,
+            got,
+        )
+    meets = all(
+        g["perplexity_ratio"] <= MAX_PERPLEXITY_RATIO and g["top1_agreement"] >= MIN_TOP1_AGREEMENT
+        for g in got.values()
+    )
+    card = (int8_run["out"] / "README.md").read_text()
+    assert ("it meets the quality bar" if meets else "it **does not meet** the quality bar") in card
+
+
 def test_card_measures_no_smoothquant_on_the_kernels_that_ship(int8_run, report, bf16, tokenizer, tmp_path):
     """The card's row for INT8 without SmoothQuant is the shipped recipe with nothing smoothed (the same kernels and
     tail: every Linear dynamic INT8), served as the INT8 one is: rebuilt here, written for the engine, measured by
