@@ -3,7 +3,8 @@
 The app, the benchmark and the quality check run both models through `Engine.forward`, so INT8 and BF16 share
 the cache, the attention, the fusions and the glue, and the speed-up the panel shows is quantization's alone.
 What differs is the Linear: `Int8Linear` (FBGEMM dynamic INT8, one activation scale per token) or
-`FloatLinear` (BF16 or FP32 `F.linear`); on CPUs without VNNI, down_proj runs `WeightOnlyInt8Linear`.
+a float one (BF16: `OneDnnBf16Linear`, or `Fp16GemmBf16Linear` on CPUs without oneDNN's BF16 path; an INT8
+folder's FP32 tail: `FloatLinear`); on CPUs without VNNI, down_proj runs `WeightOnlyInt8Linear`.
 
 Lean means:
   * weights are read from safetensors straight into their kernels: INT8 matrices into FBGEMM's packed format,
@@ -104,14 +105,56 @@ class WeightOnlyInt8Linear:
 
 
 class FloatLinear:
-    """`F.linear` in the weight's dtype; the result comes back in the activations' dtype."""
+    """`F.linear` in the weight's dtype (an INT8 folder's FP32 tail); the result comes back in the activations'."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight, self.bias = weight.contiguous(), None if bias is None else bias.to(weight.dtype)
+        self.dtype = weight.dtype
         self.nbytes = weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * 2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+        return F.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class OneDnnBf16Linear:
+    """A BF16 Linear on oneDNN's matmul with the weight prepacked once: `F.linear` on a plain BF16 weight ran a
+    decode step 1.7-2.5x slower (README, "The BF16 side"), and prefill is as fast or faster. Needs oneDNN's BF16
+    path (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.dtype, self.bias = torch.bfloat16, None if bias is None else bias.to(torch.bfloat16)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+        self.nbytes = weight.numel() * 2 + (0 if bias is None else bias.numel() * 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "")
+        return y.to(x.dtype)
+
+
+class Fp16GemmBf16Linear:
+    """A BF16 Linear on FBGEMM's fp16 GEMM, for CPUs where oneDNN has no BF16 path (there ATen emulates BF16,
+    4-5x slower in prefill). The weights keep their BF16 values: scaled by one power of two so the largest sits
+    just under fp16's top, every value down to 2^-32 of the largest is exact in fp16 (BF16 has 8 significant bits,
+    fp16 10), smaller ones round to within 2^-41 of it; the output is scaled back exactly."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.dtype, self.bias = torch.bfloat16, None if bias is None else bias.float()
+        w = weight.float()
+        self.shift = 15 - math.ceil(math.log2(w.abs().max().item() or 1.0))
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w.mul_(2.0**self.shift), None)
+        self.nbytes = weight.numel() * 2 + (0 if bias is None else bias.numel() * 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).mul_(2.0**-self.shift)
+        return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)
+
+
+def bf16_linear() -> type:
+    """The BF16 Linear this CPU runs fastest: oneDNN's where it has a BF16 path, FBGEMM's fp16 GEMM elsewhere."""
+    return OneDnnBf16Linear if torch.ops.mkldnn._is_mkldnn_bf16_supported() else Fp16GemmBf16Linear
+
+
+Linear = Int8Linear | WeightOnlyInt8Linear | FloatLinear | OneDnnBf16Linear | Fp16GemmBf16Linear
 
 
 class Embedding:
@@ -201,11 +244,11 @@ def has_engine_file(folder: Path) -> bool:
 @dataclass
 class Block:
     attn_norm: torch.Tensor
-    qkv: Int8Linear | FloatLinear
-    o: Int8Linear | FloatLinear
+    qkv: Linear
+    o: Linear
     mlp_norm: torch.Tensor
-    gate_up: Int8Linear | FloatLinear
-    down: Int8Linear | FloatLinear
+    gate_up: Linear
+    down: Linear
 
 
 class Cache:
@@ -241,11 +284,9 @@ class Engine:
         tied = "lm_head.weight" not in tensors and "lm_head.qweight" not in tensors
         self.lm_head = read.linear(["model.embed_tokens" if tied else "lm_head"])
         self.bytes_per_token = read.nbytes  # what one decode step streams
-        # A tied table is the output matrix, read whole every token; an untied one is only gathered, a row per
-        # token, so it stays memory-mapped and costs resident memory only for the rows used.
-        self.embed = (
-            (lambda ids: self.lm_head.weight[ids]) if tied else Embedding(tensors, "model.embed_tokens")
-        )
+        # A tied table is the output matrix, read whole every token (packed for it); the input side gathers its
+        # rows from the memory-mapped file, so it costs resident memory only for the rows used.
+        self.embed = Embedding(tensors, "model.embed_tokens")
         self.weight_bytes = read.nbytes + (0 if tied else self.embed.nbytes)
         self.kinds = read.kinds
         self.cos, self.sin = rope_tables(config, self.max_len, self.head_dim)
@@ -371,7 +412,7 @@ class _Reader:
 
     def linear(
         self, names: list[str], rows: list[list[int] | None] | None = None, weight_only: bool = False
-    ) -> Int8Linear | WeightOnlyInt8Linear | FloatLinear:
+    ) -> Linear:
         """The Linears `names` (which share one input) as one kernel, their outputs concatenated; INT8 ones with
         `weight_only` keep their weights and take float activations."""
         parts = [self.parts(n, r) for n, r in zip(names, rows or [None] * len(names))]
@@ -402,10 +443,11 @@ class _Reader:
             weight = torch.cat(
                 [p["weight"] for p in parts]
             )  # a copy in ordinary memory, like the packed INT8
-            lin = FloatLinear(weight.to(torch.bfloat16) if self.dtype == torch.bfloat16 else weight, bias)
+            bf16 = self.dtype == torch.bfloat16 or weight.dtype == torch.bfloat16
+            lin = bf16_linear()(weight.to(torch.bfloat16), bias) if bf16 else FloatLinear(weight, bias)
         kind = {Int8Linear: "int8", WeightOnlyInt8Linear: "int8 weight-only"}.get(type(lin))
         for n in names:
-            self.kinds[n] = kind or str(lin.weight.dtype).removeprefix("torch.")
+            self.kinds[n] = kind or str(lin.dtype).removeprefix("torch.")
         self.nbytes += lin.nbytes
         return lin
 
@@ -460,7 +502,8 @@ def load(folder: Path, reduce_range: bool | None = None, weight_only_down: bool 
     how = f"{7 if reduce_range else 8}-bit activations" + (
         ", down_proj weight-only" if weight_only_down else ""
     )
-    label = f"Q8 engine, FBGEMM INT8 ({how})" if int8 else "Q8 engine, BF16"
+    kernel = {OneDnnBf16Linear: "oneDNN prepacked", Fp16GemmBf16Linear: "FBGEMM fp16 GEMM"}[bf16_linear()]
+    label = f"Q8 engine, FBGEMM INT8 ({how})" if int8 else f"Q8 engine, BF16 ({kernel})"
     return Engine(config, tensors, label, reduce_range, weight_only_down)
 
 

@@ -241,6 +241,62 @@ def test_weight_only_kernel_keeps_an_outlier_channel():
     assert weight_only < error(engine.Int8Linear(q, scale, None, reduce_range=True)(x)) / 3
 
 
+def test_fp16_gemm_keeps_the_bf16_values():
+    """On CPUs without oneDNN's BF16 path the BF16 side runs FBGEMM's fp16 GEMM: its weights keep their BF16 values,
+    far beyond fp16's own range
+    (here up to 3e5, where fp16 overflows, and down to 1e-7 of that). Against the same BF16 weights multiplied in
+    double precision, the error is FP32 accumulation's, not a 16-bit rounding of the weights."""
+    torch.manual_seed(0)
+    w = (torch.randn(64, 512) * torch.logspace(-2, 5.5, 512)).bfloat16()  # columns from 1e-2 to 3e5
+    w[:, :8] = (
+        torch.randn(64, 8).mul(3e-2).bfloat16()
+    )  # and some below fp16's smallest normal after scaling up
+    bias = torch.randn(64).bfloat16()
+    x = torch.randn(3, 512).bfloat16()
+    exact = x.double() @ w.double().T + bias.double()
+    got = engine.Fp16GemmBf16Linear(w, bias)(x.float()).double()
+    assert torch.isfinite(got).all()
+    assert ((got - exact).abs().max() / exact.abs().max()).item() < 1e-6
+    assert not torch.isfinite(
+        x.float() @ w.half().float().T
+    ).all()  # what an fp16 copy of these weights gives
+
+
+BF16_CHILD = """
+import sys
+import numpy as np
+import torch
+from quantize import engine
+e = engine.load(sys.argv[1])
+print(e.label)
+np.save(sys.argv[2], e.forward(torch.tensor([1, 5, 77, 1234, 9]), e.new_cache(16), all_logits=True).numpy())
+"""
+
+
+def test_both_bf16_kernels_compute_the_bf16_model(tiny, tmp_path):
+    """The BF16 side picks its kernel from the CPU: oneDNN's prepacked BF16 matmul here, FBGEMM's fp16 GEMM in a
+    child whose oneDNN is held to AVX2 (no BF16 path, as on AVX2-only machines); both give transformers' BF16
+    model within the BF16 engine's tolerance (bf16 activations: 2% of the logits' range)."""
+    import subprocess
+    import sys
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[1], torch_dtype=torch.bfloat16).eval()
+    ids = torch.tensor([1, 5, 77, 1234, 9])
+    hf = HFDecoder(model, "hf")
+    ref = hf.forward(ids, hf.new_cache(), all_logits=True)
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    child = subprocess.run([sys.executable, "-c", BF16_CHILD, str(tiny[1]), str(tmp_path / "l.npy")], env=env,
+                           check=True, capture_output=True, text=True)  # fmt: skip
+    here = engine.load(tiny[1])
+    got = {"here": here.forward(ids, here.new_cache(16), all_logits=True),
+           "avx2": torch.from_numpy(np.load(tmp_path / "l.npy"))}  # fmt: skip
+    assert "fp16" in child.stdout  # the fallback really ran
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # and a CPU with oneDNN's BF16 path runs that here
+        assert "oneDNN" in here.label
+    for logits in got.values():
+        assert (logits - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
 def test_int8_folder_is_served_without_unpickling(tiny, tmp_path, tokenizer):
     """The app loads engine.safetensors; the pickle INC reads is never opened (here it would leave a mark)."""
     _, _, int8_dir = tiny
