@@ -567,7 +567,8 @@ def open_decoders(bf16_dir: Path, int8_dir: Path) -> dict:
     for name, (open_model, together) in openers.items():
         if name != "int8" and together * serving.HEADROOM > room:
             print(f"{latency.LABELS[name]}: not timed: with the engines before it, {together / 1e9:.2f} GB of "
-                  f"weights need more than the {room / 1e9:.2f} GB of memory this machine has free")  # fmt: skip
+                  f"weights ({together * serving.HEADROOM / 1e9:.2f} GB with room for caches and activations) need "
+                  f"more than the {room / 1e9:.2f} GB of memory this machine has free")  # fmt: skip
             break
         decoders[name] = open_model(int8_dir if name == "int8" else bf16_dir)
     vocab = {name: d.config["vocab_size"] for name, d in decoders.items()}

@@ -250,8 +250,9 @@ def pair_does_not_fit(bf16: int, int8: int) -> str | None:
     if (bf16 + int8) * HEADROOM <= room:
         return None
     return (
-        f"BF16 is not loaded: its {bf16 / 1e9:.2f} GB of weights and INT8's {int8 / 1e9:.2f} GB need more than "
-        f"the {room / 1e9:.2f} GB of memory this machine has free, so INT8 answers alone, with no comparison."
+        f"BF16 is not loaded: its {bf16 / 1e9:.2f} GB of weights and INT8's {int8 / 1e9:.2f} GB, with room for "
+        f"caches and activations ({(bf16 + int8) * HEADROOM / 1e9:.2f} GB), need more than the {room / 1e9:.2f} GB "
+        "of memory this machine has free, so INT8 answers alone, with no comparison."
     )
 
 
