@@ -121,6 +121,8 @@ class OneDnnBf16Linear:
     decode step 1.7-2.5x slower (README, "The BF16 side"), and prefill is as fast or faster. Needs oneDNN's BF16
     path (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
 
+    kernel = "oneDNN prepacked"
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.dtype, self.bias = torch.bfloat16, None if bias is None else bias.to(torch.bfloat16)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
@@ -136,6 +138,8 @@ class Fp16GemmBf16Linear:
     4-5x slower in prefill). The weights keep their BF16 values: scaled by one power of two so the largest sits
     just under fp16's top, every value down to 2^-32 of the largest is exact in fp16 (BF16 has 8 significant bits,
     fp16 10), smaller ones round to within 2^-41 of it; the output is scaled back exactly."""
+
+    kernel = "FBGEMM fp16 GEMM"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.dtype, self.bias = torch.bfloat16, None if bias is None else bias.float()
@@ -502,8 +506,7 @@ def load(folder: Path, reduce_range: bool | None = None, weight_only_down: bool 
     how = f"{7 if reduce_range else 8}-bit activations" + (
         ", down_proj weight-only" if weight_only_down else ""
     )
-    kernel = {OneDnnBf16Linear: "oneDNN prepacked", Fp16GemmBf16Linear: "FBGEMM fp16 GEMM"}[bf16_linear()]
-    label = f"Q8 engine, FBGEMM INT8 ({how})" if int8 else f"Q8 engine, BF16 ({kernel})"
+    label = f"Q8 engine, FBGEMM INT8 ({how})" if int8 else f"Q8 engine, BF16 ({bf16_linear().kernel})"
     return Engine(config, tensors, label, reduce_range, weight_only_down)
 
 

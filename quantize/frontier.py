@@ -46,9 +46,8 @@ def measure_variants(names: list[str], model_arg: str | None, samples: int, toke
         try:  # each variant is saved and served the way the app serves it (the engine where it can)
             res = recipe.build_int8(bf16, tok, calib, recipe.RECIPES[name], work / "int8")
             int8 = models.open_int8(work / "int8")
-            q = evaluate.compare({"bf16": lambda: reference, "int8": lambda m=int8: m}, "bf16", tok)[
-                "models"
-            ]["int8"]
+            quality = evaluate.compare({"bf16": lambda: reference, "int8": lambda m=int8: m}, "bf16", tok)
+            q = quality["models"]["int8"]
             s = latency.interleaved({"int8": int8, "bf16": bf16_run}, prompts, tokens, rounds)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -122,10 +122,9 @@ def verdict(a: dict, b: dict, state: Serving, rounds: list[float] | None = None)
     if not state.compare_available:
         return state.bf16.error or "Comparison unavailable: only one model is loaded."
     if a.get("median_ms") and b.get("median_ms"):
-        read = state.int8.bytes_per_token, state.bf16.bytes_per_token
-        return speedup_line(
-            rounds or [b["median_ms"] / a["median_ms"]], predicted=all(read) and read[1] / read[0]
-        )
+        int8_read, bf16_read = state.int8.bytes_per_token, state.bf16.bytes_per_token
+        predicted = bf16_read / int8_read if int8_read and bf16_read else None
+        return speedup_line(rounds or [b["median_ms"] / a["median_ms"]], predicted=predicted)
     return "Speed-up appears once both models have answered."
 
 
