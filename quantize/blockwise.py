@@ -43,15 +43,17 @@ FP32 = 4
 # and is faster: INC's fixed cost per run (trace, FX, calibration) paid once per block made the 30 thin blocks of
 # the default model take about 30 s each, against about 4 minutes for the whole model in one run.
 WHOLE_MODEL_MAX_PARAMS = 1_000_000_000
+# The families tests/test_blockwise.py holds to INC's whole-model path (the same scales and INT8 weights).
+FAMILIES = ("llama", "mistral", "qwen2")
 
 
 def takes(source_dir: Path, model_type: str, rec: recipe.Recipe) -> bool:
-    """The models built block by block: above WHOLE_MODEL_MAX_PARAMS, of a family and recipe the engine serves
+    """The models built block by block: above WHOLE_MODEL_MAX_PARAMS, of FAMILIES and a recipe the engine serves
     (every Linear dynamic INT8 or float). The others keep INC's whole-model path, whose folder INCModelForCausalLM
     loads (the app serves the other families with it); tests hold the two paths to the same model."""
     family = recipe.FAMILIES.get(model_type)
     tail = dict(recipe.tail_for(rec, family)) if family else {}
-    if model_type not in engine.ARCHITECTURES or not all(tail.get(role) for role in recipe.ROLES):
+    if model_type not in FAMILIES or not all(tail.get(role) for role in recipe.ROLES):
         return False
     where = engine.Tensors(engine.safetensors_files(Path(source_dir))).where
     return sum(_numel(info) for _, info, _ in where.values()) > WHOLE_MODEL_MAX_PARAMS
@@ -77,13 +79,20 @@ class Source:
             Path(folder), AutoConfig.from_pretrained(folder), engine.Tensors(engine.safetensors_files(folder))
         )
 
-    def load(self, module: nn.Module, prefix: str, fallback: dict[str, str] | None = None) -> nn.Module:
-        """Give a meta-device module its FP32 weights from the file (`fallback`: a tied name to read instead)."""
+    def load(
+        self,
+        module: nn.Module,
+        prefix: str,
+        fallback: dict[str, str] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> nn.Module:
+        """Give a meta-device module its weights from the file in `dtype` (`fallback`: a tied name to read
+        instead). In the file's own dtype they stay memory-mapped: no copy is made."""
         state = {}
         for name, _ in module.named_parameters():
             full = f"{prefix}.{name}" if prefix else name
             full = full if full in self.tensors else (fallback or {}).get(full, full)
-            state[name] = self.tensors.get(full).float()
+            state[name] = self.tensors.get(full).to(dtype)
         module.load_state_dict(state, strict=False, assign=True)
         return module
 
@@ -137,26 +146,35 @@ class BlockModel(Part):
         return self.get_submodule(self.name)(hidden_states, **self.kwargs[length])[0]
 
 
-def capture_inputs(model: nn.Module, layers: nn.ModuleList, calibration: list[torch.Tensor]):
-    """What the first block receives for each calibration sample: hidden states, and the other arguments by
-    length (the same for every block: mask, positions, RoPE tables)."""
-    hidden, kwargs = [], {}
+def first_block_calls(
+    model: nn.Module, layers: nn.ModuleList, calls: list[dict]
+) -> list[tuple[torch.Tensor, dict]]:
+    """What the first block receives when the model is called with each of `calls` (its keyword arguments): the
+    hidden states, and the other arguments, which every block receives alike (mask, positions, RoPE tables, the
+    KV cache)."""
+    seen = []
 
     def grab(_module, args, kw):
         h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h.detach().clone())
-        kwargs[h.shape[1]] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        seen.append((h.detach().clone(), {k: v for k, v in kw.items() if k != "hidden_states"}))
         raise _Captured
 
     hook = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.inference_mode():
-            for ids in calibration:
+        with torch.no_grad():
+            for call in calls:
                 with contextlib.suppress(_Captured):
-                    model(input_ids=ids, use_cache=False)
+                    model(**call)
     finally:
         hook.remove()
-    return hidden, kwargs
+    return seen
+
+
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, calibration: list[torch.Tensor]):
+    """What the first block receives for each calibration sample: hidden states, and the other arguments by
+    length."""
+    seen = first_block_calls(model, layers, [{"input_ids": ids, "use_cache": False} for ids in calibration])
+    return [h for h, _ in seen], {h.shape[1]: kw for h, kw in seen}
 
 
 @dataclass

@@ -120,6 +120,7 @@ def summary_table(report: dict) -> str:
             f"{fmt(m['greedy_prefix_match'], '.2f')} | "
             f"{fmt(t.get('median_ms'))} | {spread} | {fmt(t.get('ttft_ms'))} |"
         )
+    rows.append(f"\nThe BF16 reference ran on {q['bf16'].get('engine', 'transformers BF16')}.")
     if "int8_no_sq" in q:
         rows.append("\n" + smoothing_line(q["int8"], q["int8_no_sq"]))
     sp = report["speed"]

@@ -66,10 +66,7 @@ def teacher_forced(
     with dynamic activation scales see one token per call in decode, as they do when the app generates."""
     nll, n, top = 0.0, 0, []
     with torch.inference_mode():
-        for s in range(0, ids.shape[1] - 1, window):
-            x = ids[:, s : s + window + 1]
-            if x.shape[1] < 2:
-                break
+        for x in windows(ids, window):
             cache = decoder.new_cache(x.shape[1])
             spans = [(0, min(prefill, x.shape[1] - 1))] + [(t, t + 1) for t in range(prefill, x.shape[1] - 1)]
             logits = torch.cat([decoder.forward(x[0, a:b], cache, all_logits=True) for a, b in spans])
@@ -77,6 +74,12 @@ def teacher_forced(
             n += x.shape[1] - 1
             top.append(logits.argmax(-1))
     return nll / n, torch.cat(top)
+
+
+def windows(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
+    """Non-overlapping windows of `window` tokens, each with the token that follows it (its last target)."""
+    spans = [ids[:, s : s + window + 1] for s in range(0, ids.shape[1] - 1, window)]
+    return [x for x in spans if x.shape[1] >= 2]
 
 
 def greedy(decoder, ids: torch.Tensor, new_tokens: int, eos: int | None = None) -> list[int]:
@@ -156,10 +159,15 @@ def compare(
 
 def _measure(model, ids, prompts: list, greedy_tokens: int, eos: int, reference_answers: list | None) -> dict:
     """One model's side of `compare`: both modes on the prose, its greedy answers, and (for a model that is not the
-    reference) how often it picks the reference's token along the reference's own greedy answers."""
-    nll, top = teacher_forced(model, ids)
-    long_nll, long_top = teacher_forced(model, ids, LONG_WINDOW, LONG_WINDOW)
-    answers = [greedy(model, p, greedy_tokens, eos) for p in prompts]
+    reference) how often it picks the reference's token along the reference's own greedy answers. A model that
+    measures itself a cheaper way (reference.ByBlock, which runs block by block) brings its own methods."""
+    forced = getattr(model, "teacher_forced", None) or (lambda *a: teacher_forced(model, *a))
+    nll, top = forced(ids)
+    long_nll, long_top = forced(ids, LONG_WINDOW, LONG_WINDOW)
+    if hasattr(model, "greedy_answers"):
+        answers = model.greedy_answers(prompts, greedy_tokens, eos)
+    else:
+        answers = [greedy(model, p, greedy_tokens, eos) for p in prompts]
     if reference_answers is None:  # the reference, along its own greedy answers, picks every token
         same = sum(len(a) for a in answers)
     else:

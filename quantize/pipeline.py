@@ -28,6 +28,7 @@ from quantize import (
     latency,
     models,
     recipe,
+    reference,
     serving,
     tune,
 )
@@ -140,12 +141,20 @@ def quantize_stage(b: Build) -> dict:
             "tuning": outcome.summary()}  # fmt: skip
 
 
+def bf16_reference(b: Build) -> Callable[[], object]:
+    """The quality stages' BF16 reference: transformers' model whole, or, for a model built block by block, run
+    block by block too (reference.ByBlock), so verifying a 7B model holds one block of its BF16, not 14.8 GB."""
+    if "bf16" not in b.__dict__ and blockwise.takes(b.source, b.model_type, b.recipe):
+        return lambda: reference.ByBlock(b.source)
+    return lambda: HFDecoder(b.shared_or_new_bf16(), "transformers BF16")
+
+
 def baseline_stage(b: Build) -> dict:
     """The shipped recipe without smoothing (recipe.without_smoothing), built the way the shipped model is and
     served the same way: the card's measure of what SmoothQuant buys."""
     base = recipe.without_smoothing(b.recipe)
     work = b.partial / "inc-base"
-    bf16 = {"bf16": lambda: HFDecoder(b.shared_or_new_bf16(), "transformers BF16")}
+    bf16 = {"bf16": bf16_reference(b)}
     held = evaluate.held_out(b.args.eval_file)
     if b.args.tune_trials == 1 and blockwise.takes(b.source, b.model_type, base):
         blockwise.quantize_by_block(
@@ -163,9 +172,12 @@ def baseline_stage(b: Build) -> dict:
 
 def quality_stage(b: Build) -> dict:
     """BF16 first, then INT8, one at a time: the BF16 model is loaded for this stage alone (unless the whole-model
-    quantize stage already holds it) and let go before the INT8 model is opened."""
-    openers = {"bf16": lambda: HFDecoder(b.shared_or_new_bf16(), "transformers BF16"),
-               "int8": lambda: models.open_int8(b.int8_dir)}  # the INT8 folder as the app serves it  # fmt: skip
+    quantize stage already holds it; run block by block for a block-built model: bf16_reference) and let go before
+    the INT8 model is opened."""
+    openers = {
+        "bf16": bf16_reference(b),
+        "int8": lambda: models.open_int8(b.int8_dir),
+    }  # INT8 as the app serves it
     if engine.has_engine_file(b.int8_dir) and (b.int8_dir / "inc_config.json").is_file():
         # the card offers INC's loader too: measured on the same text, not vouched for by the engine's numbers
         openers["int8_inc"] = lambda: HFDecoder(models.load_int8(b.int8_dir), "INCModelForCausalLM")
