@@ -1,10 +1,14 @@
-"""The engine: batch-1 decoding of Llama-family models (llama, mistral, qwen2), INT8 or BF16, in one lean loop.
+"""The engine: batch-1 decoding of the Llama-like families (llama, mistral, qwen2, phi3, gemma, gemma2), INT8 or
+BF16, in one lean loop.
 
 The app, the benchmark and the quality check run both models through `Engine.forward`, so INT8 and BF16 share
 the cache, the attention, the fusions and the glue, and the speed-up the panel shows is quantization's alone.
 What differs is the Linear: `Int8Linear` (FBGEMM dynamic INT8, one activation scale per token) or
 a float one (BF16: `OneDnnBf16Linear`, or `Fp16GemmBf16Linear` on CPUs without oneDNN's BF16 path; an INT8
 folder's FP32 tail: `FloatLinear`); on CPUs without VNNI, down_proj runs `WeightOnlyInt8Linear`.
+How the families differ is data, one `Architecture` row each (ARCHITECTURES): tensor names, fused Linears,
+norms, activation, embedding scale; what a config says (GQA, RoPE variant, head size, soft-capping, the query
+scale) is read from it.
 
 Lean means:
   * weights are read from safetensors straight into their kernels: INT8 matrices into FBGEMM's packed format,
@@ -34,17 +38,47 @@ ENGINE_FILE = (
 )
 ENGINE_INDEX = "engine.safetensors.index.json"  # a large model's shards instead of ENGINE_FILE
 FORMAT = "q8chat-int8/1"
-# The families whose blocks are the same up to optional biases (read from the weights) and a sliding window.
-ARCHITECTURES = ("llama", "mistral", "qwen2")
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One family's decoder block as the engine reads it (names as transformers 4.45 has them). A block is
+    x += post_attn(o(attention(norm_attn(x)))); x += post_mlp(down(act(gate) * up)(norm_mlp(x)))."""
+
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # one name: fused
+    o: str = "self_attn.o_proj"
+    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # one name: fused, gate's rows first
+    down: str = "mlp.down_proj"
+    norms: tuple[str, str] = (
+        "input_layernorm",
+        "post_attention_layernorm",
+    )  # before attention, before the MLP
+    post_norms: tuple[str, str] | None = None  # on the attention's and the MLP's outputs (Gemma 2)
+    # Gemma's norms scale by (1 + weight) in FP32, then cast; Llama's by weight in the activations' dtype
+    norm_offset: float = 0.0
+    norm_in_fp32: bool = False
+    activation: tuple[str, str] = ("hidden_act", "silu")  # the config key naming it, and its default
+    scale_embedding: bool = False  # Gemma: the embedding times sqrt(hidden_size), in the activations' dtype
+
+
+GEMMA = Architecture(norm_offset=1.0, norm_in_fp32=True, activation=("hidden_activation", "gelu_pytorch_tanh"),
+                     scale_embedding=True)  # fmt: skip
+ARCHITECTURES = {
+    "llama": Architecture(),
+    "mistral": Architecture(),
+    "qwen2": Architecture(),  # q/k/v biases are read from the weights
+    "phi3": Architecture(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",)),
+    "gemma": GEMMA,
+    "gemma2": Architecture(
+        **(
+            vars(GEMMA)
+            | {
+                "norms": ("input_layernorm", "pre_feedforward_layernorm"),
+                "post_norms": ("post_attention_layernorm", "post_feedforward_layernorm"),
+            }
+        )
+    ),  # fmt: skip
+}
 
 
 def cpu_flags() -> set[str]:
@@ -253,6 +287,8 @@ class Block:
     mlp_norm: torch.Tensor
     gate_up: Linear
     down: Linear
+    post_attn_norm: torch.Tensor | None = None
+    post_mlp_norm: torch.Tensor | None = None
 
 
 class Cache:
@@ -266,25 +302,37 @@ class Cache:
 
 
 class Engine:
-    """One Llama-family model; `forward(ids, cache)` runs a prompt or a token and returns logits."""
+    """One model of a family in ARCHITECTURES; `forward(ids, cache)` runs a prompt or a token and returns logits."""
 
     def __init__(
         self, config: dict, tensors: Tensors, label: str, reduce_range: bool, weight_only_down: bool = False
     ) -> None:
+        from transformers.activations import ACT2FN
+
         self.config, self.label = config, label
+        self.arch = arch = ARCHITECTURES[config["model_type"]]
         int8 = tensors.metadata.get("format") == FORMAT
         self.dtype = torch.float32 if int8 else torch.bfloat16  # the activations INC's INT8 model runs in
         self.heads, self.kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
         self.head_dim = config.get("head_dim") or config["hidden_size"] // self.heads
         self.eps = config["rms_norm_eps"]
+        self.act = ACT2FN[config.get(arch.activation[0]) or arch.activation[1]]
+        self.scale = (config.get("query_pre_attn_scalar") or self.head_dim) ** -0.5
+        self.attn_cap, self.logit_cap = (
+            config.get("attn_logit_softcapping"),
+            config.get("final_logit_softcapping"),
+        )
+        self.embed_scale = config["hidden_size"] ** 0.5 if arch.scale_embedding else None
         window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-        self.max_len = min(config.get("max_position_embeddings") or 4096, window or 1 << 30)  # never slides
+        # the cache never outgrows the window, so no layer ever slides (Gemma 2 slides on every other one)
+        self.max_len = min(config.get("max_position_embeddings") or 4096, window or 1 << 30)
         self.reduce_range = reduce_range
-        read = _Reader(tensors, self.dtype, reduce_range, weight_only_down)
+        read = _Reader(tensors, self.dtype, reduce_range, weight_only_down, arch)
         self.blocks = [
-            read.block(f"model.layers.{i}", self.head_dim) for i in range(config["num_hidden_layers"])
+            read.block(f"model.layers.{i}", self.head_dim, self.heads + self.kv_heads)
+            for i in range(config["num_hidden_layers"])
         ]
-        self.norm = read.vector("model.norm.weight")
+        self.norm = read.norm("model.norm.weight")
         tied = "lm_head.weight" not in tensors and "lm_head.qweight" not in tensors
         self.lm_head = read.linear(["model.embed_tokens" if tied else "lm_head"])
         self.bytes_per_token = read.nbytes  # what one decode step streams
@@ -309,17 +357,20 @@ class Engine:
                 f"The conversation needs {start + T} positions; this cache holds {cache.k.shape[2]}."
             )
         x = self.embed(ids.reshape(-1)).to(self.dtype)
+        if self.embed_scale is not None:  # as Gemma: the factor rounded to the activations' dtype first
+            x = x * torch.tensor(self.embed_scale, dtype=self.dtype)
         cos, sin = self.cos[start : start + T], self.sin[start : start + T]
         mask = causal_mask(T, start, self.dtype) if T > 1 else None
-        for layer, block in enumerate(self.blocks):
-            x = x + block.o(
-                self.attention(rms_norm(x, block.attn_norm, self.eps), block, cache, layer, cos, sin, mask)
-            )
-            gate, up = block.gate_up(rms_norm(x, block.mlp_norm, self.eps)).chunk(2, dim=-1)
-            x = x + block.down(F.silu(gate) * up)
+        for layer, b in enumerate(self.blocks):
+            h = b.o(self.attention(rms_norm(x, b.attn_norm, self.eps), b, cache, layer, cos, sin, mask))
+            x = x + (h if b.post_attn_norm is None else rms_norm(h, b.post_attn_norm, self.eps))
+            gate, up = b.gate_up(rms_norm(x, b.mlp_norm, self.eps)).chunk(2, dim=-1)
+            h = b.down(self.act(gate) * up)
+            x = x + (h if b.post_mlp_norm is None else rms_norm(h, b.post_mlp_norm, self.eps))
         cache.length = start + T
         x = x if all_logits else x[-1:]
-        return self.lm_head(rms_norm(x, self.norm, self.eps)).float()
+        logits = self.lm_head(rms_norm(x, self.norm, self.eps)).float()
+        return logits if self.logit_cap is None else torch.tanh(logits / self.logit_cap) * self.logit_cap
 
     def attention(
         self,
@@ -341,7 +392,9 @@ class Engine:
         # GQA without repeating K/V: the G query heads of a group become G rows against one cached head
         q = qk[:, :H].reshape(T, KV, G, D).permute(1, 2, 0, 3).reshape(KV, G * T, D)
         k, v = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [KV, S, D], views of the cache
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(1 / math.sqrt(D))  # [KV, G*T, S]
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)  # [KV, G*T, S]
+        if self.attn_cap is not None:  # Gemma 2's soft-capping, before the mask
+            scores = torch.tanh(scores / self.attn_cap) * self.attn_cap
         if mask is not None:
             scores.view(KV, G, T, end).add_(mask)
         out = torch.bmm(scores.softmax(-1), v)  # [KV, G*T, D]
@@ -349,9 +402,11 @@ class Engine:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As transformers' LlamaRMSNorm: statistics in FP32, scaled in the activations' dtype."""
+    """Statistics in FP32, scaled in the weight's dtype, back in the activations': transformers' LlamaRMSNorm when
+    the weight is in the activations' dtype, GemmaRMSNorm when it is FP32 (1 + weight, see _Reader.norm)."""
     x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * normed.to(weight.dtype)).to(x.dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -366,7 +421,8 @@ def rope_tables(config: dict, max_len: int, head_dim: int) -> tuple[torch.Tensor
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf = AutoConfig.for_model(**config)
-    kind = (getattr(hf, "rope_scaling", None) or {}).get("rope_type", "default")
+    scaling = getattr(hf, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq.float())
     return angles.cos() * scaling, angles.sin() * scaling
@@ -393,18 +449,21 @@ class _Reader:
     """Turns a folder's tensors into the engine's kernels, one layer at a time (peak memory: one layer)."""
 
     def __init__(
-        self, tensors: Tensors, dtype: torch.dtype, reduce_range: bool, weight_only_down: bool = False
+        self,
+        tensors: Tensors,
+        dtype: torch.dtype,
+        reduce_range: bool,
+        weight_only_down: bool = False,
+        arch: Architecture = Architecture(),
     ) -> None:
-        self.t, self.dtype, self.reduce_range, self.weight_only_down = (
-            tensors,
-            dtype,
-            reduce_range,
-            weight_only_down,
-        )
+        self.t, self.dtype, self.reduce_range = tensors, dtype, reduce_range
+        self.weight_only_down, self.arch = weight_only_down, arch
         self.nbytes, self.kinds = 0, {}
 
-    def vector(self, name: str) -> torch.Tensor:
-        v = self.t.get(name).to(self.dtype).clone()
+    def norm(self, name: str) -> torch.Tensor:
+        """A norm's weight as rms_norm takes it: plain in the activations' dtype, or 1 + weight in FP32 (Gemma)."""
+        w = self.t.get(name).float() + self.arch.norm_offset
+        v = w if self.arch.norm_in_fp32 else w.to(self.dtype)
         self.nbytes += v.numel() * v.element_size()
         return v
 
@@ -455,21 +514,27 @@ class _Reader:
         self.nbytes += lin.nbytes
         return lin
 
-    def block(self, prefix: str, head_dim: int) -> Block:
+    def block(self, prefix: str, head_dim: int, rotated_heads: int) -> Block:
+        """One decoder block; `rotated_heads` (query plus KV heads) have their rows reordered for rope()."""
         malloc_trim()  # the last layer's temporaries go back to the OS: the peak is the model plus one layer
-        q, k, v, o, gate, up, down = (f"{prefix}.{n}" for n in LINEARS)
-        pairs = (
-            self.interleave(head_dim, self.out_features(q)),
-            self.interleave(head_dim, self.out_features(k)),
-        )
+        a = self.arch
+        qkv, gate_up = [f"{prefix}.{n}" for n in a.qkv], [f"{prefix}.{n}" for n in a.gate_up]
+        rotated = rotated_heads * head_dim
+        if len(qkv) == 1:  # fused: q's and k's rows, then v's
+            rows = [self.interleave(head_dim, rotated) + list(range(rotated, self.out_features(qkv[0])))]
+        else:
+            rows = [self.interleave(head_dim, self.out_features(n)) for n in qkv[:2]] + [None]
+        post = [self.norm(f"{prefix}.{n}.weight") for n in a.post_norms] if a.post_norms else [None, None]
         return Block(
-            attn_norm=self.vector(f"{prefix}.input_layernorm.weight"),
-            qkv=self.linear([q, k, v], [pairs[0], pairs[1], None]),
-            o=self.linear([o]),
-            mlp_norm=self.vector(f"{prefix}.post_attention_layernorm.weight"),
-            gate_up=self.linear([gate, up]),
+            attn_norm=self.norm(f"{prefix}.{a.norms[0]}.weight"),
+            qkv=self.linear(qkv, rows),
+            o=self.linear([f"{prefix}.{a.o}"]),
+            mlp_norm=self.norm(f"{prefix}.{a.norms[1]}.weight"),
+            gate_up=self.linear(gate_up),
             # 7-bit activations lose down_proj's outliers (WeightOnlyInt8Linear)
-            down=self.linear([down], weight_only=self.weight_only_down),
+            down=self.linear([f"{prefix}.{a.down}"], weight_only=self.weight_only_down),
+            post_attn_norm=post[0],
+            post_mlp_norm=post[1],
         )
 
     def out_features(self, name: str) -> int:
@@ -486,12 +551,19 @@ class _Reader:
         return [h * head_dim + j for h in range(rows // head_dim) for j in per_head]
 
 
+def runs(config: dict) -> bool:
+    """A family in ARCHITECTURES, without Phi-3's long-context RoPE (its factors switch with the sequence length)."""
+    scaling = config.get("rope_scaling") or {}
+    kinds = (scaling.get("type"), scaling.get("rope_type"))
+    return config.get("model_type") in ARCHITECTURES and "longrope" not in kinds
+
+
 def is_engine_folder(folder: Path) -> bool:
-    """A Llama-family folder with safetensors weights the engine can read."""
+    """A folder of a family the engine runs, with safetensors weights it can read."""
     config = folder / "config.json"
     if not config.is_file() or not safetensors_files(folder):
         return False
-    return json.loads(config.read_text()).get("model_type") in ARCHITECTURES
+    return runs(json.loads(config.read_text()))
 
 
 def load(folder: Path, reduce_range: bool | None = None, weight_only_down: bool | None = None) -> Engine:

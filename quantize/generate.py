@@ -3,7 +3,7 @@
 The app streams from it, the benchmark and the quality check time it: INT8 and BF16 always run the same loop,
 so their per-token numbers are comparable and come from the loop itself, not from the UI's streaming cadence.
 A decoder is anything with `new_cache(max_len)` and `forward(ids, cache) -> logits`: the engine
-(quantize/engine.py) for Llama-family models, or `HFDecoder`, the generic path through a transformers model.
+(quantize/engine.py) for the families it runs, or `HFDecoder`, the generic path through a transformers model.
 """
 
 from __future__ import annotations

@@ -305,8 +305,8 @@ def load_int8(path: Path) -> torch.nn.Module:
 
 
 def open_int8(path: Path):
-    """The decoder that serves an INT8 folder: the engine when the folder has its safetensors and a Llama-family
-    architecture, else INC's model on the generic path (a pickle: only for folders the caller trusts)."""
+    """The decoder that serves an INT8 folder: the engine when the folder has its safetensors and a family the
+    engine runs, else INC's model on the generic path (a pickle: only for folders the caller trusts)."""
     from quantize import engine
     from quantize.generate import HFDecoder
 
@@ -333,7 +333,7 @@ def served(model: torch.nn.Module, label: str) -> Iterator:
     from quantize.generate import HFDecoder
 
     with tempfile.TemporaryDirectory() as folder:
-        if model.config.model_type in engine.ARCHITECTURES and engine.write_engine_file(model, Path(folder)):
+        if engine.runs(model.config.to_dict()) and engine.write_engine_file(model, Path(folder)):
             model.config.to_json_file(Path(folder) / "config.json")
             yield engine.load(Path(folder))
         else:
@@ -341,8 +341,8 @@ def served(model: torch.nn.Module, label: str) -> Iterator:
 
 
 def open_bf16(path: Path, trust_remote_code: bool = False):
-    """The decoder that serves the BF16 original: the engine for Llama-family safetensors folders (so it runs the
-    INT8 model's loop), transformers otherwise."""
+    """The decoder that serves the BF16 original: the engine for safetensors folders of a family it runs (so it
+    runs the INT8 model's loop), transformers otherwise."""
     from quantize import engine
     from quantize.generate import HFDecoder
 

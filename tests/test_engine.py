@@ -14,12 +14,21 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from quantize import calibration, engine, models, recipe
 from quantize.generate import HFDecoder, Sampling, stream
 
-# Random small models, one per family the engine serves; the default tokenizer's vocabulary.
+# Random small models, one per family the engine serves (engine.ARCHITECTURES); the default tokenizer's vocabulary.
 FAMILIES = {
     "llama": {},
     "mistral": {"sliding_window": 4096},
     "qwen2": {},  # q/k/v carry biases
+    "phi3": {},  # fused qkv_proj and gate_up_proj
+    "gemma": {"head_dim": 16},  # (1 + weight) norms in FP32, GeGLU, a scaled embedding
+    # and two more norms a block, soft-capped attention and logits, its own query scale (config defaults)
+    "gemma2": {"head_dim": 16},
 }
+# The norms INC folds SmoothQuant's scales into, where not every one of them, and what a norm multiplies by
+# (offset + weight: Gemma's is 1 + weight); see test_families.py, FOLDS.
+FOLDED = {"gemma": ("post_attention_layernorm",), "gemma2": ("input_layernorm", "pre_feedforward_layernorm")}
+NORM_OFFSET = {"gemma": 1.0, "gemma2": 1.0}
+FLOAT = {"gemma2": {"lm_head"}}  # transformers' Gemma 2 generate() reads lm_head.weight's dtype
 TOKENS = 64
 
 
@@ -44,7 +53,7 @@ def build(tmp_path, tokenizer, family: str):
         recipe.RECIPES[recipe.DEFAULT_RECIPE],
         tmp_path / "work",
     )
-    assert_norms_rescaled(model, result.model)
+    assert_norms_rescaled(model, result.model, FOLDED.get(family), NORM_OFFSET.get(family, 0.0))
     recipe.save_int8(result, int8_dir, tokenizer, model)
     return model, bf16_dir, int8_dir
 
@@ -53,12 +62,17 @@ def norm_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().float() for n, p in model.named_parameters() if n.endswith("norm.weight")}
 
 
-def assert_norms_rescaled(original, quantized) -> None:
-    """SmoothQuant ran: folding divided every RMSNorm weight by per-channel factors (seen in the weights)."""
+def assert_norms_rescaled(
+    original, quantized, only: tuple[str, ...] | None = None, offset: float = 0.0
+) -> None:
+    """SmoothQuant ran: folding divided every RMSNorm's factor (offset + weight), or those named in `only`, by
+    per-channel factors (seen in the weights)."""
     before, after = norm_weights(original), norm_weights(quantized)
     assert before.keys() == after.keys() and before
     for name, w in before.items():
-        ratio = w / after[name]
+        if only and not any(f".{n}." in name for n in only):
+            continue
+        ratio = (offset + w) / (offset + after[name])
         assert ratio.std() > 1e-3 * ratio.abs().mean(), name  # per channel, not one factor for all
 
 
@@ -92,9 +106,8 @@ def test_engine_matches_inc_on_config_models(tmp_path, tokenizer, family):
         for n, p in model.named_parameters()
         if p.dim() == 2 and "embed_tokens" not in n
     }
-    assert (
-        int8_matrices(int8_dir) == linears
-    )  # every Linear (lm_head too) an INT8 matrix in the engine's file
+    # every Linear (lm_head too, but for Gemma 2's, which transformers reads as float) an INT8 matrix in the file
+    assert int8_matrices(int8_dir) == linears - FLOAT.get(family, set())
     ids = torch.tensor(tokenizer("The engine and the documented loader read the same folder.").input_ids)
     a, b = ours.new_cache(256), inc.new_cache()
     logits = [(ours.forward(ids, a, all_logits=True), inc.forward(ids, b, all_logits=True))]

@@ -4,10 +4,12 @@ columns * s), the folder reloads with INCModelForCausalLM and generates with a K
 FP32 model's. Families Neural Compressor cannot smooth stop with one sentence."""
 
 import json
+import pickle
+import shutil
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, run_cli
+from conftest import TINY_LLAMA, run_cli, running_app
 from transformers import AutoConfig, AutoModelForCausalLM
 
 pytestmark = pytest.mark.slow  # the whole command on each family
@@ -72,14 +74,28 @@ def tiny(tmp_path, tokenizer, family: str, **extra):
     return folder
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tokenizer):
+    """family -> (its tiny BF16 folder, the INT8 folder `python -m quantize` wrote from it), each made once."""
+    folders = {}
+
+    def get(family: str):
+        if family not in folders:
+            root = tmp_path_factory.mktemp(family)
+            src, out = tiny(root, tokenizer, family), root / "int8"
+            proc = run_cli("--model", str(src), "--out", str(out), *FAST)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            folders[family] = src, out
+        return folders[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", list(FOLDS))
-def test_family_quantizes_with_smoothquant_folded_exactly(tmp_path, tokenizer, family):
+def test_family_quantizes_with_smoothquant_folded_exactly(built, tokenizer, family):
     from optimum.intel import INCModelForCausalLM
 
-    src = tiny(tmp_path, tokenizer, family)
-    out = tmp_path / "int8"
-    proc = run_cli("--model", str(src), "--out", str(out), *FAST)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    src, out = built(family)
     fp32 = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
     int8 = INCModelForCausalLM.from_pretrained(out).model.eval()
 
@@ -125,3 +141,50 @@ def test_a_family_inc_cannot_smooth_is_refused_in_one_sentence(tmp_path, tokeniz
     assert "'gpt_neox' cannot be smoothed" in proc.stderr and "parallel attention" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+class Trap:
+    """A pickle that leaves a mark when loaded: planted as pytorch_model.bin, it shows whether anything unpickled."""
+
+    def __init__(self, mark) -> None:
+        self.mark = str(mark)
+
+    def __reduce__(self):
+        return (open, (self.mark, "w"))
+
+
+# The families the engine runs beyond Llama's (engine.ARCHITECTURES), as their transformers 4.45 files compute them:
+# Phi-3's fused Linears, Gemma's (1 + weight) norms, GeGLU and scaled embedding, Gemma 2's extra norms and
+# soft-capping. tests/test_engine.py holds the engine to INC on the same folders, logits and 64 greedy tokens.
+ENGINE_FAMILIES = ("phi3", "gemma", "gemma2")
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_the_app_serves_the_family_on_the_engine_without_a_pickle(built, tmp_path, tokenizer, family):
+    """The INT8 folder `python -m quantize` wrote is served by the engine, BF16 too (the header names both), the app
+    answers as that folder's model does, and nothing in the app unpickles: its pytorch_model.bin is a trap."""
+    from gradio_client import Client
+    from test_app_models import expected_answer
+    from test_app_server import app_page
+
+    from app import DEFAULT_SYSTEM
+    from quantize.chat import text_of
+
+    src, out = built(family)
+    folder, mark = tmp_path / "int8", tmp_path / "unpickled"
+    shutil.copytree(out, folder)
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Trap(mark)))
+    env = dict(
+        Q8CHAT_BF16_MODEL=str(src), Q8CHAT_INT8_MODEL=str(folder), Q8CHAT_CACHE=str(tmp_path / "cache")
+    )
+    errors: list[str] = []
+    with running_app(tmp_path / f"app-{family}.log", **env) as (url, _):
+        history, *_ = Client(url, verbose=False).predict(
+            "Hello", [], DEFAULT_SYSTEM, 8, 0.0, 0.95, True, api_name="/chat"
+        )
+        with app_page(url, errors) as page:
+            header = page.locator("#header").inner_text()
+    assert "Q8 engine, FBGEMM INT8" in header and "Q8 engine, BF16" in header, header
+    assert text_of(history[-1]["content"]).strip() == expected_answer(out, tokenizer, "Hello", 8)
+    assert not mark.exists()
+    assert not errors, errors
