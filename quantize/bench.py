@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from quantize import evaluate, files, latency, models
+from quantize import engine, evaluate, files, latency, models
 from quantize.generate import HFDecoder
 from quantize.models import ModelError
 
@@ -64,10 +64,12 @@ OPTIONS = {
     "--peer": dict(action=argparse.BooleanOptionalAction, default=True,
                    help="time llama.cpp Q8_0 too when llama_cpp is installed (default on)"),
     "--peer-gguf": dict(type=Path, default=None, help="the peer's GGUF (Q8_0) of the --bf16 model"),
-    "--build-config-model": dict(type=Path, metavar="DIR", default=None, help="build a random Llama of --size "
-                                 "(DIR/bf16) and its INT8 (DIR/int8, block by block), then benchmark them"),
+    "--build-config-model": dict(type=Path, metavar="DIR", default=None, help="build a random --family model of "
+                                 "--size (DIR/bf16) and its INT8 (DIR/int8), then benchmark them"),
     "--size": dict(choices=sorted(SIZES), default="0.4b", help="body of the --build-config-model model: 0.4b, "
                    "1.5b (Qwen2.5-1.5B's) or 7b (Mistral-7B's) (default %(default)s)"),
+    "--family": dict(choices=sorted(engine.ARCHITECTURES), default="llama", help="architecture of the "
+                     "--build-config-model model (default %(default)s)"),
     "--layers": dict(type=int, default=None, help="decoder blocks of the --build-config-model model (default: the "
                      "size's own); the 7b body with 4 measures its per-block memory and time in minutes"),
     "--profile": dict(type=int, metavar="TOKENS", default=0, help="also print where INT8 decode time goes "
@@ -132,45 +134,56 @@ def resolve_int8(arg: str | None, revision: str | None) -> Path:
 
 
 def build_config_model(
-    root: Path, tokenizer, size: dict = BUILD_CONFIG, samples: int = 8, seed: int = 0
+    root: Path, tokenizer, size: dict = BUILD_CONFIG, samples: int = 8, seed: int = 0, family: str = "llama"
 ) -> tuple[Path, Path]:
-    """A Llama with random weights saved as BF16 (root/bf16) with `tokenizer`, and its INT8 made with the default
-    recipe block by block (root/int8), the way `python -m quantize` makes it minus the quality checks. Reused when
-    root/int8 is already an INT8 folder. Only its speed and memory mean anything."""
+    """A model of `family` with random weights saved as BF16 (root/bf16) with `tokenizer`, and its INT8 made with
+    the default recipe (root/int8) the way `python -m quantize` makes it minus the quality checks: block by block
+    for the block path's families, else INC on the whole model. Reused when root/int8 is already an INT8 folder.
+    Only its speed and memory mean anything."""
     from quantize import blockwise, calibration, recipe
 
     root = Path(root)
     bf16_dir, int8_dir = root / "bf16", root / "int8"
     if models.is_int8_folder(int8_dir) and (bf16_dir / "config.json").is_file():
         return bf16_dir, int8_dir
-    write_random_llama(bf16_dir, tokenizer, size, seed)
+    write_random_model(bf16_dir, tokenizer, size, seed, family)
     calib = calibration.calibration_ids(tokenizer, samples)
     partial = (
         root / "int8.partial"
     )  # int8_dir is only ever a complete folder, so "already built" can trust it
     rec = recipe.RECIPES[recipe.DEFAULT_RECIPE]
-    blockwise.quantize_by_block(bf16_dir, calib, rec, root / "int8.work", partial, tokenizer)
+    if family in blockwise.FAMILIES:
+        blockwise.quantize_by_block(bf16_dir, calib, rec, root / "int8.work", partial, tokenizer)
+    else:
+        bf16 = models.load_bf16(bf16_dir)
+        result = recipe.quantize(bf16, calib, rec, root / "int8.work")
+        recipe.save_int8(result, partial, tokenizer, bf16)
     files.replace_dir(partial, int8_dir)
     shutil.rmtree(root / "int8.work", ignore_errors=True)
     return bf16_dir, int8_dir
 
 
-def write_random_llama(folder: Path, tokenizer, size: dict, seed: int) -> None:
-    """A BF16 Llama folder with transformers' own initialisation (normal(0, initializer_range), norms 1), written a
-    block per shard and a tensor at a time: a 7B one never sits in memory. Untied, like most Llamas of this size:
-    lm_head is read in full per token, the embedding only gathered."""
-    from transformers import GenerationConfig, LlamaConfig
+def write_random_model(folder: Path, tokenizer, size: dict, seed: int, family: str = "llama") -> None:
+    """A BF16 folder of `family` with transformers' own initialisation (normal(0, initializer_range), norms at
+    their identity), written a block per shard and a tensor at a time: a 7B one never sits in memory. Untied,
+    like most models of these sizes: lm_head is read in full per token, the embedding only gathered."""
+    from transformers import AutoConfig, GenerationConfig
 
-    from quantize import blockwise
+    from quantize import blockwise, recipe
 
     ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **ids, **size)
+    head_dim = size["hidden_size"] // size["num_attention_heads"]
+    shape = size | ({"head_dim": head_dim, "query_pre_attn_scalar": head_dim} if "gemma" in family else {})
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tokenizer), tie_word_embeddings=False, **ids, **shape
+    )
     shapes = {n: p.shape for n, p in blockwise.skeleton(config).named_parameters()}
     generator = torch.Generator().manual_seed(seed)
+    identity = 1.0 - recipe.FAMILIES[family].norm_offset  # Gemma's norms scale by 1 + weight
 
     def tensor(name: str):
         if name.endswith("norm.weight"):
-            return torch.ones(shapes[name], dtype=torch.bfloat16)
+            return torch.full(shapes[name], identity, dtype=torch.bfloat16)
         return torch.randn(shapes[name], generator=generator).mul_(config.initializer_range).bfloat16()
 
     groups = collections.defaultdict(list)  # one shard per block, one for the ends
@@ -537,8 +550,8 @@ def folders(args: argparse.Namespace) -> tuple[Path, Path, bool]:
     if args.build_config_model:
         tok = models.load_tokenizer(models.resolve_model(None))
         size = SIZES[args.size] | ({"num_hidden_layers": args.layers} if args.layers else {})
-        bf16_dir, int8_dir = build_config_model(args.build_config_model, tok, size)
-        print(f"random-weight Llama: --bf16 {bf16_dir} --int8 {int8_dir} (speed only, not quality)")
+        bf16_dir, int8_dir = build_config_model(args.build_config_model, tok, size, family=args.family)
+        print(f"random-weight {args.family}: --bf16 {bf16_dir} --int8 {int8_dir} (speed only, not quality)")
         return bf16_dir, int8_dir, False
     int8_dir = resolve_int8(args.int8, args.int8_revision)  # first: a wrong --int8 fails before any loading
     return models.resolve_model(args.bf16), int8_dir, args.bf16 is None
