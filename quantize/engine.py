@@ -494,10 +494,10 @@ class _Reader:
             else None
         )
         if kinds == {"int8"}:
-            q, scale = (
-                torch.cat([p["qweight"] for p in parts]),
-                torch.cat([p["scale"].float() for p in parts]),
-            )
+            # one part is packed straight from the memory-mapped file: a copy first would add its bytes to the
+            # load's peak (lm_head's 0.2 GB at 7B)
+            q = parts[0]["qweight"] if len(parts) == 1 else torch.cat([p["qweight"] for p in parts])
+            scale = torch.cat([p["scale"].float() for p in parts])
             if weight_only and WeightOnlyInt8Linear.takes(q.shape[1]):
                 lin = WeightOnlyInt8Linear(q, scale, bias)
             else:

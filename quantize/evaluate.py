@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from quantize.engine import malloc_trim
 from quantize.generate import Sampling, stream
 
 DATA = Path(__file__).parent / "data"
@@ -131,6 +132,7 @@ def compare(
         answers = seen[reference]["answers"] if seen else None
         seen[name] = _measure(openers[name](), ids, prompts, greedy_tokens, tokenizer.eos_token_id, answers)
         gc.collect()  # the model this opener gave is no longer referenced here
+        malloc_trim()  # and its freed heap goes back to the OS before the next model loads
     out = {
         "source": held.source,
         "eval_tokens": int(ids.shape[1]),
