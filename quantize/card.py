@@ -52,7 +52,17 @@ def versions() -> dict[str, str]:
     return out
 
 
-def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir: Path, bar: dict) -> dict:
+def build_report(
+    done: dict,
+    recipe: Recipe,
+    base_id: str,
+    source: str,
+    int8_dir: Path,
+    bar: dict,
+    default_model: bool = False,
+) -> dict:
+    """The run's measurements for the card; the project's own bench and frontier (quantize/*.json) measured the
+    embedded default, so only its card (`default_model`) carries them."""
     quality = {name: dict(v) for name, v in done["quality"]["models"].items()}
     if done.get("baseline"):
         quality["int8_no_sq"] = {k: v for k, v in done["baseline"].items() if k != "recipe"}
@@ -82,8 +92,8 @@ def build_report(done: dict, recipe: Recipe, base_id: str, source: str, int8_dir
         },  # fmt: skip
         "block_by_block": done["quantize"].get("block_by_block"),  # blocks, or None: INC's whole-model path
         "versions": versions(),
-        "frontier": json.loads(FRONTIER.read_text()) if FRONTIER.is_file() else None,
-        "bench": json.loads(BENCH.read_text()) if BENCH.is_file() else None,
+        "frontier": json.loads(FRONTIER.read_text()) if default_model and FRONTIER.is_file() else None,
+        "bench": json.loads(BENCH.read_text()) if default_model and BENCH.is_file() else None,
     }
     return report
 
@@ -162,7 +172,7 @@ def smoothing_line(int8: dict, no_sq: dict) -> str:
 
 def frontier_table(frontier: dict | None) -> str:
     if not frontier:
-        return "_No frontier measured yet: run `python -m quantize.frontier`._"
+        return "_None with this card: `python -m quantize.frontier` explores the embedded default model's recipes._"
     rows = [
         f"Measured by `{frontier['command']}` on {frontier['created']} ({frontier['cpu']}).",
         "",
@@ -207,7 +217,7 @@ def tuning_table(tuning: dict | None) -> str:
 def bench_table(bench: dict | None) -> str:
     """The latest speed benchmark, one row per thread count and engine, with each model's bandwidth floor."""
     if not bench:
-        return "_No benchmark recorded yet: run `python -m quantize.bench --json quantize/bench.json`._"
+        return "_Not benchmarked with this card: `python -m quantize.bench --int8 <this folder> --bf16 <base>` times it._"
     cpu = bench["cpu"]
     rows = [
         f"Measured by `{bench.get('command', 'python -m quantize.bench')}` on {bench.get('created', '?')} "

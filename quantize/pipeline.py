@@ -207,7 +207,15 @@ def speed_stage(b: Build) -> dict:
 
 
 def card_stage(b: Build) -> None:
-    report = card.build_report(b.record.done, b.recipe, b.base_id, str(b.source), b.int8_dir, b.bar)
+    report = card.build_report(
+        b.record.done,
+        b.recipe,
+        b.base_id,
+        str(b.source),
+        b.int8_dir,
+        b.bar,
+        default_model=b.args.model is None,
+    )
     files.write_file(b.int8_dir / "quantize_report.json", json.dumps(report, indent=1))
     card.write_card(report, b.int8_dir)
 
