@@ -50,7 +50,8 @@ def test_by_block_matches_the_whole_model_of_each_family(tmp_path, tokenizer, fa
 
 
 def test_memory_is_one_block_not_the_model(tmp_path, tokenizer):
-    """The peak while measuring a 32-block model is the 4-block one's: each block's memory-mapped BF16 goes with it."""
+    """The peak while measuring a 32-block model is the 4-block one's: each block's memory-mapped BF16 goes with it.
+    Holding the blocks would add 28 blocks' BF16 (28 x 18 MB) to the deep run."""
     model = build_bf16(tmp_path / "deep", tokenizer, "llama", **DEEP)
     block = 2 * sum(p.numel() for n, p in model.named_parameters() if ".layers.0." in n)
     whole = 2 * sum(p.numel() for p in model.parameters())
@@ -68,8 +69,9 @@ def test_memory_is_one_block_not_the_model(tmp_path, tokenizer):
         grown[name] = peak_since_reset() - before
     held = {k: v / 2**20 for k, v in grown.items()} | {"block": block / 2**20, "whole": whole / 2**20}
     assert 28 * block > whole / 2  # holding the 28 extra blocks would show
+    # Against the 4-block run, not the model: each run also holds its logits (about 0.4 GB at this vocabulary,
+    # whatever the depth), which would hide a held model from an absolute bar.
     assert grown["deep"] - grown["shallow"] < 4 * block, held
-    assert grown["deep"] < whole / 2, held
 
 
 def test_a_block_built_model_is_verified_block_by_block(tmp_path, tokenizer, monkeypatch):
