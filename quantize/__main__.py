@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -152,9 +153,7 @@ def prepare(args: argparse.Namespace):
             f"Architecture {kind!r} is not supported yet: SmoothQuant is verified here for "
             f"{', '.join(sorted(recipe.FAMILIES))} models (quantize/recipe.py, FAMILIES)."
         )
-    base_id = args.model if args.model and not Path(args.model).exists() else models.DEFAULT_MODEL_HUB_ID
-    if args.model and Path(args.model).exists():
-        base_id = config.name_or_path if "/" in str(config._name_or_path) else base_id
+    base_id = base_model_id(args.model, str(config._name_or_path))
     files.recover_dir(args.out)  # a run killed inside a two-rename swap left the old folder beside --out
     # created only once the inputs are known to be good
     record = pipeline.Record(args.out.with_name(args.out.name + ".partial"), pipeline.fingerprint(args))
@@ -205,6 +204,21 @@ def disk_full(path: Path, reserve: int = 64 * 2**20) -> bool:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free < reserve
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def base_model_id(model: str | None, name_or_path: str) -> str | None:
+    """The Hub id the card names as the base model: the default's, --model's, or a local folder's own recorded
+    name when that is a Hub id; None for a folder with none (the card names the folder, not the default)."""
+    from quantize.models import DEFAULT_MODEL_HUB_ID
+
+    if not model:
+        return DEFAULT_MODEL_HUB_ID
+    if not Path(model).exists():
+        return model
+    return name_or_path if HUB_ID.fullmatch(name_or_path) and not Path(name_or_path).exists() else None
 
 
 def main(argv: list[str] | None = None, stage_bar=None) -> int:

@@ -55,7 +55,7 @@ def versions() -> dict[str, str]:
 def build_report(
     done: dict,
     recipe: Recipe,
-    base_id: str,
+    base_id: str | None,
     source: str,
     int8_dir: Path,
     bar: dict,
@@ -265,10 +265,11 @@ def card_fields(report: dict) -> dict:
             "weights carry the folded scales"
         )
     verdict = "meets" if bar["met"] else "does **not** meet"
+    base, local = report["base_model"], Path(report["source"]).name
     return {
         **measured,  # eval_tokens, window, prefill, long_window, chat_prompts, greedy_tokens, new_tokens, prompts, rounds
-        "base_model": report["base_model"],
-        "base_name": report["base_model"].split("/")[-1],
+        "base_link": f"[{base}](https://huggingface.co/{base})" if base else f"the local model `{local}`",
+        "base_name": (base or local).split("/")[-1],
         "verdict": f"{verdict} the project's quality bar (perplexity ≤ {bar['max_perplexity_ratio']}x BF16, "
         f"top-1 agreement ≥ {bar['min_top1_agreement']})",
         "int8_engine": report["quality_eval"].get("int8_engine", "engine"),

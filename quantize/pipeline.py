@@ -77,7 +77,7 @@ class Build:
     record: Record
     tokenizer: object
     source: Path  # the BF16 model's folder
-    base_id: str  # what the card names as the base model
+    base_id: str | None  # the Hub id the card names as the base model (None: a local folder without one)
     model_type: str
 
     @functools.cached_property

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, TINY_LLAMA, run_cli, running_app
+from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForCausalLM
 
 pytestmark = pytest.mark.slow  # the whole command on each family
@@ -101,6 +102,9 @@ def test_family_quantizes_with_smoothquant_folded_exactly(built, tokenizer, fami
     card = (out / "README.md").read_text()
     for measured in ("bench.json", "frontier.json"):  # the embedded default's, not this model's
         assert json.loads((ROOT / "quantize" / measured).read_text())["command"] not in card, measured
+    # a local folder with no Hub name: the card names the folder, never the default model, as its base
+    assert ModelCard.load(out / "README.md").data.base_model is None
+    assert f"INT8 version of the local model `{src.name}`" in card and "SmolLM2" not in card
     fp32 = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
     int8 = INCModelForCausalLM.from_pretrained(out).model.eval()
 
