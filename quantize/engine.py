@@ -26,7 +26,7 @@ import ctypes
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +69,11 @@ ARCHITECTURES = {
     "qwen2": Architecture(),  # q/k/v biases are read from the weights
     "phi3": Architecture(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",)),
     "gemma": GEMMA,
-    "gemma2": Architecture(
-        **(
-            vars(GEMMA)
-            | {
-                "norms": ("input_layernorm", "pre_feedforward_layernorm"),
-                "post_norms": ("post_attention_layernorm", "post_feedforward_layernorm"),
-            }
-        )
-    ),  # fmt: skip
+    "gemma2": replace(
+        GEMMA,
+        norms=("input_layernorm", "pre_feedforward_layernorm"),
+        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    ),
 }
 
 
@@ -322,7 +318,10 @@ class Engine:
             config.get("attn_logit_softcapping"),
             config.get("final_logit_softcapping"),
         )
-        self.embed_scale = config["hidden_size"] ** 0.5 if arch.scale_embedding else None
+        # as Gemma: the factor rounded to the activations' dtype first
+        self.embed_scale = (
+            torch.tensor(config["hidden_size"] ** 0.5, dtype=self.dtype) if arch.scale_embedding else None
+        )
         window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
         # the cache never outgrows the window, so no layer ever slides (Gemma 2 slides on every other one)
         self.max_len = min(config.get("max_position_embeddings") or 4096, window or 1 << 30)
@@ -357,8 +356,8 @@ class Engine:
                 f"The conversation needs {start + T} positions; this cache holds {cache.k.shape[2]}."
             )
         x = self.embed(ids.reshape(-1)).to(self.dtype)
-        if self.embed_scale is not None:  # as Gemma: the factor rounded to the activations' dtype first
-            x = x * torch.tensor(self.embed_scale, dtype=self.dtype)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         cos, sin = self.cos[start : start + T], self.sin[start : start + T]
         mask = causal_mask(T, start, self.dtype) if T > 1 else None
         for layer, b in enumerate(self.blocks):
