@@ -137,7 +137,8 @@ def check_args(args: argparse.Namespace) -> None:
 def prepare(args: argparse.Namespace):
     """The run's context: the recipe with --alpha, the BF16 model and its tokenizer, and the record of stages
     a previous run with the same arguments finished. Architectures the recipe cannot smooth stop here."""
-    from quantize import files, models, pipeline, recipe
+    from quantize import blockwise, files, models, pipeline, recipe
+    from quantize.serving import memory_room
 
     rec = recipe.RECIPES[args.recipe]
     if args.alpha is not None:
@@ -153,6 +154,7 @@ def prepare(args: argparse.Namespace):
             f"Architecture {kind!r} is not supported yet: SmoothQuant is verified here for "
             f"{', '.join(sorted(recipe.FAMILIES))} models (quantize/recipe.py, FAMILIES)."
         )
+    blockwise.check_whole_model_room(src, kind, rec, args.tune_trials, memory_room())
     base_id = base_model_id(args.model, str(config._name_or_path))
     files.recover_dir(args.out)  # a run killed inside a two-rename swap left the old folder beside --out
     # created only once the inputs are known to be good

@@ -39,24 +39,59 @@ SHARD_BYTES = (
 FP32 = 4
 
 
-# Below this many parameters INC's whole-model path fits any machine here (about 11 bytes per parameter plus 1.1 GB)
-# and is faster: INC's fixed cost per run (trace, FX, calibration) paid once per block made the 30 thin blocks of
-# the default model take about 30 s each, against about 4 minutes for the whole model in one run.
+# Below this many parameters INC's whole-model path fits any machine here and is faster: INC's fixed cost per run
+# (trace, FX, calibration) paid once per block made the 30 thin blocks of the default model take about 30 s each,
+# against about 4 minutes for the whole model in one run.
 WHOLE_MODEL_MAX_PARAMS = 1_000_000_000
+# What INC's whole-model path holds: 18.4 GB was measured at 1.46B parameters (issue #18's run), about 12 bytes per
+# parameter (FP32 model, INC's trace and its INT8 copy) plus torch and INC themselves.
+WHOLE_MODEL_BYTES_PER_PARAM, WHOLE_MODEL_FIXED_BYTES = 12, 1_100_000_000
 # The families tests/test_blockwise.py holds to INC's whole-model path (the same scales and INT8 weights).
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2")
+
+
+def not_by_block(model_type: str, rec: recipe.Recipe) -> str | None:
+    """Why the block path cannot build this family with this recipe (it writes the engine's format alone), or
+    None when it can."""
+    family = recipe.FAMILIES.get(model_type)
+    if model_type not in FAMILIES or family is None:
+        return (f"the block path writes the engine's format alone, and the engine does not run {model_type} "
+                f"models yet (it runs {', '.join(FAMILIES)})")  # fmt: skip
+    tail = dict(recipe.tail_for(rec, family))
+    if not all(tail.get(role) for role in recipe.ROLES):
+        return f"recipe {rec.name} leaves static INT8 Linears, which the engine (and so the block path) does not run"
+    return None
+
+
+def parameters(source_dir: Path) -> int:
+    where = engine.Tensors(engine.safetensors_files(Path(source_dir))).where
+    return sum(_numel(info) for _, info, _ in where.values())
 
 
 def takes(source_dir: Path, model_type: str, rec: recipe.Recipe) -> bool:
     """The models built block by block: above WHOLE_MODEL_MAX_PARAMS, of FAMILIES and a recipe the engine serves
     (every Linear dynamic INT8 or float). The others keep INC's whole-model path, whose folder INCModelForCausalLM
-    loads (the app serves the other families with it); tests hold the two paths to the same model."""
-    family = recipe.FAMILIES.get(model_type)
-    tail = dict(recipe.tail_for(rec, family)) if family else {}
-    if model_type not in FAMILIES or not all(tail.get(role) for role in recipe.ROLES):
-        return False
-    where = engine.Tensors(engine.safetensors_files(Path(source_dir))).where
-    return sum(_numel(info) for _, info, _ in where.values()) > WHOLE_MODEL_MAX_PARAMS
+    loads; tests hold the two paths to the same model."""
+    return not_by_block(model_type, rec) is None and parameters(source_dir) > WHOLE_MODEL_MAX_PARAMS
+
+
+def check_whole_model_room(
+    source_dir: Path, model_type: str, rec: recipe.Recipe, tune_trials: int, available_ram: int
+) -> None:
+    """Refuse, before the work, a model above WHOLE_MODEL_MAX_PARAMS that would be quantized whole in more memory
+    than there is (the kernel would kill the run part way), saying why it is not built block by block."""
+    from quantize.models import ModelError
+
+    params = parameters(source_dir)
+    why = not_by_block(model_type, rec)
+    if why is None and tune_trials > 1:
+        why = (
+            "the tuning search judges each trial on the whole model; --tune-trials 1 builds it block by block"
+        )
+    need = WHOLE_MODEL_BYTES_PER_PARAM * params + WHOLE_MODEL_FIXED_BYTES
+    if params > WHOLE_MODEL_MAX_PARAMS and why is not None and need > available_ram:
+        raise ModelError(f"Quantizing this {params / 1e9:.1f}B-parameter model whole needs about {need / 1e9:.0f} "
+                         f"GB of memory and {available_ram / 1e9:.0f} GB are available: {why}.")  # fmt: skip
 
 
 class _Captured(Exception):
@@ -276,8 +311,9 @@ def quantize_by_block(
     source = Source.open(source_dir)
     check_room(plan(source, calibration), Path(out), memory_room())
     family = recipe.FAMILIES[source.config.model_type]
-    config = source.config
+    config = copy.deepcopy(source.config)  # the folder written keeps the source's
     config.return_dict, config.use_cache = False, False  # INC's trace wants tuples and no cache objects
+    config.cache_implementation = None  # Gemma 2's "hybrid" cache, which use_cache=False turns off anyway
     model = skeleton(config)
     path, layers = decoder_layers(model)
     embed_name = module_name(model, model.get_input_embeddings())

@@ -29,6 +29,7 @@ class ByBlock:
     def __init__(self, folder: Path) -> None:
         self.source = blockwise.Source.open(Path(folder))
         self.model = blockwise.skeleton(self.source.config)
+        self.model.config.cache_implementation = None  # Gemma 2's "hybrid": the answers bring a DynamicCache
         self.path, self.layers = blockwise.decoder_layers(self.model)
         embed = self.model.get_input_embeddings()
         embed_name = blockwise.module_name(self.model, embed)
@@ -54,8 +55,10 @@ class ByBlock:
             return [self.norm(h) for h in hidden]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        cap = getattr(self.source.config, "final_logit_softcapping", None)  # Gemma 2's, after lm_head
         with torch.no_grad():
-            return self.head(hidden).float()
+            logits = self.head(hidden).float()
+            return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def teacher_forced(
         self, ids: torch.Tensor, window: int = evaluate.WINDOW, prefill: int = evaluate.PREFILL

@@ -19,12 +19,22 @@ from quantize.models import ModelError
 
 pytestmark = pytest.mark.slow  # INC runs, a block at a time
 
-FAMILIES = {"llama": {}, "mistral": {"sliding_window": 4096}, "qwen2": {}}  # qwen2: q/k/v carry biases
+FAMILIES = {"llama": {}, "mistral": {"sliding_window": 4096}, "qwen2": {}, "phi3": {},  # qwen2: q/k/v biases
+            "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16}}  # fmt: skip
+# The norms SmoothQuant rescales in each block, and what a norm multiplies by (offset + weight: Gemma's is 1 +
+# weight). INC absorbs Gemma's attention norm nowhere (whole model or block), so only its MLP norm moves.
+SMOOTHED = {
+    "gemma": ("post_attention_layernorm",),
+    "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
+}
+OFFSET = {"gemma": 1.0, "gemma2": 1.0}
 # What "the same" means. Scales and norms: FP32 rounding (the whole path computes later blocks' inputs through
 # earlier blocks already smoothed, which is exact only in real arithmetic; measured up to 2e-5): 1e-4 relative. INT8 codes: a value that
-# rounding puts on the other side of .5 moves by one code: at most 1, in at most 0.5% of a matrix.
+# rounding puts on the other side of .5 moves by one code: at most 1, in at most 0.5% of a matrix. A Linear kept
+# BF16 (Gemma 2's lm_head), likewise: one BF16 step (2^-7 relative at most), in at most 0.5% of it.
 SCALE_RTOL = 1e-4
 CODES_FLIPPED = 0.005
+BF16_STEP = 2**-7
 
 
 def build_bf16(folder, tokenizer, family: str, **size):
@@ -66,14 +76,20 @@ def test_block_path_gives_the_whole_models_int8(tmp_path, tokenizer, family):
         if w.dtype == torch.int8:  # a Linear's INT8 codes
             moved = (w.int() - b.int()).abs()
             assert moved.max() <= 1 and (moved > 0).float().mean() <= CODES_FLIPPED, name
+        elif w.dtype == torch.bfloat16:  # a Linear kept float
+            torch.testing.assert_close(b, w, rtol=BF16_STEP, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+            assert (b != w).float().mean() <= CODES_FLIPPED, name
         else:  # scales, zero points, norms (where INC's and the recipe's smoothing ends up)
             torch.testing.assert_close(
                 b, w, rtol=SCALE_RTOL, atol=1e-8, msg=lambda m, name=name: f"{name}: {m}"
             )
     # SmoothQuant ran in each block: every norm of the block path is the BF16 norm over non-constant factors
     original = tensors_of(tmp_path / "bf16")
-    for name in (n for n in blocks if n.endswith("layernorm.weight")):
-        s = original[name].float() / blocks[name]
+    smoothed = SMOOTHED.get(family, ("input_layernorm", "post_attention_layernorm"))
+    norms = [n for n in blocks if n.endswith("layernorm.weight") and n.split(".")[-2] in smoothed]
+    assert len(norms) == len(smoothed) * 3  # in each of the 3 blocks
+    for name in norms:
+        s = (OFFSET.get(family, 0.0) + original[name].float()) / (OFFSET.get(family, 0.0) + blocks[name])
         assert s.std() / s.mean() > 0.01, name
     # and the two folders compute the same: logits of a held-out-like prompt through the engine
     ids = tokenizer("The block path and the whole path must agree.", return_tensors="pt").input_ids[0]

@@ -4,7 +4,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import local_hub, run_cli, wait_for
+from conftest import TINY_LLAMA, local_hub, run_cli, wait_for
 
 
 def _error(proc) -> str:
@@ -151,7 +151,6 @@ def small_disk(tmp_path):
 @pytest.fixture
 def tiny_model(tmp_path, tokenizer):
     """A random two-layer Llama with the default tokenizer: the whole CLI runs on it in seconds."""
-    from conftest import TINY_LLAMA
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = tmp_path / "tiny"
@@ -313,3 +312,47 @@ def test_maintainers_own_calibration_text_and_eval_chats(tmp_path, tiny_model, t
 
     missing = _error(run_cli("--out", str(tmp_path / "p"), "--eval-file", str(tmp_path / "absent.txt")))
     assert "--eval-file" in missing and "absent.txt" in missing
+
+
+# The command as it runs a model above the size where the block path starts (a tiny model stands in for a 7B one)
+ABOVE_BLOCK_SIZE = """import sys
+from quantize import blockwise
+blockwise.WHOLE_MODEL_MAX_PARAMS = 0
+from quantize.__main__ import main
+sys.exit(main(sys.argv[1:]))"""
+
+
+@pytest.mark.parametrize(
+    "family, trials, why",
+    [
+        ("opt", "1", "the engine does not run opt models yet"),
+        ("llama", "8", "--tune-trials 1 builds it block by block"),
+        ("llama", "1", None),  # the block path: its own estimate, made from one block, decides
+    ],
+)
+def test_a_large_model_that_would_be_quantized_whole_is_refused_before_the_work(
+    tmp_path, tokenizer, family, trials, why
+):
+    """A model too large for INC's whole-model path in this memory (a 7B one needs about 86 GB that way) stops at
+    once in one sentence that says why it is not built block by block, with nothing written."""
+    import os
+    import sys
+
+    from conftest import ROOT
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    size = {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "word_embed_proj_dim": 64} if family == "opt" else TINY_LLAMA  # fmt: skip
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), **size)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    out = tmp_path / "o"
+    args = ["--model", str(tmp_path / "bf16"), "--out", str(out), "--tune-trials", trials, *FAST]
+    proc = subprocess.run([sys.executable, "-c", ABOVE_BLOCK_SIZE, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "Q8CHAT_MEMORY_BYTES": str(10**9)})  # fmt: skip
+    msg = _error(proc)
+    if why is None:
+        assert "Quantizing this model block by block needs about" in msg and "1.0 GB are available" in msg
+    else:
+        assert "model whole needs about" in msg and "1 GB are available" in msg and why in msg
+        assert not out.exists() and not out.with_name("o.partial").exists()
