@@ -163,6 +163,19 @@ def build_config_model(
     return bf16_dir, int8_dir
 
 
+def in_family_words(size: dict, family: str) -> dict:
+    """A SIZES shape as `family`'s config says it: Gemma's head size and query scale, OPT's ffn_dim (OPT has
+    no GQA: one KV head per query head)."""
+    head_dim = size["hidden_size"] // size["num_attention_heads"]
+    if "gemma" in family:
+        return size | {"head_dim": head_dim, "query_pre_attn_scalar": head_dim}
+    if family == "opt":
+        keep = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+        return {k: size[k] for k in keep} | {"ffn_dim": size["intermediate_size"],
+                                            "word_embed_proj_dim": size["hidden_size"]}  # fmt: skip
+    return size
+
+
 def write_random_model(folder: Path, tokenizer, size: dict, seed: int, family: str = "llama") -> None:
     """A BF16 folder of `family` with transformers' own initialisation (normal(0, initializer_range), norms at
     their identity), written a block per shard and a tensor at a time: a 7B one never sits in memory. Untied,
@@ -172,23 +185,25 @@ def write_random_model(folder: Path, tokenizer, size: dict, seed: int, family: s
     from quantize import blockwise, recipe
 
     ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    head_dim = size["hidden_size"] // size["num_attention_heads"]
-    shape = size | ({"head_dim": head_dim, "query_pre_attn_scalar": head_dim} if "gemma" in family else {})
     config = AutoConfig.for_model(
-        family, vocab_size=len(tokenizer), tie_word_embeddings=False, **ids, **shape
+        family, vocab_size=len(tokenizer), tie_word_embeddings=False, **ids, **in_family_words(size, family)
     )
     shapes = {n: p.shape for n, p in blockwise.skeleton(config).named_parameters()}
     generator = torch.Generator().manual_seed(seed)
     identity = 1.0 - recipe.FAMILIES[family].norm_offset  # Gemma's norms scale by 1 + weight
+    std = getattr(config, "initializer_range", None) or config.init_std  # OPT's config calls it init_std
 
     def tensor(name: str):
         if name.endswith("norm.weight"):
             return torch.full(shapes[name], identity, dtype=torch.bfloat16)
-        return torch.randn(shapes[name], generator=generator).mul_(config.initializer_range).bfloat16()
+        if name.endswith("norm.bias"):
+            return torch.zeros(shapes[name], dtype=torch.bfloat16)
+        return torch.randn(shapes[name], generator=generator).mul_(std).bfloat16()
 
     groups = collections.defaultdict(list)  # one shard per block, one for the ends
     for name in shapes:
-        groups[name.split(".")[2] if ".layers." in name else "ends"].append(name)
+        block = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "ends"
+        groups[block].append(name)
     folder.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for i, names in enumerate(groups.values()):

@@ -55,8 +55,8 @@ def not_by_block(model_type: str, rec: recipe.Recipe) -> str | None:
     None when it can."""
     family = recipe.FAMILIES.get(model_type)
     if model_type not in FAMILIES or family is None:
-        return (f"the block path writes the engine's format alone, and the engine does not run {model_type} "
-                f"models yet (it runs {', '.join(FAMILIES)})")  # fmt: skip
+        return (f"the block path is held to INC's whole-model path for {', '.join(FAMILIES)} models, not yet for "
+                f"{model_type}")  # fmt: skip
     tail = dict(recipe.tail_for(rec, family))
     if not all(tail.get(role) for role in recipe.ROLES):
         return f"recipe {rec.name} leaves static INT8 Linears, which the engine (and so the block path) does not run"

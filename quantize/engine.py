@@ -1,5 +1,5 @@
-"""The engine: batch-1 decoding of the Llama-like families (llama, mistral, qwen2, phi3, gemma, gemma2), INT8 or
-BF16, in one lean loop.
+"""The engine: batch-1 decoding of the Llama-like families (llama, mistral, qwen2, phi3, gemma, gemma2) and OPT,
+INT8 or BF16, in one lean loop.
 
 The app, the benchmark and the quality check run both models through `Engine.forward`, so INT8 and BF16 share
 the cache, the attention, the fusions and the glue, and the speed-up the panel shows is quantization's alone.
@@ -7,8 +7,8 @@ What differs is the Linear: `Int8Linear` (FBGEMM dynamic INT8, one activation sc
 a float one (BF16: `OneDnnBf16Linear`, or `Fp16GemmBf16Linear` on CPUs without oneDNN's BF16 path; an INT8
 folder's FP32 tail: `FloatLinear`); on CPUs without VNNI, down_proj runs `WeightOnlyInt8Linear`.
 How the families differ is data, one `Architecture` row each (ARCHITECTURES): tensor names, fused Linears,
-norms, activation, embedding scale; what a config says (GQA, RoPE variant, head size, soft-capping, the query
-scale) is read from it.
+norms (RMSNorm or LayerNorm), activation, gated MLP or not, RoPE or learned positions, embedding scale; what a
+config says (GQA, RoPE variant, head size, soft-capping, the query scale) is read from it.
 
 Lean means:
   * weights are read from safetensors straight into their kernels: INT8 matrices into FBGEMM's packed format,
@@ -26,6 +26,7 @@ import ctypes
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -59,6 +60,24 @@ class Architecture:
     norm_in_fp32: bool = False
     activation: tuple[str, str] = ("hidden_act", "silu")  # the config key naming it, and its default
     scale_embedding: bool = False  # Gemma: the embedding times sqrt(hidden_size), in the activations' dtype
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    layer_norm: bool = False  # LayerNorm with its bias (OPT), else RMSNorm
+    eps: tuple[str | None, float] = ("rms_norm_eps", 1e-6)  # the config key naming it, and its default
+    gated: bool = True  # the MLP is down(act(gate) * up); else down(act(up)) (OPT's fc1, fc2)
+    positions: str | None = None  # a learned table added to the embedding (OPT's), instead of RoPE
+    position_offset: int = 0  # the table row of position 0
+    fits: Callable[[dict], bool] = lambda config: True  # the configs of the family the row describes
+
+
+def _opt_fits(c: dict) -> bool:
+    """Pre-norm OPT without the 350M model's projections around the blocks (its post-norm blocks, too)."""
+    return (
+        c.get("do_layer_norm_before", True)
+        and c.get("word_embed_proj_dim") in (None, c["hidden_size"])
+        and not c.get("_remove_final_layer_norm")
+    )
 
 
 GEMMA = Architecture(norm_offset=1.0, norm_in_fp32=True, activation=("hidden_activation", "gelu_pytorch_tanh"),
@@ -74,7 +93,12 @@ ARCHITECTURES = {
         norms=("input_layernorm", "pre_feedforward_layernorm"),
         post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     ),
-}
+    "opt": Architecture(o="self_attn.out_proj", gate_up=("fc1",), down="fc2", gated=False,
+                        norms=("self_attn_layer_norm", "final_layer_norm"), layer_norm=True, eps=(None, 1e-5),
+                        activation=("activation_function", "relu"), layers="model.decoder.layers",
+                        embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
+                        positions="model.decoder.embed_positions", position_offset=2, fits=_opt_fits),
+}  # fmt: skip
 
 
 def cpu_flags() -> set[str]:
@@ -239,10 +263,15 @@ class Tensors:
             self.where.update({name: (path, info, 8 + n) for name, info in header.items()})
 
     def __contains__(self, name: str) -> bool:
-        return name in self.where
+        return self.stored_name(name) in self.where
+
+    def stored_name(self, name: str) -> str:
+        """`name`, or without its first part: a checkpoint saved from the base model has no `model.` (OPT's on
+        the Hub: decoder.layers.0…), as transformers' loader allows."""
+        return name if name in self.where else name.partition(".")[2]
 
     def get(self, name: str) -> torch.Tensor:
-        path, info, base = self.where[name]
+        path, info, base = self.where[self.stored_name(name)]
         np_dtype, view = self.DTYPES[info["dtype"]]
         # copy-on-write mapping: pages are read from the file when touched, never written back
         array = np.memmap(
@@ -276,15 +305,30 @@ def has_engine_file(folder: Path) -> bool:
 
 
 @dataclass
+class Norm:
+    """RMSNorm (see rms_norm), or LayerNorm with its bias."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+    layer: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer:  # statistics in FP32 inside torch, as transformers' nn.LayerNorm
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+@dataclass
 class Block:
-    attn_norm: torch.Tensor
+    attn_norm: Norm
     qkv: Linear
     o: Linear
-    mlp_norm: torch.Tensor
+    mlp_norm: Norm
     gate_up: Linear
     down: Linear
-    post_attn_norm: torch.Tensor | None = None
-    post_mlp_norm: torch.Tensor | None = None
+    post_attn_norm: Norm | None = None
+    post_mlp_norm: Norm | None = None
 
 
 class Cache:
@@ -309,9 +353,10 @@ class Engine:
         self.arch = arch = ARCHITECTURES[config["model_type"]]
         int8 = tensors.metadata.get("format") == FORMAT
         self.dtype = torch.float32 if int8 else torch.bfloat16  # the activations INC's INT8 model runs in
-        self.heads, self.kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        self.heads = config["num_attention_heads"]
+        self.kv_heads = config.get("num_key_value_heads") or self.heads
         self.head_dim = config.get("head_dim") or config["hidden_size"] // self.heads
-        self.eps = config["rms_norm_eps"]
+        self.eps = (config.get(arch.eps[0]) if arch.eps[0] else None) or arch.eps[1]
         self.act = ACT2FN[config.get(arch.activation[0]) or arch.activation[1]]
         self.scale = (config.get("query_pre_attn_scalar") or self.head_dim) ** -0.5
         self.attn_cap, self.logit_cap = (
@@ -326,21 +371,26 @@ class Engine:
         # the cache never outgrows the window, so no layer ever slides (Gemma 2 slides on every other one)
         self.max_len = min(config.get("max_position_embeddings") or 4096, window or 1 << 30)
         self.reduce_range = reduce_range
-        read = _Reader(tensors, self.dtype, reduce_range, weight_only_down, arch)
+        read = _Reader(tensors, self.dtype, reduce_range, weight_only_down, arch, self.eps)
+        rotated = 0 if arch.positions else self.heads + self.kv_heads
         self.blocks = [
-            read.block(f"model.layers.{i}", self.head_dim, self.heads + self.kv_heads)
+            read.block(f"{arch.layers}.{i}", self.head_dim, rotated)
             for i in range(config["num_hidden_layers"])
         ]
-        self.norm = read.norm("model.norm.weight")
+        self.norm = read.norm(arch.final_norm)
         tied = "lm_head.weight" not in tensors and "lm_head.qweight" not in tensors
-        self.lm_head = read.linear(["model.embed_tokens" if tied else "lm_head"])
+        self.lm_head = read.linear([arch.embed if tied else "lm_head"])
         self.bytes_per_token = read.nbytes  # what one decode step streams
         # A tied table is the output matrix, read whole every token (packed for it); the input side gathers its
-        # rows from the memory-mapped file, so it costs resident memory only for the rows used.
-        self.embed = Embedding(tensors, "model.embed_tokens")
+        # rows from the memory-mapped file, so it costs resident memory only for the rows used. So does a table
+        # of learned positions.
+        self.embed = Embedding(tensors, arch.embed)
+        self.positions = Embedding(tensors, arch.positions) if arch.positions else None
         self.weight_bytes = read.nbytes + (0 if tied else self.embed.nbytes)
         self.kinds = read.kinds
-        self.cos, self.sin = rope_tables(config, self.max_len, self.head_dim)
+        self.cos, self.sin = (
+            (None, None) if arch.positions else rope_tables(config, self.max_len, self.head_dim)
+        )
         malloc_trim()
 
     def new_cache(self, max_len: int | None = None) -> Cache:
@@ -358,18 +408,27 @@ class Engine:
         x = self.embed(ids.reshape(-1)).to(self.dtype)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        if self.positions is not None:  # learned: the table's rows from position_offset on
+            x = x + self.positions(torch.arange(start, start + T) + self.arch.position_offset).to(self.dtype)
+            cos = sin = None
+        else:
+            cos, sin = self.cos[start : start + T], self.sin[start : start + T]
         mask = causal_mask(T, start, self.dtype) if T > 1 else None
         for layer, b in enumerate(self.blocks):
-            h = b.o(self.attention(rms_norm(x, b.attn_norm, self.eps), b, cache, layer, cos, sin, mask))
-            x = x + (h if b.post_attn_norm is None else rms_norm(h, b.post_attn_norm, self.eps))
-            gate, up = b.gate_up(rms_norm(x, b.mlp_norm, self.eps)).chunk(2, dim=-1)
-            h = b.down(self.act(gate) * up)
-            x = x + (h if b.post_mlp_norm is None else rms_norm(h, b.post_mlp_norm, self.eps))
+            h = b.o(self.attention(b.attn_norm(x), b, cache, layer, cos, sin, mask))
+            x = x + (h if b.post_attn_norm is None else b.post_attn_norm(h))
+            h = b.down(self.mlp(b.gate_up(b.mlp_norm(x))))
+            x = x + (h if b.post_mlp_norm is None else b.post_mlp_norm(h))
         cache.length = start + T
         x = x if all_logits else x[-1:]
-        logits = self.lm_head(rms_norm(x, self.norm, self.eps)).float()
+        logits = self.lm_head(self.norm(x)).float()
         return logits if self.logit_cap is None else torch.tanh(logits / self.logit_cap) * self.logit_cap
+
+    def mlp(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if not self.arch.gated:
+            return self.act(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
 
     def attention(
         self,
@@ -377,14 +436,14 @@ class Engine:
         block: Block,
         cache: Cache,
         layer: int,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         T, H, KV, D = x.shape[0], self.heads, self.kv_heads, self.head_dim
         G = H // KV
         qkv = block.qkv(x).view(T, H + 2 * KV, D)
-        qk = rope(qkv[:, : H + KV], cos, sin)  # q and k rotated together
+        qk = qkv[:, : H + KV] if cos is None else rope(qkv[:, : H + KV], cos, sin)  # q and k rotated together
         end = cache.length + T
         cache.k[layer, :, cache.length : end] = qk[:, H:].transpose(0, 1)
         cache.v[layer, :, cache.length : end] = qkv[:, H + KV :].transpose(0, 1)
@@ -454,17 +513,21 @@ class _Reader:
         reduce_range: bool,
         weight_only_down: bool = False,
         arch: Architecture = Architecture(),
+        eps: float = 1e-6,
     ) -> None:
         self.t, self.dtype, self.reduce_range = tensors, dtype, reduce_range
-        self.weight_only_down, self.arch = weight_only_down, arch
+        self.weight_only_down, self.arch, self.eps = weight_only_down, arch, eps
         self.nbytes, self.kinds = 0, {}
 
-    def norm(self, name: str) -> torch.Tensor:
-        """A norm's weight as rms_norm takes it: plain in the activations' dtype, or 1 + weight in FP32 (Gemma)."""
-        w = self.t.get(name).float() + self.arch.norm_offset
-        v = w if self.arch.norm_in_fp32 else w.to(self.dtype)
-        self.nbytes += v.numel() * v.element_size()
-        return v
+    def norm(self, name: str) -> Norm:
+        """A norm's weight (and a LayerNorm's bias): plain in the activations' dtype, or 1 + weight in FP32
+        (Gemma)."""
+        a = self.arch
+        w = self.t.get(f"{name}.weight").float() + a.norm_offset
+        w = w if a.norm_in_fp32 else w.to(self.dtype)
+        bias = self.t.get(f"{name}.bias").to(w.dtype) if f"{name}.bias" in self.t else None
+        self.nbytes += sum(v.numel() * v.element_size() for v in (w, bias) if v is not None)
+        return Norm(w, bias, self.eps, a.layer_norm)
 
     def parts(self, name: str, rows: list[int] | None = None) -> dict:
         """One Linear's stored tensors, rows reordered by `rows` (an exact permutation of its outputs)."""
@@ -514,21 +577,24 @@ class _Reader:
         return lin
 
     def block(self, prefix: str, head_dim: int, rotated_heads: int) -> Block:
-        """One decoder block; `rotated_heads` (query plus KV heads) have their rows reordered for rope()."""
+        """One decoder block; `rotated_heads` (query plus KV heads; none without RoPE) have their rows reordered
+        for rope()."""
         malloc_trim()  # the last layer's temporaries go back to the OS: the peak is the model plus one layer
         a = self.arch
         qkv, gate_up = [f"{prefix}.{n}" for n in a.qkv], [f"{prefix}.{n}" for n in a.gate_up]
         rotated = rotated_heads * head_dim
-        if len(qkv) == 1:  # fused: q's and k's rows, then v's
+        if not rotated:  # no RoPE: rows as stored
+            rows = None
+        elif len(qkv) == 1:  # fused: q's and k's rows, then v's
             rows = [self.interleave(head_dim, rotated) + list(range(rotated, self.out_features(qkv[0])))]
         else:
             rows = [self.interleave(head_dim, self.out_features(n)) for n in qkv[:2]] + [None]
-        post = [self.norm(f"{prefix}.{n}.weight") for n in a.post_norms] if a.post_norms else [None, None]
+        post = [self.norm(f"{prefix}.{n}") for n in a.post_norms] if a.post_norms else [None, None]
         return Block(
-            attn_norm=self.norm(f"{prefix}.{a.norms[0]}.weight"),
+            attn_norm=self.norm(f"{prefix}.{a.norms[0]}"),
             qkv=self.linear(qkv, rows),
             o=self.linear([f"{prefix}.{a.o}"]),
-            mlp_norm=self.norm(f"{prefix}.{a.norms[1]}.weight"),
+            mlp_norm=self.norm(f"{prefix}.{a.norms[1]}"),
             gate_up=self.linear(gate_up),
             # 7-bit activations lose down_proj's outliers (WeightOnlyInt8Linear)
             down=self.linear([f"{prefix}.{a.down}"], weight_only=self.weight_only_down),
@@ -537,7 +603,9 @@ class _Reader:
         )
 
     def out_features(self, name: str) -> int:
-        _, info, _ = self.t.where[f"{name}.qweight" if f"{name}.qweight" in self.t else f"{name}.weight"]
+        _, info, _ = self.t.where[
+            self.t.stored_name(f"{name}.qweight" if f"{name}.qweight" in self.t else f"{name}.weight")
+        ]
         return info["shape"][0]
 
     @staticmethod
@@ -551,10 +619,12 @@ class _Reader:
 
 
 def runs(config: dict) -> bool:
-    """A family in ARCHITECTURES, without Phi-3's long-context RoPE (its factors switch with the sequence length)."""
+    """A family in ARCHITECTURES whose row fits the config, without Phi-3's long-context RoPE (its factors switch
+    with the sequence length)."""
     scaling = config.get("rope_scaling") or {}
     kinds = (scaling.get("type"), scaling.get("rope_type"))
-    return config.get("model_type") in ARCHITECTURES and "longrope" not in kinds
+    arch = ARCHITECTURES.get(config.get("model_type"))
+    return arch is not None and arch.fits(config) and "longrope" not in kinds
 
 
 def is_engine_folder(folder: Path) -> bool:
@@ -615,7 +685,9 @@ def engine_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
             continue
         if bias is not None:
             out[f"{bare}.bias"] = bias.detach().float()
-    out |= {n: p.detach().float() for n, p in model.named_parameters() if n.endswith("norm.weight")}
+    # the rest as FP32: norms (LayerNorm's bias too), learned positions; INC's wrappers add `.module`
+    rest = {re.sub(r"(\.module)+(?=\.[^.]+$)", "", n): p for n, p in model.named_parameters()}
+    out |= {n: p.detach().float() for n, p in rest.items() if n not in out}
     return {n: t.contiguous() for n, t in out.items()}
 
 

@@ -325,7 +325,7 @@ sys.exit(main(sys.argv[1:]))"""
 @pytest.mark.parametrize(
     "family, trials, why",
     [
-        ("opt", "1", "the engine does not run opt models yet"),
+        ("opt", "1", "models, not yet for opt"),
         ("llama", "8", "--tune-trials 1 builds it block by block"),
         ("llama", "1", None),  # the block path: its own estimate, made from one block, decides
     ],

@@ -23,10 +23,15 @@ FAMILIES = {
     "gemma": {"head_dim": 16},  # (1 + weight) norms in FP32, GeGLU, a scaled embedding
     # and two more norms a block, soft-capped attention and logits, its own query scale (config defaults)
     "gemma2": {"head_dim": 16},
-}
+    # LayerNorm with biases, learned positions, a ReLU MLP without a gate, model.decoder.*; its config's own words
+    "opt": {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "word_embed_proj_dim": 64},
+}  # fmt: skip
+OWN_WORDS = {"opt"}  # sized by their entry alone: TINY_LLAMA's keys would become stray config attributes
 # The norms INC folds SmoothQuant's scales into, where not every one of them, and what a norm multiplies by
 # (offset + weight: Gemma's is 1 + weight); see test_families.py, FOLDS.
-FOLDED = {"gemma": ("post_attention_layernorm",), "gemma2": ("input_layernorm", "pre_feedforward_layernorm")}
+FOLDED = {"gemma": ("post_attention_layernorm",), "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
+          "opt": ("self_attn_layer_norm", "final_layer_norm")}  # fmt: skip
 NORM_OFFSET = {"gemma": 1.0, "gemma2": 1.0}
 FLOAT = {"gemma2": {"lm_head"}}  # transformers' Gemma 2 generate() reads lm_head.weight's dtype
 TOKENS = 64
@@ -40,8 +45,7 @@ def build(tmp_path, tokenizer, family: str):
         vocab_size=len(tokenizer),
         tie_word_embeddings=False,
         max_position_embeddings=512,
-        **TINY_LLAMA,
-        **FAMILIES[family],
+        **(FAMILIES[family] if family in OWN_WORDS else TINY_LLAMA | FAMILIES[family]),
     )
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     bf16_dir, int8_dir = tmp_path / "bf16", tmp_path / "int8"
@@ -104,7 +108,7 @@ def test_engine_matches_inc_on_config_models(tmp_path, tokenizer, family):
     linears = {
         n.removesuffix(".weight")
         for n, p in model.named_parameters()
-        if p.dim() == 2 and "embed_tokens" not in n
+        if p.dim() == 2 and "embed_tokens" not in n and "embed_positions" not in n
     }
     # every Linear (lm_head too, but for Gemma 2's, which transformers reads as float) an INT8 matrix in the file
     assert int8_matrices(int8_dir) == linears - FLOAT.get(family, set())
@@ -339,3 +343,29 @@ def test_engine_file_is_safetensors_with_int8_weights(tiny):
     assert q.dtype == torch.int8 and q.shape == (TINY_LLAMA["hidden_size"], TINY_LLAMA["hidden_size"])
     assert "lm_head.qweight" in names and "model.embed_tokens.qweight" in names
     assert not any(n.endswith("q_proj.weight") for n in names)
+
+
+def test_a_checkpoint_saved_from_the_base_model_is_read(tmp_path, tokenizer):
+    """OPT's checkpoints on the Hub name their tensors decoder.layers.0… (saved from OPTModel, no `model.`), which
+    transformers' loader accepts: the engine reads such a folder as the same model."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("opt", vocab_size=len(tokenizer), **FAMILIES["opt"])
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    model.save_pretrained(tmp_path / "full")
+    bare = tmp_path / "bare"
+    model.save_pretrained(bare)
+    tensors = load_file(bare / "model.safetensors")
+    assert all(n.startswith("model.") for n in tensors)  # tied: lm_head is not stored
+    save_file(
+        {n.removeprefix("model."): t for n, t in tensors.items()},
+        bare / "model.safetensors",
+        {"format": "pt"},
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(bare, torch_dtype=torch.bfloat16)  # transformers reads it
+    assert torch.equal(loaded.model.decoder.layers[0].fc1.weight, model.model.decoder.layers[0].fc1.weight)
+    ids = torch.tensor(tokenizer("Saved from the base model.").input_ids)
+    got = [engine.load(d) for d in (tmp_path / "full", bare)]
+    x, y = (e.forward(ids, e.new_cache(32), all_logits=True) for e in got)
+    assert torch.equal(x, y)

@@ -164,8 +164,9 @@ class Trap:
 
 # The families the engine runs beyond Llama's (engine.ARCHITECTURES), as their transformers 4.45 files compute them:
 # Phi-3's fused Linears, Gemma's (1 + weight) norms, GeGLU and scaled embedding, Gemma 2's extra norms and
-# soft-capping. tests/test_engine.py holds the engine to INC on the same folders, logits and 64 greedy tokens.
-ENGINE_FAMILIES = ("phi3", "gemma", "gemma2")
+# soft-capping, OPT's LayerNorms with biases, learned positions and ReLU MLP. tests/test_engine.py holds the engine
+# to INC on the same folders, logits and 64 greedy tokens.
+ENGINE_FAMILIES = ("phi3", "gemma", "gemma2", "opt")
 
 
 @pytest.mark.parametrize("family", ENGINE_FAMILIES)
@@ -218,7 +219,7 @@ print(rss() - before)
 
 # Not gemma2: transformers reads its lm_head as float (recipe.FAMILIES' float_roles), so it stays BF16 in INT8 too,
 # and in a tiny model lm_head is nearly all the weights; at 0.4B its INT8 adds 0.61x BF16's (README, families).
-@pytest.mark.parametrize("family", ["phi3", "gemma"])
+@pytest.mark.parametrize("family", ["phi3", "gemma", "opt"])
 def test_int8_adds_less_resident_memory_than_bf16(built, family):
     """As the app serves them: INC's loader held 382-411 MB for these tiny INT8 folders, against 41-43 MB for BF16."""
     src, out = built(family)
