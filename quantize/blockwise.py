@@ -47,7 +47,7 @@ WHOLE_MODEL_MAX_PARAMS = 1_000_000_000
 # parameter (FP32 model, INC's trace and its INT8 copy) plus torch and INC themselves.
 WHOLE_MODEL_BYTES_PER_PARAM, WHOLE_MODEL_FIXED_BYTES = 12, 1_100_000_000
 # The families tests/test_blockwise.py holds to INC's whole-model path (the same scales and INT8 weights).
-FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "opt")
 
 
 def not_by_block(model_type: str, rec: recipe.Recipe) -> str | None:
@@ -140,6 +140,13 @@ def skeleton(config) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     return model.eval()
+
+
+def before_blocks(model: nn.Module, path: str, family: recipe.Family) -> dict[str, nn.Module]:
+    """The modules with weights that run before the first block: the embedding, and OPT's learned positions."""
+    ends = (path, *family.pairs["lm_head"])
+    return {name: mod for name, mod in model.named_modules()
+            if name and not name.startswith(ends) and any(True for _ in mod.parameters(recurse=False))}  # fmt: skip
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -316,10 +323,12 @@ def quantize_by_block(
     config.cache_implementation = None  # Gemma 2's "hybrid" cache, which use_cache=False turns off anyway
     model = skeleton(config)
     path, layers = decoder_layers(model)
-    embed_name = module_name(model, model.get_input_embeddings())
-    source.load(model.get_input_embeddings(), embed_name)
+    first = before_blocks(model, path, family)
+    for name, mod in first.items():
+        source.load(mod, name)
     captured, kwargs = capture_inputs(model, layers, calibration)
-    model.get_input_embeddings().to("meta")  # its FP32 copy is done with
+    for mod in first.values():
+        mod.to("meta")  # their FP32 copies are done with
     progress = Progress(Path(work))
     hidden = progress.inputs(captured)
     del captured
@@ -333,7 +342,7 @@ def quantize_by_block(
         progress.finish_block(i, tensors, hidden, summary)
         del block, loaded, tensors
         engine.malloc_trim()
-    counts = quantize_ends(model, source, hidden, rec, family, Path(work) / "ends.safetensors")
+    counts = quantize_ends(model, source, hidden, rec, family, Path(work) / "ends.safetensors", path)
     write_folder(source, Path(work), Path(out), tokenizer)
     parts = progress.state["blocks"] + [{"smoothquant": {}, "modules": counts}]
     return summarize(rec, family, parts, time.perf_counter() - start)
@@ -385,13 +394,19 @@ def quantize_ends(
     rec: recipe.Recipe,
     family: recipe.Family,
     path: Path,
+    layers: str,
 ) -> dict[str, int]:
-    """lm_head (after the last block) and the embedding, one at a time, saved at `path`; their module kinds."""
+    """lm_head (after the last block), the embedding and any other table before the blocks (OPT's positions, kept
+    FP32 as INC keeps it), one at a time, saved at `path`; their module kinds."""
     head = quantize_head(model, source, hidden, rec, family)
     ends, counts = engine.engine_tensors(head), recipe.module_counts(head)
     model.to("meta")  # the FP32 final norm and lm_head the INT8 ones were made from
-    embedding = quantize_embedding(model, source, module_name(model, model.get_input_embeddings()))
+    embed_name = module_name(model, model.get_input_embeddings())
+    embedding = quantize_embedding(model, source, embed_name)
     ends |= engine.engine_tensors(embedding)
+    for name, mod in before_blocks(model, layers, family).items():
+        if name != embed_name:
+            ends |= {f"{name}.{n}": p.detach().float() for n, p in source.load(mod, name).named_parameters()}
     model.to("meta")
     for kind, n in recipe.module_counts(embedding).items():
         counts[kind] = counts.get(kind, 0) + n

@@ -13,6 +13,7 @@ quality measure asks of a reference then costs few passes over the blocks:
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import torch
@@ -31,11 +32,13 @@ class ByBlock:
         self.model = blockwise.skeleton(self.source.config)
         self.model.config.cache_implementation = None  # Gemma 2's "hybrid": the answers bring a DynamicCache
         self.path, self.layers = blockwise.decoder_layers(self.model)
-        embed = self.model.get_input_embeddings()
-        embed_name = blockwise.module_name(self.model, embed)
-        norm_name, head_name = recipe.FAMILIES[self.source.config.model_type].pairs["lm_head"]
+        self.takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
+        embed_name = blockwise.module_name(self.model, self.model.get_input_embeddings())
+        family = recipe.FAMILIES[self.source.config.model_type]
+        norm_name, head_name = family.pairs["lm_head"]
         tied = {f"{head_name}.weight": f"{embed_name}.weight"}
-        self.source.load(embed, embed_name, dtype=torch.bfloat16)
+        for name, mod in blockwise.before_blocks(self.model, self.path, family).items():
+            self.source.load(mod, name, dtype=torch.bfloat16)
         self.norm = self.source.load(self.model.get_submodule(norm_name), norm_name, dtype=torch.bfloat16)
         self.head = self.source.load(
             self.model.get_output_embeddings(), head_name, fallback=tied, dtype=torch.bfloat16
@@ -85,11 +88,13 @@ class ByBlock:
         mask = torch.zeros_like(ids)
         for row, p in enumerate(prompts):
             ids[row, width - p.shape[-1] :], mask[row, width - p.shape[-1] :] = p.reshape(-1), 1
-        cache, answers = DynamicCache(), [[] for _ in prompts]
+        # OPT's blocks in transformers 4.45 take no cache object: each pass then runs the whole sequence so far
+        cached = getattr(self.model, "_supports_cache_class", False)
+        cache, answers = DynamicCache() if cached else None, [[] for _ in prompts]
         for _ in range(new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-            call = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                    "past_key_values": cache, "use_cache": True}  # fmt: skip
+            call = {"input_ids": ids, "attention_mask": mask, "past_key_values": cache, "use_cache": cached}
+            if self.takes_positions:  # OPT counts them from the mask itself
+                call["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
             (hidden,) = self.final_hidden([call])
             picks = self.logits(hidden[:, -1]).argmax(-1).tolist()
             for answer, token in zip(answers, picks):
@@ -97,5 +102,9 @@ class ByBlock:
                     answer.append(token)
             if all(a[-1] == eos for a in answers):
                 break
-            ids, mask = torch.tensor(picks)[:, None], torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            new = torch.tensor(picks)[:, None]
+            ids, mask = (
+                new if cached else torch.cat([ids, new], 1),
+                torch.cat([mask, torch.ones_like(new)], 1),
+            )
         return answers

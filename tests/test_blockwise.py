@@ -20,12 +20,15 @@ from quantize.models import ModelError
 pytestmark = pytest.mark.slow  # INC runs, a block at a time
 
 FAMILIES = {"llama": {}, "mistral": {"sliding_window": 4096}, "qwen2": {}, "phi3": {},  # qwen2: q/k/v biases
-            "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16}}  # fmt: skip
+            "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16}, "opt": {}}  # fmt: skip
+# Sized in their config's own words instead of TINY_LLAMA's (whose keys would become stray config attributes)
+OWN_WORDS = {"opt": {"hidden_size": 64, "ffn_dim": 128, "num_attention_heads": 4, "word_embed_proj_dim": 64}}
 # The norms SmoothQuant rescales in each block, and what a norm multiplies by (offset + weight: Gemma's is 1 +
 # weight). INC absorbs Gemma's attention norm nowhere (whole model or block), so only its MLP norm moves.
 SMOOTHED = {
     "gemma": ("post_attention_layernorm",),
     "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
+    "opt": ("self_attn_layer_norm", "final_layer_norm"),
 }
 OFFSET = {"gemma": 1.0, "gemma2": 1.0}
 # What "the same" means. Scales and norms: FP32 rounding (the whole path computes later blocks' inputs through
@@ -41,7 +44,7 @@ def build_bf16(folder, tokenizer, family: str, **size):
     torch.manual_seed(0)
     config = AutoConfig.for_model(
         family, vocab_size=len(tokenizer), tie_word_embeddings=False, max_position_embeddings=512,
-        **(TINY_LLAMA | {"num_hidden_layers": 3} | size), **FAMILIES[family],
+        **(OWN_WORDS.get(family, TINY_LLAMA) | {"num_hidden_layers": 3} | size), **FAMILIES[family],
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     model.save_pretrained(folder)
@@ -86,7 +89,7 @@ def test_block_path_gives_the_whole_models_int8(tmp_path, tokenizer, family):
     # SmoothQuant ran in each block: every norm of the block path is the BF16 norm over non-constant factors
     original = tensors_of(tmp_path / "bf16")
     smoothed = SMOOTHED.get(family, ("input_layernorm", "post_attention_layernorm"))
-    norms = [n for n in blocks if n.endswith("layernorm.weight") and n.split(".")[-2] in smoothed]
+    norms = [n for n in blocks if ".layers." in n and n.endswith(".weight") and n.split(".")[-2] in smoothed]
     assert len(norms) == len(smoothed) * 3  # in each of the 3 blocks
     for name in norms:
         s = (OFFSET.get(family, 0.0) + original[name].float()) / (OFFSET.get(family, 0.0) + blocks[name])

@@ -325,7 +325,7 @@ sys.exit(main(sys.argv[1:]))"""
 @pytest.mark.parametrize(
     "family, trials, why",
     [
-        ("opt", "1", "models, not yet for opt"),
+        ("bloom", "1", "models, not yet for bloom"),
         ("llama", "8", "--tune-trials 1 builds it block by block"),
         ("llama", "1", None),  # the block path: its own estimate, made from one block, decides
     ],
@@ -341,8 +341,7 @@ def test_a_large_model_that_would_be_quantized_whole_is_refused_before_the_work(
     from conftest import ROOT
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    size = {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "word_embed_proj_dim": 64} if family == "opt" else TINY_LLAMA  # fmt: skip
+    size = {"hidden_size": 64, "n_layer": 2, "n_head": 4} if family == "bloom" else TINY_LLAMA
     config = AutoConfig.for_model(family, vocab_size=len(tokenizer), **size)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "bf16")
     tokenizer.save_pretrained(tmp_path / "bf16")

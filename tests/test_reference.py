@@ -50,7 +50,12 @@ def test_by_block_measures_what_the_whole_default_model_does(default_dir, bf16, 
 def test_by_block_matches_the_whole_model_of_each_family(tmp_path, tokenizer, family):
     whole = HFDecoder(build_bf16(tmp_path, tokenizer, family), "whole")
     ids = tokenizer(evaluate.heldout_text(), return_tensors="pt").input_ids[:, :600]
-    windows_match(reference.ByBlock(tmp_path), whole, ids, TOP1_SAME_RANDOM)
+    ours = reference.ByBlock(tmp_path)
+    windows_match(ours, whole, ids, TOP1_SAME_RANDOM)
+    # the prompts as one left-padded batch, positions counted from each prompt's first token (OPT: from the mask)
+    prompts = [evaluate.prompt_ids(tokenizer, p) for p in evaluate.heldout_prompts()[:3]]
+    got = ours.greedy_answers(prompts, 4, None)
+    assert [a[:1] for a in got] == [evaluate.greedy(whole, p, 1, None) for p in prompts]
 
 
 def test_by_block_soft_caps_gemma2s_logits(tmp_path, tokenizer):
