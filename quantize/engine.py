@@ -356,7 +356,7 @@ class Engine:
         self.heads = config["num_attention_heads"]
         self.kv_heads = config.get("num_key_value_heads") or self.heads
         self.head_dim = config.get("head_dim") or config["hidden_size"] // self.heads
-        self.eps = (config.get(arch.eps[0]) if arch.eps[0] else None) or arch.eps[1]
+        self.eps = config.get(arch.eps[0]) or arch.eps[1]
         self.act = ACT2FN[config.get(arch.activation[0]) or arch.activation[1]]
         self.scale = (config.get("query_pre_attn_scalar") or self.head_dim) ** -0.5
         self.attn_cap, self.logit_cap = (

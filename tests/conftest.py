@@ -50,6 +50,9 @@ TINY_LLAMA = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
+# OPT's config in its own words (TINY_LLAMA's keys would become stray attributes of an OPTConfig)
+TINY_OPT = {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "word_embed_proj_dim": 64}  # fmt: skip
 HUB_TOKEN = "hf_test_local_hub_token"
 # Planted in the environment of every app and CLI run the tests start; must never show up in what they print,
 # write or serve (tests/test_secrets.py scans for it).

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_LLAMA, wait_for
+from conftest import ROOT, TINY_LLAMA, TINY_OPT, wait_for
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from quantize import blockwise, calibration, engine, models, recipe
@@ -21,8 +21,7 @@ pytestmark = pytest.mark.slow  # INC runs, a block at a time
 
 FAMILIES = {"llama": {}, "mistral": {"sliding_window": 4096}, "qwen2": {}, "phi3": {},  # qwen2: q/k/v biases
             "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16}, "opt": {}}  # fmt: skip
-# Sized in their config's own words instead of TINY_LLAMA's (whose keys would become stray config attributes)
-OWN_WORDS = {"opt": {"hidden_size": 64, "ffn_dim": 128, "num_attention_heads": 4, "word_embed_proj_dim": 64}}
+OWN_WORDS = {"opt": TINY_OPT}  # sized in their config's own words
 # The norms SmoothQuant rescales in each block, and what a norm multiplies by (offset + weight: Gemma's is 1 +
 # weight). INC absorbs Gemma's attention norm nowhere (whole model or block), so only its MLP norm moves.
 SMOOTHED = {

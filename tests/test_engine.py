@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_LLAMA
+from conftest import TINY_LLAMA, TINY_OPT
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from quantize import calibration, engine, models, recipe
@@ -23,11 +23,9 @@ FAMILIES = {
     "gemma": {"head_dim": 16},  # (1 + weight) norms in FP32, GeGLU, a scaled embedding
     # and two more norms a block, soft-capped attention and logits, its own query scale (config defaults)
     "gemma2": {"head_dim": 16},
-    # LayerNorm with biases, learned positions, a ReLU MLP without a gate, model.decoder.*; its config's own words
-    "opt": {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "word_embed_proj_dim": 64},
-}  # fmt: skip
-OWN_WORDS = {"opt"}  # sized by their entry alone: TINY_LLAMA's keys would become stray config attributes
+    "opt": {},  # LayerNorm with biases, learned positions, a ReLU MLP without a gate, model.decoder.*
+}
+OWN_WORDS = {"opt": TINY_OPT}  # sized in their config's own words
 # The norms INC folds SmoothQuant's scales into, where not every one of them, and what a norm multiplies by
 # (offset + weight: Gemma's is 1 + weight); see test_families.py, FOLDS.
 FOLDED = {"gemma": ("post_attention_layernorm",), "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
@@ -45,7 +43,7 @@ def build(tmp_path, tokenizer, family: str):
         vocab_size=len(tokenizer),
         tie_word_embeddings=False,
         max_position_embeddings=512,
-        **(FAMILIES[family] if family in OWN_WORDS else TINY_LLAMA | FAMILIES[family]),
+        **(OWN_WORDS.get(family, TINY_LLAMA) | FAMILIES[family]),
     )
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     bf16_dir, int8_dir = tmp_path / "bf16", tmp_path / "int8"
@@ -351,7 +349,7 @@ def test_a_checkpoint_saved_from_the_base_model_is_read(tmp_path, tokenizer):
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("opt", vocab_size=len(tokenizer), **FAMILIES["opt"])
+    config = AutoConfig.for_model("opt", vocab_size=len(tokenizer), **TINY_OPT)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     model.save_pretrained(tmp_path / "full")
     bare = tmp_path / "bare"

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_LLAMA, run_cli, running_app
+from conftest import ROOT, TINY_LLAMA, TINY_OPT, run_cli, running_app
 from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -38,8 +38,7 @@ SIZES = {  # the tiny size in each config's own words
     "phi3": TINY_LLAMA,
     "gemma2": {**TINY_LLAMA, "head_dim": 16},
     "gemma": {**TINY_LLAMA, "head_dim": 16},
-    "opt": {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "word_embed_proj_dim": 64},
+    "opt": TINY_OPT,
     "bloom": {"hidden_size": 64, "n_layer": 2, "n_head": 4},
     "mpt": {"d_model": 64, "n_layers": 2, "n_heads": 4, "expansion_ratio": 2},
 }  # fmt: skip
