@@ -29,7 +29,7 @@ from quantize.sessions import Generation, Sessions
 log = logging.getLogger("q8chat")
 ASSETS = Path(__file__).parent / "assets"
 QUEUE_SIZE = 16
-DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+DEFAULT_SYSTEM = chat.DEFAULT_SYSTEM
 CHART_COLORS = {"INT8": "#4f46e5", "BF16": "#d97706"}
 STATE = serving.Serving(serving.configured_pairs())
 SESSIONS = Sessions()
@@ -240,7 +240,8 @@ def run_benchmark(new_tokens: float, rounds: float, progress=gr.Progress(track_t
     prompts = [torch.tensor([chat.encode_chat(STATE.tokenizer, c)]) for c in chats]
     decoders = {"INT8": STATE.int8.decoder, "BF16": STATE.bf16.decoder}
     with STATE.lock, tqdm(total=int(rounds) * len(prompts) * 2, desc="INT8 and BF16, interleaved") as bar:
-        result = latency.interleaved(decoders, prompts, int(new_tokens), int(rounds), progress=bar)
+        run = chat.on_model_thread(latency.interleaved, decoders, prompts, int(new_tokens), int(rounds), bar)
+        result = run.result()
     return panel.benchmark_md(result, STATE)
 
 

@@ -7,11 +7,13 @@ INT8-vs-BF16 race afterwards from what was measured.
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -22,10 +24,22 @@ from quantize.generate import Sampling, stream
 MAX_INPUT_TOKENS = 1024  # prompt + history fed to the model; older turns are dropped first
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 UI_INTERVAL_S = 0.1  # the page is refreshed at most this often; tokens arriving in between are shown together
+DEFAULT_SYSTEM = (
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # the page's system box
+)
 MAX_MESSAGE_CHARS = 4000  # one message; longer ones are refused with the text kept in the box
 # The settings' ranges (the page's sliders). Gradio refuses API values outside them with its own sentence
 # ("Value 300 is greater than maximum value 256."); read_settings clamps again for callers that bypass them.
 SETTINGS = {"max_new_tokens": (8, 256), "temperature": (0.0, 1.5), "top_p": (0.05, 1.0)}
+# Every model run of the app (replies, the Benchmark tab) happens on this one thread. Each thread that runs torch
+# gets its own OpenMP team; with more team threads alive than cores, libgomp stops spin-waiting between parallel
+# regions, and a 2-thread decode of the default model took 2.3x as long per token as the bench's.
+MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="q8chat-model")
+
+
+def on_model_thread(fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) run on MODEL_THREAD, in the caller's context (Gradio's progress lives there)."""
+    return MODEL_THREAD.submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 class Refused(ValueError):
@@ -220,7 +234,7 @@ def replay_clock(ends: list[float], interval: float = UI_INTERVAL_S) -> Iterator
 def decode_live(
     decoder, tokenizer, ids: list[int], sampling: Sampling, stop: threading.Event
 ) -> Iterator[Reply]:
-    """The one decode-and-time loop of the app. The model runs in a worker thread that only stamps tokens, so
+    """The one decode-and-time loop of the app. The model runs on MODEL_THREAD, which only stamps tokens, so
     the per-token times measure the model, not the page; this generator yields the reply so far at most every
     UI_INTERVAL_S. Closing it (a stop, a disconnect) stops the worker before returning, so the CPU is free."""
     steps: queue.SimpleQueue = queue.SimpleQueue()
@@ -240,8 +254,7 @@ def decode_live(
         finally:
             steps.put(None)
 
-    worker = threading.Thread(target=work, daemon=True, name="decode")
-    worker.start()
+    worker = on_model_thread(work)
     try:
         finished = False
         while not finished:
@@ -262,4 +275,4 @@ def decode_live(
             yield reply
     finally:
         halt.set()
-        worker.join()
+        worker.result()

@@ -171,6 +171,11 @@ def switch(state: Serving, name: str) -> None:
     start_loading(state, pair)
 
 
+def threads() -> int:
+    """The torch threads the models run with."""
+    return int(os.environ.get("Q8CHAT_THREADS", os.cpu_count() or 1))
+
+
 def status(state: Serving) -> dict:
     """Whether a model answers, which, and what is loading; for clients and health checks."""
     return {
@@ -184,13 +189,14 @@ def status(state: Serving) -> dict:
         "pair": state.pair.name if state.pair else None,
         "loading": loading(),
         "rss_bytes": settled_rss(),
+        "threads": threads(),
     }
 
 
 def load_pair(state: Serving, pair: Pair) -> None:
     """Load BF16 (the chat answers from then on), then the INT8 copy, building it first if needed. Runs in a
     background thread; every failure ends up in the state for the page, never kills the app."""
-    torch.set_num_threads(int(os.environ.get("Q8CHAT_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(threads())
     state.pair, state.int8, state.bf16, state.report = pair, LoadedModel("INT8"), LoadedModel("BF16"), None
     try:
         state.status = f"Loading the BF16 model of {pair.name}…"

@@ -1,6 +1,7 @@
 """The app's bookkeeping without a server: latency numbers, history trimming, prompt encoding."""
 
 import json
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -169,3 +170,26 @@ def test_pairs_on_the_hub_are_offered_only_when_it_answers(tmp_path, monkeypatch
             "on-disk",
             "on-the-hub",
         ]
+
+
+def test_replies_and_the_benchmark_run_the_models_on_one_thread(monkeypatch, tokenizer):
+    """Each thread that runs torch keeps its own OpenMP team, and with more teams than cores a decode waits on
+    the others: every forward pass of the app, a reply's or the Benchmark tab's, runs on one thread, and not
+    on the handler's."""
+    from test_chat_loop import FixedLogits
+
+    int8, bf16 = FixedLogits(), FixedLogits()
+    loaded = {
+        "int8": serving.LoadedModel("INT8", decoder=int8),
+        "bf16": serving.LoadedModel("BF16", decoder=bf16),
+    }
+    state = serving.Serving(pairs=app.STATE.pairs, ready=True, tokenizer=tokenizer, window=8192, **loaded)
+    monkeypatch.setattr(app, "STATE", state)
+    app.build_ui()  # the handlers name their outputs through the page's components
+    visitor = SimpleNamespace(session_hash="one-thread")
+    list(app.respond("Hello", [], chat.DEFAULT_SYSTEM, 8, 0.0, 1.0, True, 0, visitor))
+    replies, int8.threads, bf16.threads = int8.threads | bf16.threads, set(), set()
+    app.run_benchmark(8, 1)
+    benchmark = int8.threads | bf16.threads
+    assert int8.calls > 8 and bf16.calls > 8  # both models answered, then both were timed
+    assert replies == benchmark and len(replies) == 1 and threading.get_ident() not in replies

@@ -13,16 +13,18 @@ LOGITS = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0])
 
 
 class FixedLogits:
-    """A decoder that always predicts the same distribution; counts its forward passes; can fail at a step."""
+    """A decoder that always predicts the same distribution; counts its forward passes and the threads they ran
+    on; can fail at a step."""
 
     def __init__(self, fail_at: int | None = None) -> None:
-        self.calls, self.fail_at = 0, fail_at
+        self.calls, self.fail_at, self.threads = 0, fail_at, set()
 
     def new_cache(self, max_len: int):
         return None
 
     def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
         self.calls += 1
+        self.threads.add(threading.get_ident())
         if self.fail_at is not None and self.calls >= self.fail_at:
             raise RuntimeError("the model broke at this step")
         return LOGITS[None, :]
@@ -78,19 +80,22 @@ def test_a_seed_repeats_a_sample_and_another_seed_does_not():
     assert draws(s) != draws(generate.Sampling(max_new_tokens=60, temperature=1.0, top_p=1.0, seed=8))
 
 
-def decode_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "decode"]
+def calls_once_the_model_thread_is_free(decoder: FixedLogits) -> int:
+    """The decoder's forward passes counted on the model thread, after whatever was queued before: a worker
+    still decoding would run to its max_new_tokens first."""
+    return chat.on_model_thread(lambda: decoder.calls).result()
 
 
-def test_decode_live_runs_to_the_end_and_joins_its_worker():
+def test_decode_live_runs_to_the_end_on_the_model_thread():
+    decoder = FixedLogits()
     replies = list(
-        chat.decode_live(
-            FixedLogits(), Tokenizer(), [1, 2], generate.Sampling(max_new_tokens=5), threading.Event()
-        )
+        chat.decode_live(decoder, Tokenizer(), [1, 2], generate.Sampling(max_new_tokens=5), threading.Event())
     )
     last = replies[-1]
     assert last.token_ids == [0] * 5 and len(last.timing.stamps) == 5 and last.prompt_tokens == 2
-    assert last.text == "0 0 0 0 0" and not decode_threads()
+    assert last.text == "0 0 0 0 0" and calls_once_the_model_thread_is_free(decoder) == 5
+    model_thread = chat.on_model_thread(threading.get_ident).result()
+    assert decoder.threads == {model_thread} != {threading.get_ident()}
 
 
 def test_stop_ends_the_worker_at_the_next_token():
@@ -99,18 +104,20 @@ def test_stop_ends_the_worker_at_the_next_token():
     first = next(live)
     stop.set()
     final = ([first] + list(live))[-1]
-    assert not decode_threads()  # joined: no forward pass can follow
-    assert len(final.token_ids) < 100_000 and decoder.calls < 100_000
+    calls = decoder.calls
+    assert calls_once_the_model_thread_is_free(decoder) == calls  # ended: no forward pass followed
+    assert len(final.token_ids) < 100_000 and calls < 100_000
     assert len(final.token_ids) == len(final.timing.stamps)
 
 
 def test_an_error_in_the_model_reaches_the_consumer_and_the_worker_is_gone():
+    decoder = FixedLogits(fail_at=3)
     live = chat.decode_live(
-        FixedLogits(fail_at=3), Tokenizer(), [1], generate.Sampling(max_new_tokens=50), threading.Event()
+        decoder, Tokenizer(), [1], generate.Sampling(max_new_tokens=50), threading.Event()
     )
     with pytest.raises(RuntimeError, match="the model broke"):
         list(live)
-    assert not decode_threads()
+    assert calls_once_the_model_thread_is_free(decoder) == 3
 
 
 def test_closing_the_stream_stops_the_model():
@@ -121,7 +128,8 @@ def test_closing_the_stream_stops_the_model():
     )
     next(live)
     live.close()
-    assert not decode_threads() and decoder.calls < 100_000
+    calls = decoder.calls
+    assert calls_once_the_model_thread_is_free(decoder) == calls < 100_000
 
 
 def test_one_visitors_stop_and_clear_leave_anothers_reply_alone():
