@@ -72,6 +72,8 @@ OPTIONS = {
                      "--build-config-model model (default %(default)s)"),
     "--layers": dict(type=int, default=None, help="decoder blocks of the --build-config-model model (default: the "
                      "size's own); the 7b body with 4 measures its per-block memory and time in minutes"),
+    "--app": dict(metavar="URL", default=None, help="also time the running app's panel in the same rounds: its INT8 "
+                  "chat reply to each prompt over HTTP, greedy, the per-token times its chart shows"),
     "--profile": dict(type=int, metavar="TOKENS", default=0, help="also print where INT8 decode time goes "
                       "(torch.profiler over TOKENS tokens, last thread count)"),
 }  # fmt: skip
@@ -114,6 +116,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ModelError("--tokens must be at least 2: decode time per token is the gap between two tokens.")
     if args.rounds < 1 or min(args.threads) < 1:
         raise ModelError("--rounds and --threads must be at least 1.")
+    if args.app and len(args.threads) != 1:
+        raise ModelError("--app times the app at its own thread count: pass that one number to --threads.")
     if args.build_config_model and (args.int8 or args.bf16):
         raise ModelError("--build-config-model benchmarks the model it builds; leave out --int8 and --bf16.")
 
@@ -270,6 +274,48 @@ class Peer:
 
     def close(self) -> None:
         self.llm.close()
+
+
+# ---------------------------------------------------------------- the app's panel
+
+
+class AppPanel:
+    """The running app, timed by what its panel shows: each generation is a chat message to its /chat API
+    (greedy, the BF16 comparison off) and the Timing is rebuilt from the chart, TTFT then one gap per token.
+    The app answers with its own system prompt and stops at eos, so a reply can be shorter than `new_tokens`."""
+
+    def __init__(self, url: str, texts: dict[tuple, str], threads: int) -> None:
+        from gradio_client import Client
+
+        from quantize.chat import DEFAULT_SYSTEM, SETTINGS
+
+        self.client, self.texts, self.system = Client(url, verbose=False), texts, DEFAULT_SYSTEM
+        self.fewest_tokens = SETTINGS["max_new_tokens"][
+            0
+        ]  # the page's slider minimum; a warm-up asks for fewer
+        status = self.client.predict(api_name="/status")
+        if not status["ready"] or status["loading"] or status["chat_model"] is None:
+            raise ModelError(
+                f"the app at {url} is not ready to answer yet ({status['status'] or 'loading'})."
+            )
+        if status.get("threads") != threads:
+            raise ModelError(
+                f"the app at {url} runs {status.get('threads')} threads: pass --threads with that."
+            )
+        self.label = status["chat_model"]
+        print(f"{latency.LABELS['app']}: {url}, chat model {self.label}")
+
+    def time_generation(self, input_ids: torch.Tensor, new_tokens: int) -> latency.Timing:
+        text = self.texts[tuple(input_ids[0].tolist())]
+        tokens = max(new_tokens, self.fewest_tokens)
+        out = self.client.predict(text, [], self.system, tokens, 0.0, 1.0, False, api_name="/chat")
+        chart = out[2]
+        ttft = float(chart["title"].split("INT8 ")[1].split(" ms")[0])
+        gaps = [ms for _, ms, model in chart["value"]["data"] if model == "INT8" and ms is not None]
+        timing = latency.Timing(0.0, [ttft / 1e3])
+        for ms in gaps:
+            timing.stamps.append(timing.stamps[-1] + ms / 1e3)
+        return timing
 
 
 def gguf_type(path: Path) -> str:
@@ -453,7 +499,8 @@ def measure_threads(
     prompts: list[torch.Tensor],
     args: argparse.Namespace,
 ) -> dict[int, dict]:
-    """Per thread count: every decoder (and the peer) interleaved, with the order alternating every round."""
+    """Per thread count: every decoder (the peer, the app's panel) interleaved, the order alternating every
+    round."""
     from tqdm import tqdm
 
     n_ctx = max(512, max(p.shape[1] for p in prompts) + args.tokens + 8)
@@ -461,6 +508,8 @@ def measure_threads(
     for threads in args.threads:
         torch.set_num_threads(threads)
         engines = dict(decoders)
+        if args.app:
+            engines["app"] = AppPanel(args.app, args.prompt_texts, threads)
         if peer_gguf is not None:
             engines["peer"] = Peer(peer_gguf, threads, n_ctx)
         with tqdm(
@@ -557,6 +606,12 @@ def table(threads: int, res: dict) -> str:
                 predicted=read,
             )
             lines.append("speed-up: " + line.replace("**", ""))
+    if "app" in res["models"]:
+        ratios = latency.round_ratios(res, "app", "int8")
+        each = " ".join(f"{r:.2f}x" for r in ratios)
+        lines.append(
+            f"app panel: {statistics.median(ratios):.2f}x the bench's INT8 ms per token (rounds {each})"
+        )
     return "\n".join(lines)
 
 
@@ -623,12 +678,26 @@ def add_floors(res: dict, threads: int, sizes: dict, memory: dict) -> None:
         res["peer_ratio_median"] = {n: statistics.median(v) for n, v in res["peer_ratio_per_round"].items()}
 
 
+def outside_sizes(sizes: dict, peer_gguf: Path | None, app: str | None) -> dict:
+    """The bytes of what runs outside this process: llama.cpp's GGUF, and the app's INT8 chat model (the same
+    bytes as the bench's INT8 when the app serves this model)."""
+    out = {"app": sizes["int8"]} if app else {}
+    if peer_gguf is not None:
+        out["peer"] = {
+            "weight_bytes": peer_gguf.stat().st_size,
+            "bytes_per_token": gguf_bytes_per_token(peer_gguf),
+            "path": str(peer_gguf),
+        }
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     prompt_texts = load_prompts(args.prompts)
     bf16_dir, int8_dir, bf16_is_default = folders(args)
     tok = models.load_tokenizer(bf16_dir)
     prompts = [evaluate.prompt_ids(tok, p) for p in prompt_texts]
+    args.prompt_texts = {tuple(ids[0].tolist()): text for ids, text in zip(prompts, prompt_texts)}
     decoders = open_decoders(bf16_dir, int8_dir)
     args.bf16_dir = bf16_dir
     peer_gguf, peer_line = find_peer(args, bf16_is_default)
@@ -642,13 +711,7 @@ def run(args: argparse.Namespace) -> int:
     }
     del decoders
     memory = footprints({n: int8_dir if n == "int8" else bf16_dir for n in sizes})  # the engines timed
-    if peer_gguf is not None:
-        per_token = gguf_bytes_per_token(peer_gguf)
-        sizes["peer"] = {
-            "weight_bytes": peer_gguf.stat().st_size,
-            "bytes_per_token": per_token,
-            "path": str(peer_gguf),
-        }
+    sizes |= outside_sizes(sizes, peer_gguf, args.app)
     for threads, res in per_threads.items():
         add_floors(res, threads, sizes, memory)
         print(table(threads, res))

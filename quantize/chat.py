@@ -23,7 +23,10 @@ from quantize.generate import Sampling, stream
 
 MAX_INPUT_TOKENS = 1024  # prompt + history fed to the model; older turns are dropped first
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
-UI_INTERVAL_S = 0.1  # the page is refreshed at most this often; tokens arriving in between are shown together
+# The page is refreshed at most this often; tokens arriving in between are shown together. Each refresh costs the
+# server CPU the model then waits for: at 0.1 s the panel's INT8 ms/token was 1.13x the bench's (2 threads, AMD
+# EPYC, `python -m quantize.bench --app`), at 0.2 s 1.02x.
+UI_INTERVAL_S = 0.2
 DEFAULT_SYSTEM = (
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # the page's system box
 )

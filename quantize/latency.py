@@ -19,6 +19,7 @@ LABELS = {
     "bf16": "BF16 engine",
     "hf_bf16": "transformers BF16",
     "peer": "llama.cpp Q8_0",
+    "app": "app panel (INT8)",
 }
 
 

@@ -262,3 +262,24 @@ def test_browser_live_counters_code_continue_and_race(app_url, width):
             box_ = page.locator(part).bounding_box()
             assert box_ and box_["width"] > 100 and box_["x"] + box_["width"] <= width + 1, (part, box_)
     assert not errors, errors
+
+
+def test_bench_times_the_app_panel_in_the_same_rounds(app_url, tmp_path):
+    """`python -m quantize.bench --app URL`: the app's INT8 chat replies, over HTTP, timed from its chart, in
+    the same interleaved rounds as the bench's own INT8 engine on the same folder and prompts."""
+    import json
+
+    from gradio_client import Client
+    from test_bench import run_bench
+
+    threads = Client(app_url, verbose=False).predict(api_name="/status")["threads"]
+    assert threads == int(os.environ.get("Q8CHAT_THREADS", os.cpu_count()))  # the app runs on every core
+    out = tmp_path / "bench.json"
+    flags = ("--threads", str(threads), "--tokens", "8", "--rounds", "1", "--prompts", "1", "--no-peer")
+    proc = run_bench(*flags, "--app", app_url, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    models = json.loads(out.read_text())["threads"][str(threads)]["models"]
+    app, int8 = models["app"], models["int8"]
+    assert 0 < app["median_ms"] and len(app["round_median_ms"]) == 1 and app["ttft_ms"] > 0
+    ratio = app["round_median_ms"][0] / int8["round_median_ms"][0]
+    assert f"app panel: {ratio:.2f}x the bench's INT8 ms per token" in proc.stdout, proc.stdout

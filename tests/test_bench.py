@@ -149,6 +149,14 @@ def test_missing_int8_folder_is_one_sentence():
     ]
 
 
+def test_app_with_two_thread_counts_is_refused_before_any_request():
+    """The app runs at one thread count: timing it at two would time it at a count it does not run. Port 9
+    (discard) never answers, so reaching it would end in a connection error, not this sentence."""
+    proc = run_bench("--app", "http://127.0.0.1:9", "--threads", "1", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--app times the app at its own thread count" in proc.stderr
+
+
 @pytest.fixture
 def peer_gguf(tmp_path, tokenizer):
     """A tiny random Llama with the default tokenizer, and the peer's Q8_0 GGUF written from it."""
