@@ -43,6 +43,7 @@ SIZES = {
            "num_key_value_heads": 8},
 }  # fmt: skip
 BUILD_CONFIG = SIZES["0.4b"]
+OWN_WORDS = {"bloom": ("hidden_size", "n_layer", "n_head"), "mpt": ("d_model", "n_layers", "n_heads")}
 BANDWIDTH_MIB = 512  # far beyond any last-level cache, so the copy runs from DRAM
 # What the bench times, in this order: the engine on both models (the panel's comparison), transformers' own BF16
 # loop (what a visitor would get without Q8-Chat) and llama.cpp (the pace to beat).
@@ -169,8 +170,12 @@ def build_config_model(
 
 def in_family_words(size: dict, family: str) -> dict:
     """A SIZES shape as `family`'s config says it: Gemma's head size and query scale, OPT's ffn_dim (OPT has
-    no GQA: one KV head per query head)."""
+    no GQA: one KV head per query head); BLOOM and MPT in their own words, without GQA and with transformers'
+    MLP of 4 x hidden."""
     head_dim = size["hidden_size"] // size["num_attention_heads"]
+    if family in OWN_WORDS:
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+        return {own: size[k] for own, k in zip(OWN_WORDS[family], keys)}
     if "gemma" in family:
         return size | {"head_dim": head_dim, "query_pre_attn_scalar": head_dim}
     if family == "opt":

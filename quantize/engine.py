@@ -1,5 +1,5 @@
-"""The engine: batch-1 decoding of the Llama-like families (llama, mistral, qwen2, phi3, gemma, gemma2) and OPT,
-INT8 or BF16, in one lean loop.
+"""The engine: batch-1 decoding of the Llama-like families (llama, mistral, qwen2, phi3, gemma, gemma2), OPT,
+BLOOM and MPT, INT8 or BF16, in one lean loop.
 
 The app, the benchmark and the quality check run both models through `Engine.forward`, so INT8 and BF16 share
 the cache, the attention, the fusions and the glue, and the speed-up the panel shows is quantization's alone.
@@ -7,8 +7,8 @@ What differs is the Linear: `Int8Linear` (FBGEMM dynamic INT8, one activation sc
 a float one (BF16: `OneDnnBf16Linear`, or `Fp16GemmBf16Linear` on CPUs without oneDNN's BF16 path; an INT8
 folder's FP32 tail: `FloatLinear`); on CPUs without VNNI, down_proj runs `WeightOnlyInt8Linear`.
 How the families differ is data, one `Architecture` row each (ARCHITECTURES): tensor names, fused Linears,
-norms (RMSNorm or LayerNorm), activation, gated MLP or not, RoPE or learned positions, embedding scale; what a
-config says (GQA, RoPE variant, head size, soft-capping, the query scale) is read from it.
+norms (RMSNorm or LayerNorm), activation, gated MLP or not, RoPE, learned positions or ALiBi, embedding scale;
+what a config says (GQA, RoPE variant, head size, soft-capping, the query scale) is read from it.
 
 Lean means:
   * weights are read from safetensors straight into their kernels: INT8 matrices into FBGEMM's packed format,
@@ -68,7 +68,46 @@ class Architecture:
     gated: bool = True  # the MLP is down(act(gate) * up); else down(act(up)) (OPT's fc1, fc2)
     positions: str | None = None  # a learned table added to the embedding (OPT's), instead of RoPE
     position_offset: int = 0  # the table row of position 0
+    alibi: Callable[[int], torch.Tensor] | None = (
+        None  # per-head slopes of ALiBi (BLOOM, MPT), instead of RoPE
+    )
+    embed_norm: str | None = None  # a LayerNorm right after the embedding (BLOOM's)
+    qkv_by_head: bool = False  # one fused q/k/v Linear stored head by head, [q k v] of each (BLOOM's)
+    max_len: str = "max_position_embeddings"  # the config key of the longest sequence
     fits: Callable[[dict], bool] = lambda config: True  # the configs of the family the row describes
+
+
+def bloom_slopes(heads: int) -> torch.Tensor:
+    """ALiBi's slopes as transformers' BLOOM builds them: 2^(-8i/n) for the largest power of two n <= heads, then
+    every other slope of 2n for the heads beyond it."""
+    n = 2 ** math.floor(math.log2(heads))
+    slopes = [2 ** (-8 * i / n) for i in range(1, n + 1)]
+    return torch.tensor(slopes + [2 ** (-4 * i / n) for i in range(1, 2 * (heads - n), 2)])
+
+
+def mpt_slopes(heads: int, bias_max: int = 8) -> torch.Tensor:
+    """ALiBi's slopes as transformers' MPT builds them (which differ from BLOOM's when heads is not a power of
+    two): 2^(-bias_max i/n) for the power of two n >= heads, the odd ones first, the first `heads` of them."""
+    n = 2 ** math.ceil(math.log2(heads))
+    slopes = 1.0 / torch.pow(2, torch.arange(1, n + 1).float() * (bias_max / n))
+    return slopes if n == heads else torch.cat([slopes[1::2], slopes[::2]])[:heads]
+
+
+def _bloom_fits(c: dict) -> bool:
+    """Pre-norm residuals, and the attention's output not split into tensor-parallel slices."""
+    sliced = c.get("pretraining_tp", 1) > 1 and c.get("slow_but_exact")
+    return not c.get("apply_residual_connection_post_layernorm") and not sliced
+
+
+def _mpt_fits(c: dict) -> bool:
+    """MPT as transformers 4.45 runs it: ALiBi with its default bias_max (transformers ignores another one),
+    the standard query scale, no clipping or norms of q and k."""
+    a = c.get("attn_config") or {}
+    return (
+        a.get("alibi", True)
+        and a.get("alibi_bias_max", 8) == 8
+        and not (a.get("softmax_scale") or a.get("clip_qkv") or a.get("qk_ln"))
+    )
 
 
 def _opt_fits(c: dict) -> bool:
@@ -98,7 +137,28 @@ ARCHITECTURES = {
                         activation=("activation_function", "relu"), layers="model.decoder.layers",
                         embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
                         positions="model.decoder.embed_positions", position_offset=2, fits=_opt_fits),
+    "bloom": Architecture(qkv=("self_attention.query_key_value",), o="self_attention.dense", gate_up=("mlp.dense_h_to_4h",),
+                          down="mlp.dense_4h_to_h", gated=False, layer_norm=True, eps=("layer_norm_epsilon", 1e-5),
+                          activation=(None, "gelu_pytorch_tanh"), layers="transformer.h",
+                          embed="transformer.word_embeddings", final_norm="transformer.ln_f", alibi=bloom_slopes,
+                          embed_norm="transformer.word_embeddings_layernorm", qkv_by_head=True, fits=_bloom_fits),
+    "mpt": Architecture(qkv=("attn.Wqkv",), o="attn.out_proj", gate_up=("ffn.up_proj",), down="ffn.down_proj",
+                        gated=False, norms=("norm_1", "norm_2"), layer_norm=True, eps=("layer_norm_epsilon", 1e-5),
+                        activation=(None, "gelu"), layers="transformer.blocks", embed="transformer.wte",
+                        final_norm="transformer.norm_f", alibi=mpt_slopes, max_len="max_seq_len", fits=_mpt_fits),
 }  # fmt: skip
+
+
+def in_engine_words(config: dict) -> dict:
+    """The config with transformers' standard names beside a family's own (MPT's n_heads is
+    num_attention_heads), from the family's config class itself."""
+    from transformers import AutoConfig
+
+    words = AutoConfig.for_model(config["model_type"]).attribute_map
+    return {
+        **config,
+        **{std: config[own] for std, own in words.items() if own in config and std not in config},
+    }
 
 
 def cpu_flags() -> set[str]:
@@ -349,6 +409,7 @@ class Engine:
     ) -> None:
         from transformers.activations import ACT2FN
 
+        config = in_engine_words(config)
         self.config, self.label = config, label
         self.arch = arch = ARCHITECTURES[config["model_type"]]
         int8 = tensors.metadata.get("format") == FORMAT
@@ -369,10 +430,11 @@ class Engine:
         )
         window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
         # the cache never outgrows the window, so no layer ever slides (Gemma 2 slides on every other one)
-        self.max_len = min(config.get("max_position_embeddings") or 4096, window or 1 << 30)
+        self.max_len = min(config.get(arch.max_len) or 4096, window or 1 << 30)
         self.reduce_range = reduce_range
         read = _Reader(tensors, self.dtype, reduce_range, weight_only_down, arch, self.eps)
-        rotated = 0 if arch.positions else self.heads + self.kv_heads
+        rope = not (arch.positions or arch.alibi)
+        rotated = self.heads + self.kv_heads if rope else 0
         self.blocks = [
             read.block(f"{arch.layers}.{i}", self.head_dim, rotated)
             for i in range(config["num_hidden_layers"])
@@ -385,11 +447,14 @@ class Engine:
         # rows from the memory-mapped file, so it costs resident memory only for the rows used. So does a table
         # of learned positions.
         self.embed = Embedding(tensors, arch.embed)
+        self.embed_norm = read.norm(arch.embed_norm) if arch.embed_norm else None
         self.positions = Embedding(tensors, arch.positions) if arch.positions else None
         self.weight_bytes = read.nbytes + (0 if tied else self.embed.nbytes)
         self.kinds = read.kinds
-        self.cos, self.sin = (
-            (None, None) if arch.positions else rope_tables(config, self.max_len, self.head_dim)
+        self.cos, self.sin = rope_tables(config, self.max_len, self.head_dim) if rope else (None, None)
+        # ALiBi: key j's score gets slope * j (softmax cancels the query's own -slope * i)
+        self.alibi = (
+            torch.outer(arch.alibi(self.heads), torch.arange(self.max_len).float()) if arch.alibi else None
         )
         malloc_trim()
 
@@ -408,11 +473,13 @@ class Engine:
         x = self.embed(ids.reshape(-1)).to(self.dtype)
         if self.embed_scale is not None:
             x = x * self.embed_scale
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         if self.positions is not None:  # learned: the table's rows from position_offset on
             x = x + self.positions(torch.arange(start, start + T) + self.arch.position_offset).to(self.dtype)
-            cos = sin = None
-        else:
-            cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        cos, sin = (
+            (None, None) if self.cos is None else (self.cos[start : start + T], self.sin[start : start + T])
+        )
         mask = causal_mask(T, start, self.dtype) if T > 1 else None
         for layer, b in enumerate(self.blocks):
             h = b.o(self.attention(b.attn_norm(x), b, cache, layer, cos, sin, mask))
@@ -453,6 +520,8 @@ class Engine:
         scores = torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)  # [KV, G*T, S]
         if self.attn_cap is not None:  # Gemma 2's soft-capping, before the mask
             scores = torch.tanh(scores / self.attn_cap) * self.attn_cap
+        if self.alibi is not None:
+            scores.view(KV, G, T, end).add_(self.alibi.view(KV, G, 1, -1)[..., :end])
         if mask is not None:
             scores.view(KV, G, T, end).add_(mask)
         out = torch.bmm(scores.softmax(-1), v)  # [KV, G*T, D]
@@ -583,7 +652,9 @@ class _Reader:
         a = self.arch
         qkv, gate_up = [f"{prefix}.{n}" for n in a.qkv], [f"{prefix}.{n}" for n in a.gate_up]
         rotated = rotated_heads * head_dim
-        if not rotated:  # no RoPE: rows as stored
+        if a.qkv_by_head:  # [q k v] of each head: q's rows of every head, then k's, then v's
+            rows = [self.by_part(head_dim, self.out_features(qkv[0]))]
+        elif not rotated:  # no RoPE: rows as stored
             rows = None
         elif len(qkv) == 1:  # fused: q's and k's rows, then v's
             rows = [self.interleave(head_dim, rotated) + list(range(rotated, self.out_features(qkv[0])))]
@@ -609,6 +680,13 @@ class _Reader:
         return info["shape"][0]
 
     @staticmethod
+    def by_part(head_dim: int, rows: int) -> list[int]:
+        heads = rows // (3 * head_dim)
+        return [
+            (h * 3 + part) * head_dim + d for part in range(3) for h in range(heads) for d in range(head_dim)
+        ]
+
+    @staticmethod
     def interleave(head_dim: int, rows: int) -> list[int]:
         """transformers rotates dimension i with i + D/2 of each head; reordering q and k rows to (0, D/2, 1,
         D/2+1, …) makes the pairs adjacent, so RoPE is one complex product. q·k is unchanged: both are reordered
@@ -624,6 +702,7 @@ def runs(config: dict) -> bool:
     scaling = config.get("rope_scaling") or {}
     kinds = (scaling.get("type"), scaling.get("rope_type"))
     arch = ARCHITECTURES.get(config.get("model_type"))
+    config = in_engine_words(config) if arch else config
     return arch is not None and arch.fits(config) and "longrope" not in kinds
 
 

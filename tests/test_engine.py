@@ -24,12 +24,20 @@ FAMILIES = {
     # and two more norms a block, soft-capped attention and logits, its own query scale (config defaults)
     "gemma2": {"head_dim": 16},
     "opt": {},  # LayerNorm with biases, learned positions, a ReLU MLP without a gate, model.decoder.*
+    # ALiBi (each family's own slopes; 6 heads, not a power of two, where the two differ), fused q/k/v, GELU MLPs
+    "bloom": {},  # q/k/v stored head by head, biases everywhere, a LayerNorm after the embedding
+    "mpt": {},  # LayerNorms without bias, no biases at all
 }
-OWN_WORDS = {"opt": TINY_OPT}  # sized in their config's own words
+OWN_WORDS = {  # sized in their config's own words
+    "opt": TINY_OPT,
+    "bloom": {"hidden_size": 96, "n_layer": 2, "n_head": 6},
+    "mpt": {"d_model": 96, "n_layers": 2, "n_heads": 6, "max_seq_len": 512},
+}
 # The norms INC folds SmoothQuant's scales into, where not every one of them, and what a norm multiplies by
 # (offset + weight: Gemma's is 1 + weight); see test_families.py, FOLDS.
 FOLDED = {"gemma": ("post_attention_layernorm",), "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
-          "opt": ("self_attn_layer_norm", "final_layer_norm")}  # fmt: skip
+          "opt": ("self_attn_layer_norm", "final_layer_norm"), "bloom": ("input_layernorm", "post_attention_layernorm"),
+          "mpt": ("norm_1", "norm_2")}  # fmt: skip
 NORM_OFFSET = {"gemma": 1.0, "gemma2": 1.0}
 FLOAT = {"gemma2": {"lm_head"}}  # transformers' Gemma 2 generate() reads lm_head.weight's dtype
 TOKENS = 64
@@ -60,8 +68,10 @@ def build(tmp_path, tokenizer, family: str):
     return model, bf16_dir, int8_dir
 
 
-def norm_weights(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float() for n, p in model.named_parameters() if n.endswith("norm.weight")}
+def norm_weights(model, only: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The norms' weights: those named in `only`, or every one named *norm."""
+    picked = (lambda n: any(f".{o}." in n for o in only)) if only else (lambda n: n.endswith("norm.weight"))
+    return {n: p.detach().float() for n, p in model.named_parameters() if picked(n) and n.endswith(".weight")}
 
 
 def assert_norms_rescaled(
@@ -69,11 +79,9 @@ def assert_norms_rescaled(
 ) -> None:
     """SmoothQuant ran: folding divided every RMSNorm's factor (offset + weight), or those named in `only`, by
     per-channel factors (seen in the weights)."""
-    before, after = norm_weights(original), norm_weights(quantized)
+    before, after = norm_weights(original, only), norm_weights(quantized, only)
     assert before.keys() == after.keys() and before
     for name, w in before.items():
-        if only and not any(f".{n}." in name for n in only):
-            continue
         ratio = (offset + w) / (offset + after[name])
         assert ratio.std() > 1e-3 * ratio.abs().mean(), name  # per channel, not one factor for all
 
@@ -103,11 +111,7 @@ def test_engine_matches_inc_on_config_models(tmp_path, tokenizer, family):
     ours = engine.load(
         int8_dir, reduce_range=True, weight_only_down=False
     )  # INC's kernels: 7-bit activations
-    linears = {
-        n.removesuffix(".weight")
-        for n, p in model.named_parameters()
-        if p.dim() == 2 and "embed_tokens" not in n and "embed_positions" not in n
-    }
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     # every Linear (lm_head too, but for Gemma 2's, which transformers reads as float) an INT8 matrix in the file
     assert int8_matrices(int8_dir) == linears - FLOAT.get(family, set())
     ids = torch.tensor(tokenizer("The engine and the documented loader read the same folder.").input_ids)

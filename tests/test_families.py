@@ -163,9 +163,10 @@ class Trap:
 
 # The families the engine runs beyond Llama's (engine.ARCHITECTURES), as their transformers 4.45 files compute them:
 # Phi-3's fused Linears, Gemma's (1 + weight) norms, GeGLU and scaled embedding, Gemma 2's extra norms and
-# soft-capping, OPT's LayerNorms with biases, learned positions and ReLU MLP. tests/test_engine.py holds the engine
+# soft-capping, OPT's LayerNorms with biases, learned positions and ReLU MLP, BLOOM's and MPT's ALiBi, fused q/k/v
+# and GELU MLPs. tests/test_engine.py holds the engine
 # to INC on the same folders, logits and 64 greedy tokens.
-ENGINE_FAMILIES = ("phi3", "gemma", "gemma2", "opt")
+ENGINE_FAMILIES = ("phi3", "gemma", "gemma2", "opt", "bloom", "mpt")
 
 
 @pytest.mark.parametrize("family", ENGINE_FAMILIES)
