@@ -142,8 +142,8 @@ def build_config_model(
     root: Path, tokenizer, size: dict = BUILD_CONFIG, samples: int = 8, seed: int = 0, family: str = "llama"
 ) -> tuple[Path, Path]:
     """A model of `family` with random weights saved as BF16 (root/bf16) with `tokenizer`, and its INT8 made with
-    the default recipe (root/int8) the way `python -m quantize` makes it minus the quality checks: block by block
-    for the block path's families, else INC on the whole model. Reused when root/int8 is already an INT8 folder.
+    the default recipe (root/int8) the way `python -m quantize` makes a model above 1B minus the quality checks: block
+    by block. Reused when root/int8 is already an INT8 folder.
     Only its speed and memory mean anything."""
     from quantize import blockwise, calibration, recipe
 
@@ -157,12 +157,7 @@ def build_config_model(
         root / "int8.partial"
     )  # int8_dir is only ever a complete folder, so "already built" can trust it
     rec = recipe.RECIPES[recipe.DEFAULT_RECIPE]
-    if family in blockwise.FAMILIES:
-        blockwise.quantize_by_block(bf16_dir, calib, rec, root / "int8.work", partial, tokenizer)
-    else:
-        bf16 = models.load_bf16(bf16_dir)
-        result = recipe.quantize(bf16, calib, rec, root / "int8.work")
-        recipe.save_int8(result, partial, tokenizer, bf16)
+    blockwise.quantize_by_block(bf16_dir, calib, rec, root / "int8.work", partial, tokenizer)
     files.replace_dir(partial, int8_dir)
     shutil.rmtree(root / "int8.work", ignore_errors=True)
     return bf16_dir, int8_dir

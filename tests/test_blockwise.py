@@ -5,6 +5,7 @@ resumes into the same folder; shards; a refusal before the work when the machine
 import ctypes
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,14 +21,17 @@ from quantize.models import ModelError
 pytestmark = pytest.mark.slow  # INC runs, a block at a time
 
 FAMILIES = {"llama": {}, "mistral": {"sliding_window": 4096}, "qwen2": {}, "phi3": {},  # qwen2: q/k/v biases
-            "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16}, "opt": {}}  # fmt: skip
-OWN_WORDS = {"opt": TINY_OPT}  # sized in their config's own words
+            "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16}, "opt": {}, "bloom": {}, "mpt": {}}  # fmt: skip
+OWN_WORDS = {"opt": TINY_OPT, "bloom": {"hidden_size": 64, "n_layer": 3, "n_head": 4},  # in their config's own words
+             "mpt": {"d_model": 64, "n_layers": 3, "n_heads": 4, "max_seq_len": 512}}  # fmt: skip
 # The norms SmoothQuant rescales in each block, and what a norm multiplies by (offset + weight: Gemma's is 1 +
 # weight). INC absorbs Gemma's attention norm nowhere (whole model or block), so only its MLP norm moves.
 SMOOTHED = {
     "gemma": ("post_attention_layernorm",),
     "gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
     "opt": ("self_attn_layer_norm", "final_layer_norm"),
+    "bloom": ("input_layernorm", "post_attention_layernorm"),
+    "mpt": ("norm_1", "norm_2"),
 }
 OFFSET = {"gemma": 1.0, "gemma2": 1.0}
 # What "the same" means. Scales and norms: FP32 rounding (the whole path computes later blocks' inputs through
@@ -88,7 +92,10 @@ def test_block_path_gives_the_whole_models_int8(tmp_path, tokenizer, family):
     # SmoothQuant ran in each block: every norm of the block path is the BF16 norm over non-constant factors
     original = tensors_of(tmp_path / "bf16")
     smoothed = SMOOTHED.get(family, ("input_layernorm", "post_attention_layernorm"))
-    norms = [n for n in blocks if ".layers." in n and n.endswith(".weight") and n.split(".")[-2] in smoothed]
+    in_a_block = re.compile(
+        r"\.\d+\.[^.]+\.weight$"
+    )  # model.layers.0.input_layernorm.weight, transformer.h.0.…
+    norms = [n for n in blocks if in_a_block.search(n) and n.split(".")[-2] in smoothed]
     assert len(norms) == len(smoothed) * 3  # in each of the 3 blocks
     for name in norms:
         s = (OFFSET.get(family, 0.0) + original[name].float()) / (OFFSET.get(family, 0.0) + blocks[name])

@@ -325,9 +325,9 @@ sys.exit(main(sys.argv[1:]))"""
 @pytest.mark.parametrize(
     "family, trials, why",
     [
-        ("bloom", "1", "models, not yet for bloom"),
         ("llama", "8", "--tune-trials 1 builds it block by block"),
         ("llama", "1", None),  # the block path: its own estimate, made from one block, decides
+        ("bloom", "1", None),  # every family takes it
     ],
 )
 def test_a_large_model_that_would_be_quantized_whole_is_refused_before_the_work(
