@@ -25,7 +25,7 @@ import functools
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -287,18 +287,25 @@ class Progress:
         self.file = self.work / "progress.json"
         self.state = json.loads(self.file.read_text()) if self.file.is_file() else {"next": 0, "blocks": []}
 
+    def inputs_file(self, index: int) -> Path:
+        return self.work / f"inputs-{index:05d}.safetensors"
+
     def inputs(self, captured: list[torch.Tensor]) -> list[torch.Tensor]:
         """The next block's inputs: the captured ones for block 0, else those the last finished block gave."""
         if not self.state["next"]:
             return captured
-        saved = engine.Tensors([self.work / "inputs.safetensors"])
+        saved = engine.Tensors([self.inputs_file(self.state["next"])])
         return [saved.get(str(i)).clone() for i in range(len(captured))]
 
     def finish_block(self, index: int, tensors: dict, outputs: list[torch.Tensor], summary: dict) -> None:
+        """Each file under its own name, progress.json last: a kill between any two writes leaves the state of the
+        block before, whose inputs are still on disk (one shared inputs file once handed a resumed block the
+        inputs of the block after it)."""
         save(tensors, self.work / f"block-{index:05d}.safetensors")
-        save({str(i): h.contiguous() for i, h in enumerate(outputs)}, self.work / "inputs.safetensors")
+        save({str(i): h.contiguous() for i, h in enumerate(outputs)}, self.inputs_file(index + 1))
         self.state["next"], self.state["blocks"] = index + 1, self.state["blocks"] + [summary]
         files.write_file(self.file, json.dumps(self.state))
+        self.inputs_file(index).unlink(missing_ok=True)  # no longer anyone's inputs
 
 
 def save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -427,7 +434,10 @@ def quantize_head(
     pairs = recipe.family_pairs(family, rec.smooth_pairs, [])
     recipe.smooth_pairs(part, lambda: [head(norm(h)) for h in hidden], pairs, recipe.pair_alpha(rec))
     recipe.restore_norms(part, shown, family.norm_offset)
-    recipe.apply_tail(part, {"op": {(head_name, "Linear"): {}}}, rec, family)
+    # A block-built folder is the engine's alone, which reads an INT8 head: the float roles are for transformers'
+    # own generate() on INC's folder (Gemma 2's), which never loads this one.
+    engine_only = replace(family, float_roles=())
+    recipe.apply_tail(part, {"op": {(head_name, "Linear"): {}}}, rec, engine_only)
     return part
 
 

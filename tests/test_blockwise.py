@@ -4,11 +4,13 @@ resumes into the same folder; shards; a refusal before the work when the machine
 
 import ctypes
 import gc
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +43,17 @@ OFFSET = {"gemma": 1.0, "gemma2": 1.0}
 SCALE_RTOL = 1e-4
 CODES_FLIPPED = 0.005
 BF16_STEP = 2**-7
+# Gemma 2's lm_head: BF16 on the whole path (transformers' Gemma 2 generate() reads its weight as float), INT8 on the
+# block path, whose folder only the engine loads. The same smoothed weight either way: the INT8 one within half a
+# step of its row's scale of the BF16 one (plus BF16's own rounding).
+HEAD_INT8_ON_BLOCKS = {"gemma2"}
+
+
+def assert_head_is_the_bf16_head_in_int8(whole: dict, blocks: dict) -> None:
+    w = whole.pop("lm_head.weight").float()
+    q, scale = blocks.pop("lm_head.qweight"), blocks.pop("lm_head.scale")[:, None]
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert ((q.float() * scale - w).abs() <= scale * 0.5 * 1.001 + w.abs() * BF16_STEP).all()
 
 
 def build_bf16(folder, tokenizer, family: str, **size):
@@ -75,6 +88,8 @@ def tensors_of(folder) -> dict[str, torch.Tensor]:
 def test_block_path_gives_the_whole_models_int8(tmp_path, tokenizer, family):
     whole_dir, blocks_dir, summary = both_paths(tmp_path, tokenizer, family)
     whole, blocks = tensors_of(whole_dir), tensors_of(blocks_dir)
+    if family in HEAD_INT8_ON_BLOCKS:
+        assert_head_is_the_bf16_head_in_int8(whole, blocks)
     assert whole.keys() == blocks.keys()
     for name, w in whole.items():
         b = blocks[name]
@@ -192,6 +207,44 @@ def test_a_killed_run_resumes_from_its_last_block_into_the_same_folder(tmp_path,
     once, resumed = tensors_of(tmp_path / "once"), tensors_of(tmp_path / "resumed")
     assert once.keys() == resumed.keys()
     assert all(torch.equal(once[n], resumed[n]) for n in once)
+
+
+class Killed(Exception):
+    """Where a kill lands: the process stops there, with what it wrote so far on disk."""
+
+
+def test_a_run_killed_just_before_it_records_a_block_resumes_with_that_blocks_own_inputs(
+    tmp_path, tokenizer, monkeypatch
+):
+    """The narrowest point a kill can land: block 2's tensors and outputs written, progress.json not yet. The rerun
+    redoes block 2 from block 2's inputs (not from the outputs it had already written) and gives the same folder."""
+    from quantize import files
+
+    build_bf16(tmp_path / "bf16", tokenizer, "llama", num_hidden_layers=4)
+    calib, rec = calibration.calibration_ids(tokenizer, 4), recipe.RECIPES[recipe.DEFAULT_RECIPE]
+    blockwise.quantize_by_block(
+        tmp_path / "bf16", calib, rec, tmp_path / "w-once", tmp_path / "once", tokenizer
+    )
+    write_file = files.write_file
+
+    def killed_at_block_2(path, data):
+        if Path(path).name == "progress.json" and json.loads(data)["next"] == 3:
+            raise Killed
+        write_file(path, data)
+
+    monkeypatch.setattr(files, "write_file", killed_at_block_2)
+    with pytest.raises(Killed):
+        blockwise.quantize_by_block(
+            tmp_path / "bf16", calib, rec, tmp_path / "w", tmp_path / "resumed", tokenizer
+        )
+    monkeypatch.setattr(files, "write_file", write_file)
+    assert json.loads((tmp_path / "w" / "progress.json").read_text())["next"] == 2
+    blockwise.quantize_by_block(
+        tmp_path / "bf16", calib, rec, tmp_path / "w", tmp_path / "resumed", tokenizer
+    )
+    once, resumed = tensors_of(tmp_path / "once"), tensors_of(tmp_path / "resumed")
+    assert once.keys() == resumed.keys()
+    assert [n for n in once if not torch.equal(once[n], resumed[n])] == []
 
 
 def test_a_large_model_is_written_in_shards_the_engine_reads(tmp_path, tokenizer, monkeypatch):
