@@ -75,7 +75,7 @@ def test_chat_api_streams_int8_and_fills_the_panel(app_url):
     answer = history[-1]["content"]
     answer = answer if isinstance(answer, str) else "".join(p.get("text", "") for p in answer)
     assert "Paris" in answer
-    assert len(updates) > 3  # streamed token by token, not in one piece
+    assert len(updates) > 3
     assert "faster" in table or "slower" in table
     medians = re.search(r"\| Median ms / token \| ([\d.]+) \| ([\d.]+) \|", table)
     assert medians and float(medians[1]) > 0 and float(medians[2]) > 0
@@ -89,6 +89,33 @@ def test_chat_api_streams_int8_and_fills_the_panel(app_url):
     # the engine keeps only INT8 bytes: the INT8 model adds less resident memory than BF16 (INC's loader: 3.5x more)
     memory = re.search(r"\| Resident memory \(MB\) \| (\d+) \| (\d+) \|", table)
     assert memory and 0 < int(memory[1]) < int(memory[2]), table
+
+
+def test_a_long_reply_reaches_the_client_in_growing_pieces(app_url):
+    """Streamed: the reply's text grows over several updates (one every chat.UI_INTERVAL_S at most), each
+    extending the one before, rather than arriving in one piece at the end."""
+    from gradio_client import Client
+
+    job = Client(app_url, verbose=False).submit(
+        "Write a long story about a lighthouse keeper.",
+        [],
+        DEFAULT_SYSTEM,
+        96,
+        0.0,
+        0.95,
+        False,
+        api_name="/chat",
+    )
+    texts = []
+    for update in job:
+        history = update[0]  # a dict ({"__type__": "update"}) in updates that leave the chat as it was
+        if isinstance(history, list) and history and history[-1]["role"] == "assistant":
+            content = history[-1]["content"]
+            text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+            if text and (not texts or text != texts[-1]):
+                texts.append(text)
+    assert len(texts) >= 3, texts
+    assert all(b.startswith(a.rstrip()) for a, b in zip(texts, texts[1:])), texts
 
 
 def test_benchmark_tab_api_interleaves_both_models(app_url):
