@@ -43,7 +43,7 @@ SIZES = {
            "num_key_value_heads": 8},
 }  # fmt: skip
 BUILD_CONFIG = SIZES["0.4b"]
-OWN_WORDS = {"bloom": ("hidden_size", "n_layer", "n_head"), "mpt": ("d_model", "n_layers", "n_heads")}
+NO_GQA_4X_MLP = ("bloom", "mpt")  # families whose transformers modules fix the MLP at 4 x hidden, without GQA
 BANDWIDTH_MIB = 512  # far beyond any last-level cache, so the copy runs from DRAM
 # What the bench times, in this order: the engine on both models (the panel's comparison), transformers' own BF16
 # loop (what a visitor would get without Q8-Chat) and llama.cpp (the pace to beat).
@@ -168,9 +168,11 @@ def in_family_words(size: dict, family: str) -> dict:
     no GQA: one KV head per query head); BLOOM and MPT in their own words, without GQA and with transformers'
     MLP of 4 x hidden."""
     head_dim = size["hidden_size"] // size["num_attention_heads"]
-    if family in OWN_WORDS:
-        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads")
-        return {own: size[k] for own, k in zip(OWN_WORDS[family], keys)}
+    if family in NO_GQA_4X_MLP:
+        from transformers import AutoConfig
+
+        words = AutoConfig.for_model(family).attribute_map  # MPT's d_model for hidden_size, and so on
+        return {words.get(k, k): size[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")}
     if "gemma" in family:
         return size | {"head_dim": head_dim, "query_pre_attn_scalar": head_dim}
     if family == "opt":
@@ -290,9 +292,8 @@ class AppPanel:
         from quantize.chat import DEFAULT_SYSTEM, SETTINGS
 
         self.client, self.texts, self.system = Client(url, verbose=False), texts, DEFAULT_SYSTEM
-        self.fewest_tokens = SETTINGS["max_new_tokens"][
-            0
-        ]  # the page's slider minimum; a warm-up asks for fewer
+        # the page's slider minimum; a warm-up asks for fewer
+        self.fewest_tokens = SETTINGS["max_new_tokens"][0]
         status = self.client.predict(api_name="/status")
         if not status["ready"] or status["loading"] or status["chat_model"] is None:
             raise ModelError(

@@ -27,9 +27,8 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 # server CPU the model then waits for: at 0.1 s the panel's INT8 ms/token was 1.13x the bench's (2 threads, AMD
 # EPYC, `python -m quantize.bench --app`), at 0.2 s 1.02x.
 UI_INTERVAL_S = 0.2
-DEFAULT_SYSTEM = (
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # the page's system box
-)
+# the page's system box
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 MAX_MESSAGE_CHARS = 4000  # one message; longer ones are refused with the text kept in the box
 # The settings' ranges (the page's sliders). Gradio refuses API values outside them with its own sentence
 # ("Value 300 is greater than maximum value 256."); read_settings clamps again for callers that bypass them.

@@ -68,9 +68,8 @@ class Architecture:
     gated: bool = True  # the MLP is down(act(gate) * up); else down(act(up)) (OPT's fc1, fc2)
     positions: str | None = None  # a learned table added to the embedding (OPT's), instead of RoPE
     position_offset: int = 0  # the table row of position 0
-    alibi: Callable[[int], torch.Tensor] | None = (
-        None  # per-head slopes of ALiBi (BLOOM, MPT), instead of RoPE
-    )
+    # per-head slopes of ALiBi (BLOOM, MPT), instead of RoPE
+    alibi: Callable[[int], torch.Tensor] | None = None
     embed_norm: str | None = None  # a LayerNorm right after the embedding (BLOOM's)
     qkv_by_head: bool = False  # one fused q/k/v Linear stored head by head, [q k v] of each (BLOOM's)
     max_len: str = "max_position_embeddings"  # the config key of the longest sequence
