@@ -186,10 +186,10 @@ def test_disconnect_mid_stream_stops_generation(app_url, app_server):
     for line in stream.iter_lines():
         if b"process_generating" in line:
             streamed += 1
-            if streamed >= 5:
+            if streamed >= 3:  # the emptied box, then about two page refreshes (chat.UI_INTERVAL_S each)
                 break
     stream.close()  # the visitor leaves
-    assert streamed >= 5
+    assert streamed >= 3
     wait_idle(app_url, 15)
     deadline = time.monotonic() + 15
     while (
@@ -199,4 +199,5 @@ def test_disconnect_mid_stream_stops_generation(app_url, app_server):
         assert time.monotonic() < deadline, "no reply was logged as stopped by the visitor leaving"
         time.sleep(0.1)
     tokens = int(re.search(r"reply: (\d+) tokens", left[-1])[1])
-    assert tokens < 100, left[-1]
+    # of the 256 asked for: stopped, not run to the end (about 7 ms a token on a fast machine)
+    assert tokens < 160, left[-1]
