@@ -75,6 +75,9 @@ OPTIONS = {
                      "size's own); the 7b body with 4 measures its per-block memory and time in minutes"),
     "--app": dict(metavar="URL", default=None, help="also time the running app's panel in the same rounds: its INT8 "
                   "chat reply to each prompt over HTTP, greedy, the per-token times its chart shows"),
+    "--prompt-tokens": dict(type=int, metavar="N", default=0, help="prompts of N tokens cut from the held-out "
+                            "prose instead of the chat prompts (as many as --prompts): each engine's time to first "
+                            "token is that prompt's prefill, shown with prefill tokens/s"),
     "--profile": dict(type=int, metavar="TOKENS", default=0, help="also print where INT8 decode time goes "
                       "(torch.profiler over TOKENS tokens, last thread count)"),
 }  # fmt: skip
@@ -112,6 +115,15 @@ def load_prompts(spec: str) -> list[str]:
     return prompts
 
 
+def prose_prompts(tok, tokens: int, count: int) -> list[torch.Tensor]:
+    """`count` prompts of `tokens` tokens each, consecutive slices of the held-out prose."""
+    ids = tok(evaluate.heldout_text(), return_tensors="pt").input_ids
+    if ids.shape[1] < tokens * count:
+        raise ModelError(f"--prompt-tokens {tokens} x {count} prompts needs {tokens * count} tokens of held-out "
+                         f"prose; it has {ids.shape[1]}.")  # fmt: skip
+    return [ids[:, i * tokens : (i + 1) * tokens] for i in range(count)]
+
+
 def check_args(args: argparse.Namespace) -> None:
     if args.tokens < 2:
         raise ModelError("--tokens must be at least 2: decode time per token is the gap between two tokens.")
@@ -119,6 +131,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ModelError("--rounds and --threads must be at least 1.")
     if args.app and len(args.threads) != 1:
         raise ModelError("--app times the app at its own thread count: pass that one number to --threads.")
+    if args.prompt_tokens < 0 or (args.prompt_tokens and args.app):
+        raise ModelError(
+            "--prompt-tokens takes a positive count, and not with --app (the app is sent chat prompts)."
+        )
     if args.build_config_model and (args.int8 or args.bf16):
         raise ModelError("--build-config-model benchmarks the model it builds; leave out --int8 and --bf16.")
 
@@ -523,6 +539,7 @@ def measure_threads(
         if peer_gguf is not None:
             engines["peer"].close()
         res["cpu"] = latency.describe_cpu().line()
+        res["prompt_tokens"] = statistics.median(p.shape[1] for p in prompts)  # the TTFT's prefill
         out[threads] = res
     return out
 
@@ -583,8 +600,9 @@ def table(threads: int, res: dict) -> str:
     lines = [
         f"== {threads} thread{'s' if threads > 1 else ''}: {res['cpu']}",
         f"copy bandwidth {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({BANDWIDTH_MIB} MiB copy, best of 5); "
-        f"{res['prompts']} prompts x {res['new_tokens']} tokens x {res['rounds']} rounds, greedy",
-        f"{'model':<19}{'median ms':>10}{'p10 ms':>8}{'p90 ms':>8}{'TTFT ms':>9}{'tok/s':>8}"
+        f"{res['prompts']} prompts of {res['prompt_tokens']:.0f} tokens (median) x {res['new_tokens']} tokens x "
+        f"{res['rounds']} rounds, greedy",
+        f"{'model':<19}{'median ms':>10}{'p10 ms':>8}{'p90 ms':>8}{'TTFT ms':>9}{'prefill tok/s':>14}{'tok/s':>8}"
         f"{'MB/token':>10}{'floor ms':>10}{'x floor':>9}{'added MB':>10}{'load peak MB':>14}",
     ]
     for name, m in res["models"].items():
@@ -594,7 +612,7 @@ def table(threads: int, res: dict) -> str:
         )
         lines.append(
             f"{latency.LABELS[name]:<19}{m['median_ms']:>10.2f}{m['p10_ms']:>8.2f}{m['p90_ms']:>8.2f}"
-            f"{m['ttft_ms']:>9.1f}{m['tokens_per_s']:>8.1f}{m['bytes_per_token'] / 1e6:>10.1f}"
+            f"{m['ttft_ms']:>9.1f}{m['prefill_tokens_per_s']:>14.0f}{m['tokens_per_s']:>8.1f}{m['bytes_per_token'] / 1e6:>10.1f}"
             f"{m['floor_ms']:>10.2f}{m['x_floor']:>9.2f}" + mem
         )
     for slow, fast in (("bf16", "int8"), ("hf_bf16", "int8"), ("int8", "peer")):
@@ -670,6 +688,7 @@ def add_floors(res: dict, threads: int, sizes: dict, memory: dict) -> None:
         m.update(sizes[name], **memory.get(name, {}))
         m["floor_ms"] = m["bytes_per_token"] / bw * 1e3
         m["x_floor"] = m["median_ms"] / m["floor_ms"]
+        m["prefill_tokens_per_s"] = res["prompt_tokens"] / m["ttft_ms"] * 1e3
     if "bf16" in res["models"]:
         res["speedup_per_round"] = latency.round_ratios(res, "bf16", "int8")
         res["speedup_median"] = statistics.median(res["speedup_per_round"])
@@ -698,6 +717,9 @@ def run(args: argparse.Namespace) -> int:
     bf16_dir, int8_dir, bf16_is_default = folders(args)
     tok = models.load_tokenizer(bf16_dir)
     prompts = [evaluate.prompt_ids(tok, p) for p in prompt_texts]
+    if args.prompt_tokens:
+        prompts = prose_prompts(tok, args.prompt_tokens, len(prompt_texts))
+        prompt_texts = [tok.decode(p[0], skip_special_tokens=True) for p in prompts]
     args.prompt_texts = {tuple(ids[0].tolist()): text for ids, text in zip(prompts, prompt_texts)}
     decoders = open_decoders(bf16_dir, int8_dir)
     args.bf16_dir = bf16_dir

@@ -194,3 +194,40 @@ def test_peer_gguf_predicts_like_transformers(peer_gguf, tokenizer):
     with torch.inference_mode():
         ours = models.load_bf16(folder).float()(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
     assert theirs.argmax() == ours.argmax() and np.corrcoef(theirs, ours)[0, 1] > 0.99
+
+
+def test_prompt_tokens_prefill_prose_prompts_of_that_length(tmp_path, tokenizer):
+    """--prompt-tokens N: every engine is given N-token slices of the held-out prose, so its time to first token
+    is an N-token prefill, and the report says what was prefilled."""
+    from quantize import evaluate
+
+    bf16_dir, int8_dir = bench.build_config_model(tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4)
+    out = tmp_path / "out.json"
+    flags = (
+        "--tokens",
+        "2",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+        "--prompts",
+        "2",
+        "--no-peer",
+        "--json",
+        str(out),
+    )
+    proc = run_bench("--int8", str(int8_dir), "--bf16", str(bf16_dir), "--prompt-tokens", "96", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    prose = evaluate.heldout_text()
+    for text in report["prompts"]:
+        # (re-encoding the decoded slice can merge or split the last token)
+        assert text.strip() in prose and abs(len(tokenizer(text).input_ids) - 96) <= 1, text
+    assert report["prompts"][0] != report["prompts"][1]
+    assert "prompts of 96 tokens" in proc.stdout and "prefill tok/s" in proc.stdout
+    res = report["threads"]["1"]["models"]
+    assert {"int8", "bf16"} <= set(res) and all(m["ttft_ms"] > 0 for m in res.values())
+    refused = run_bench(
+        "--int8", str(int8_dir), "--bf16", str(bf16_dir), "--prompt-tokens", "100000", *flags[:-2]
+    )
+    assert refused.returncode != 0 and "needs 200000 tokens of held-out prose" in refused.stderr
