@@ -451,6 +451,14 @@ class Cache:
         self.length = 0
 
 
+# A prompt runs in passes of at most PREFILL_CHUNK tokens, each padded to a multiple of PREFILL_STEP (one_pass).
+# oneDNN keeps memory for every row count its BF16 matmul has run (about 3 MB per count for the default model's
+# BF16 Linears; half of it stays even with its primitive cache off), so an app that met every prompt length grew
+# without bound (+2.2 MB a reply in test_eight_concurrent_sessions); this way it meets at most
+# PREFILL_CHUNK / PREFILL_STEP counts (a plateau near 50 MB there). INT8 and BF16 run the same passes.
+PREFILL_CHUNK, PREFILL_STEP = 512, 32
+
+
 class Engine:
     """One model of a family in ARCHITECTURES; `forward(ids, cache)` runs a prompt or a token and returns logits."""
 
@@ -514,30 +522,43 @@ class Engine:
 
     def forward(self, ids: torch.Tensor, cache: Cache, all_logits: bool = False) -> torch.Tensor:
         """ids: [T] token ids following what `cache` holds. Returns FP32 logits of the last token ([1, vocab]),
-        or of every token with all_logits."""
-        T, start = ids.shape[-1], cache.length
-        if start + T > cache.k.shape[2]:
+        or of every token with all_logits. A prompt runs in passes of at most PREFILL_CHUNK tokens."""
+        ids = ids.reshape(-1)
+        if cache.length + ids.numel() > cache.k.shape[2]:
             raise ValueError(
-                f"The conversation needs {start + T} positions; this cache holds {cache.k.shape[2]}."
+                f"The conversation needs {cache.length + ids.numel()} positions; this cache holds "
+                f"{cache.k.shape[2]}."
             )
-        x = self.embed(ids.reshape(-1)).to(self.dtype)
+        spans = range(0, ids.numel(), PREFILL_CHUNK)
+        logits = [self.one_pass(ids[i : i + PREFILL_CHUNK], cache, all_logits) for i in spans]
+        return torch.cat(logits) if all_logits else logits[-1]
+
+    def one_pass(self, ids: torch.Tensor, cache: Cache, all_logits: bool) -> torch.Tensor:
+        """The tokens `ids` in one forward pass. Several are padded to a multiple of PREFILL_STEP where the cache
+        has room, with tokens after the real ones: no real token attends to them (causal), and the cache forgets
+        them (its length counts the real ones)."""
+        T, start = ids.numel(), cache.length
+        if T > 1:
+            ids = F.pad(ids, (0, min(-(-T // PREFILL_STEP) * PREFILL_STEP, cache.k.shape[2] - start) - T))
+        n = ids.numel()
+        x = self.embed(ids).to(self.dtype)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         if self.positions is not None:  # learned: the table's rows from position_offset on
-            x = x + self.positions(torch.arange(start, start + T) + self.arch.position_offset).to(self.dtype)
+            x = x + self.positions(torch.arange(start, start + n) + self.arch.position_offset).to(self.dtype)
         cos, sin = (
-            (None, None) if self.cos is None else (self.cos[start : start + T], self.sin[start : start + T])
+            (None, None) if self.cos is None else (self.cos[start : start + n], self.sin[start : start + n])
         )
-        mask = causal_mask(T, start, self.dtype) if T > 1 else None
+        mask = causal_mask(n, start, self.dtype) if n > 1 else None
         for layer, b in enumerate(self.blocks):
             h = b.o(self.attention(b.attn_norm(x), b, cache, layer, cos, sin, mask))
             x = x + (h if b.post_attn_norm is None else b.post_attn_norm(h))
             h = b.down(self.mlp(b.gate_up(b.mlp_norm(x))))
             x = x + (h if b.post_mlp_norm is None else b.post_mlp_norm(h))
         cache.length = start + T
-        x = x if all_logits else x[-1:]
+        x = x[:T] if all_logits else x[T - 1 : T]
         logits = self.lm_head(self.norm(x)).float()
         return logits if self.logit_cap is None else torch.tanh(logits / self.logit_cap) * self.logit_cap
 
@@ -565,13 +586,8 @@ class Engine:
         cache.k[layer, :, cache.length : end] = qk[:, H:].transpose(0, 1)
         cache.v[layer, :, cache.length : end] = qkv[:, H + KV :].transpose(0, 1)
         k, v = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [KV, S, D], views of the cache
-        if T > 1 and self.attn_cap is None and self.alibi is None:
-            # a prompt: SDPA's tiled kernel, 2.4x (FP32) and 2.1x (BF16) faster than the two bmm below at 512
-            # tokens (README, "Attention"); a token keeps the bmm, which have less to set up
-            out = F.scaled_dot_product_attention(
-                qk[:, :H].transpose(0, 1)[None], k[None], v[None], mask, scale=self.scale, enable_gqa=True
-            )
-            return out[0].transpose(0, 1).reshape(T, H * D)
+        if self.attn_cap is None and (T > 1 or self.dtype == torch.bfloat16):
+            return self.fused_attention(qk[:, :H], k, v, mask)
         # GQA without repeating K/V: the G query heads of a group become G rows against one cached head
         q = qk[:, :H].reshape(T, KV, G, D).permute(1, 2, 0, 3).reshape(KV, G * T, D)
         scores = torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)  # [KV, G*T, S]
@@ -583,6 +599,23 @@ class Engine:
             scores.view(KV, G, T, end).add_(mask)
         out = torch.bmm(scores.softmax(-1), v)  # [KV, G*T, D]
         return out.view(KV, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
+
+    def fused_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """SDPA's fused kernel, ALiBi as an additive bias: for a prompt (2.4x (FP32) and 2.1x (BF16) faster than
+        the two bmm at 512 tokens), and for a BF16 token, where the bmm were oneDNN's BF16 matmul: 2.7x slower
+        (73 against 27 us at 64 positions) and a kernel built and kept for every new context length (1.1 MB
+        each, never given back: an app's memory grew with every token). An FP32 token keeps the bmm, faster
+        there beyond ~100 positions."""
+        T, end = q.shape[0], k.shape[1]
+        bias = mask
+        if self.alibi is not None:  # [H, 1, S] slopes * positions, plus the prompt's causal mask
+            bias = self.alibi[:, None, :end].to(self.dtype) + (0 if mask is None else mask)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k[None], v[None], bias, scale=self.scale, enable_gqa=True
+        )
+        return out[0].transpose(0, 1).reshape(T, -1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

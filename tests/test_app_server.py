@@ -224,8 +224,13 @@ def test_browser_stop_retry_clear_clicked_together(app_url):
     assert not errors, errors
 
 
+# The code's last line is longer than a phone is wide: the visitor's own message holds it, whatever the model
+# answers on this CPU.
+LONG_LINE = "    TABLE = [" + ", ".join(str(n) for n in range(60)) + "]"
 CODE_MESSAGE = (
-    "Explain __init__() here:\n```python\nclass A:\n    def __init__(self):\n        self.x = 1\n```"
+    "Explain __init__() here:\n```python\nclass A:\n    def __init__(self):\n        self.x = 1\n"
+    + LONG_LINE
+    + "\n```"
 )
 RACE_CLOCK = """() => new Promise(done => {
   // performance.now() of the first replayed frame and of the frame where each lane says it finished
@@ -288,6 +293,10 @@ def test_browser_live_counters_code_continue_and_race(app_url, width):
         for part in ("#chart", "#race-int8", "#race-bf16"):
             box_ = page.locator(part).bounding_box()
             assert box_ and box_["width"] > 100 and box_["x"] + box_["width"] <= width + 1, (part, box_)
+        # the long line scrolls inside its code block; the page itself is no wider than the screen
+        code = user.locator("pre").first
+        assert code.evaluate("e => e.scrollWidth > e.clientWidth") or width > 1000, code.bounding_box()
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
     assert not errors, errors
 
 
