@@ -45,6 +45,9 @@ FAKE_QUANT = ("QDQ", "FakeQuant", "SQLinearWrapper", "Observer", "torch.ao.quant
 # The project's quality bar (issue #2): INT8 against BF16 on held-out text.
 MAX_PERPLEXITY_RATIO = 1.10
 MIN_TOP1_AGREEMENT = 0.85
+# and on a 512-token prompt in one pass (issue #32: one activation scale per token made it as good as decoding)
+LONG_MAX_PERPLEXITY_RATIO = 1.03
+LONG_MIN_TOP1_AGREEMENT = 0.90
 
 
 @pytest.fixture(scope="module")
@@ -254,11 +257,31 @@ def measured_long(int8_run, bf16, tokenizer) -> dict:
 
 def test_quality_bar_on_a_long_prompt(measured_long, report):
     assert measured_long["tokens"] == 1023
-    assert measured_long["perplexity_ratio"] <= MAX_PERPLEXITY_RATIO, measured_long
-    assert measured_long["top1_agreement"] >= MIN_TOP1_AGREEMENT, measured_long
+    assert measured_long["perplexity_ratio"] <= LONG_MAX_PERPLEXITY_RATIO, measured_long
+    assert measured_long["top1_agreement"] >= LONG_MIN_TOP1_AGREEMENT, measured_long
     q = report["quality"]["int8"]  # and the card's long-prompt numbers are these
     assert q["long_perplexity_ratio"] == pytest.approx(measured_long["perplexity_ratio"], abs=0.01), q
     assert q["long_top1_agreement"] == pytest.approx(measured_long["top1_agreement"], abs=0.01), q
+
+
+def test_a_prompt_in_one_pass_gives_its_token_by_token_logits(int8_run, tokenizer):
+    """512 tokens of held-out prose prefilled in one pass against the same tokens fed one at a time. Each token
+    gets the same activation codes either way, but the attention sums in another order, and this model is chaotic
+    under INT8 noise (see below), so the stated tolerance is statistical: the same argmax at >= 95% of positions,
+    and 99% of positions within 10% of their logits' range. (Measured on an Intel Xeon: 96.7% and 7.0%; with one
+    scale per call 85.4% and 21.6%; BF16 itself 97.5% and 2.9%.)"""
+    served = models.open_int8(int8_run["out"])
+    ids = tokenizer(
+        (ROOT / "quantize" / "data" / "heldout_eval.txt").read_text(), return_tensors="pt"
+    ).input_ids
+    ids = ids[0, :512]
+    with torch.inference_mode():
+        whole = served.forward(ids, served.new_cache(512), all_logits=True)
+        cache = served.new_cache(512)
+        steps = torch.cat([served.forward(ids[i : i + 1], cache) for i in range(len(ids))])
+    same = (whole.argmax(-1) == steps.argmax(-1)).float().mean().item()
+    rows = (whole - steps).abs().max(1).values / whole.abs().max(1).values
+    assert same >= 0.95 and torch.quantile(rows, 0.99) <= 0.10, (same, torch.quantile(rows, 0.99))
 
 
 # `measure` in a child whose FBGEMM is held to its AVX2 kernels (read once, at its first GEMM): CPUs without VNNI
