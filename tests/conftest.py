@@ -54,6 +54,10 @@ TINY_LLAMA = {
 TINY_OPT = {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
             "word_embed_proj_dim": 64}  # fmt: skip
 HUB_TOKEN = "hf_test_local_hub_token"
+# A question both served models answer with a wide margin on every kernel path (first token 2.4 nats ahead in
+# BF16, INT8 with 8-bit and with 7-bit activations). Not the capital of France: there this model's BF16 prefers
+# "The" to "L" by 0.12 nats, so INT8's noise decides, and with a scale per token it answers "L'Étoile, la maire".
+QUESTION, ANSWER = "What is the capital of Japan?", "Tokyo"
 # Planted in the environment of every app and CLI run the tests start; must never show up in what they print,
 # write or serve (tests/test_secrets.py scans for it).
 PLANTED_TOKEN = "hf_PLANTEDsecretTOKENxyz0123456789"

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import ARTIFACTS, ROOT, TINY_LLAMA, running_app
+from conftest import ANSWER, ARTIFACTS, QUESTION, ROOT, TINY_LLAMA, running_app
 from test_app_server import BOT, app_page
 
 from app import DEFAULT_SYSTEM
@@ -172,12 +172,10 @@ def test_space_start_without_the_embedded_model_takes_it_from_the_hub(default_di
         with running_app(tmp_path / "app-space.log", **env) as (url, _):
             client = Client(url, verbose=False)
             status = client.predict(api_name="/status")
-            h, *_ = client.predict(
-                "What is the capital of France?", [], DEFAULT_SYSTEM, 16, 0.0, 0.95, True, api_name="/chat"
-            )
+            h, *_ = client.predict(QUESTION, [], DEFAULT_SYSTEM, 16, 0.0, 0.95, True, api_name="/chat")
         fetched = {path for _, path in hub.requests[before:]}
     assert status["compare"] and status["chat_model"].startswith("INT8"), status
-    assert "Paris" in text_of(h[-1]["content"])
+    assert ANSWER in text_of(h[-1]["content"])
     assert any("HuggingFaceTB/SmolLM2-135M-Instruct" in p for p in fetched), fetched
     assert any(pin in p for p in fetched), fetched  # the INT8 model at its pinned commit
     assert not (cache / "default").exists()  # nothing was converted from the embedded GGUF

@@ -7,7 +7,7 @@ import re
 import time
 
 import pytest
-from conftest import ARTIFACTS
+from conftest import ANSWER, ARTIFACTS, QUESTION
 
 from app import DEFAULT_SYSTEM
 
@@ -66,20 +66,18 @@ def test_chat_api_streams_int8_and_fills_the_panel(app_url):
     from gradio_client import Client
 
     client = Client(app_url, verbose=False)
-    job = client.submit(
-        "What is the capital of France?", [], DEFAULT_SYSTEM, 24, 0.0, 0.95, True, api_name="/chat"
-    )
+    job = client.submit(QUESTION, [], DEFAULT_SYSTEM, 24, 0.0, 0.95, True, api_name="/chat")
     updates = list(job)  # every streamed update
     history, box, chart, table, bf16_answer, notice, live, race_int8, race_bf16 = job.result()
     assert box == ""
     answer = history[-1]["content"]
     answer = answer if isinstance(answer, str) else "".join(p.get("text", "") for p in answer)
-    assert "Paris" in answer
+    assert ANSWER in answer
     assert len(updates) > 3
     assert "faster" in table or "slower" in table
     medians = re.search(r"\| Median ms / token \| ([\d.]+) \| ([\d.]+) \|", table)
     assert medians and float(medians[1]) > 0 and float(medians[2]) > 0
-    assert "Paris" in bf16_answer  # BF16's own answer to the same prompt
+    assert ANSWER in bf16_answer  # BF16's own answer to the same prompt
     # the counters under the chat: tokens, rate and context used out of the model's window (SmolLM2: 8192)
     tokens = re.search(r"(\d+) tokens · ([\d.]+) tokens/s · context (\d+) of 8,192", live)
     assert tokens and int(tokens[1]) > 1 and float(tokens[2]) > 0 and int(tokens[3]) > int(tokens[1]), live
@@ -204,10 +202,10 @@ def test_browser_stop_retry_clear_clicked_together(app_url):
             page.click(button)
         wait_idle(app_url)  # the CPU is freed after Stop/Clear
         page.wait_for_function(f"document.querySelectorAll({BOT!r}).length === 0")  # Clear came last
-        box.fill("What is the capital of France?")
+        box.fill(QUESTION)
         box.press("Enter")
         page.wait_for_selector("#table:has-text('faster'), #table:has-text('slower')", timeout=180_000)
-        assert "Paris" in page.locator(BOT).last.inner_text()
+        assert ANSWER in page.locator(BOT).last.inner_text()
         # the chat stayed empty: no late update of the cleared reply came back before or with this one
         assert page.locator(BOT).count() == 1 and page.locator('#chatbot [data-testid="user"]').count() == 1
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import _SESSION, HUB_TOKEN, local_hub, running_app
+from conftest import _SESSION, ANSWER, HUB_TOKEN, QUESTION, local_hub, running_app
 
 from app import DEFAULT_SYSTEM
 from quantize import models
@@ -66,9 +66,9 @@ def test_app_serves_bf16_alone_when_int8_fails(broken_int8, tmp_path):
         s = client.predict(api_name="/status")
         assert s["ready"] and not s["compare"] and "Cannot load the INT8 model" in s["int8_error"]
         h, box, _chart, table, bf16, _notice, *_ = client.predict(
-            "What is the capital of France?", [], DEFAULT_SYSTEM, 16, 0.0, 0.95, True, api_name="/chat"
+            QUESTION, [], DEFAULT_SYSTEM, 16, 0.0, 0.95, True, api_name="/chat"
         )
-        assert "Paris" in text_of(h[-1]["content"])
+        assert ANSWER in text_of(h[-1]["content"])
         assert "Comparison unavailable" in table
         errors: list[str] = []
         with app_page(url, errors, header="INT8 unavailable") as page:
