@@ -366,7 +366,7 @@ def build_ui() -> gr.Blocks:
         header = gr.Markdown(elem_id="header")
         status_line = gr.HTML("<p>Starting…</p>", elem_id="status")
         with gr.Tab("Chat"), gr.Row(equal_height=False):
-            with gr.Column(scale=3, min_width=320, elem_id="chat-column"):
+            with gr.Column(scale=3, min_width=320):
                 chat_column()
             with gr.Column(scale=2, min_width=300, elem_id="panel"):
                 panel_column()

@@ -219,8 +219,6 @@ class Int8Linear:
     alone is FBGEMM's per-call scale; several rows (a prompt) are quantized row by row first (by_rows), so a
     prompt gives the numbers its tokens give one at a time."""
 
-    kernel = "FBGEMM"
-
     def __init__(
         self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool
     ) -> None:
@@ -554,6 +552,9 @@ class Engine:
             (None, None) if self.cos is None else (self.cos[start : start + n], self.sin[start : start + n])
         )
         mask = causal_mask(n, start, self.dtype) if n > 1 else None
+        if self.alibi is not None:  # key j's score gets slope * j ([H, 1 or n, S]), once for every layer
+            slopes = self.alibi[:, None, : start + n].to(self.dtype)
+            mask = slopes if mask is None else slopes + mask
         for layer, b in enumerate(self.blocks):
             h = b.o(self.attention(b.attn_norm(x), b, cache, layer, cos, sin, mask))
             x = x + (h if b.post_attn_norm is None else b.post_attn_norm(h))
@@ -595,29 +596,23 @@ class Engine:
         scores = torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)  # [KV, G*T, S]
         if self.attn_cap is not None:  # Gemma 2's soft-capping, before the mask
             scores = torch.tanh(scores / self.attn_cap) * self.attn_cap
-        if self.alibi is not None:
-            scores.view(KV, G, T, end).add_(self.alibi.view(KV, G, 1, -1)[..., :end])
-        if mask is not None:
-            scores.view(KV, G, T, end).add_(mask)
+        if mask is not None:  # causal [T, S], or with ALiBi's slopes per head [H, 1 or T, S]
+            scores.view(KV, G, T, end).add_(mask if mask.dim() == 2 else mask.view(KV, G, -1, end))
         out = torch.bmm(scores.softmax(-1), v)  # [KV, G*T, D]
         return out.view(KV, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
 
     def fused_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """SDPA's fused kernel, ALiBi as an additive bias: for a prompt (2.4x (FP32) and 2.1x (BF16) faster than
+        """SDPA's fused kernel (ALiBi comes in the mask): for a prompt (2.4x (FP32) and 2.1x (BF16) faster than
         the two bmm at 512 tokens), and for a BF16 token, where the bmm were oneDNN's BF16 matmul: 2.7x slower
         (73 against 27 us at 64 positions) and a kernel built and kept for every new context length (1.1 MB
         each, never given back: an app's memory grew with every token). An FP32 token keeps the bmm, faster
         there beyond ~100 positions."""
-        T, end = q.shape[0], k.shape[1]
-        bias = mask
-        if self.alibi is not None:  # [H, 1, S] slopes * positions, plus the prompt's causal mask
-            bias = self.alibi[:, None, :end].to(self.dtype) + (0 if mask is None else mask)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k[None], v[None], bias, scale=self.scale, enable_gqa=True
+            q.transpose(0, 1)[None], k[None], v[None], mask, scale=self.scale, enable_gqa=True
         )
-        return out[0].transpose(0, 1).reshape(T, -1)
+        return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
