@@ -1,10 +1,10 @@
 """Q8-Chat — chat with an INT8 (SmoothQuant) LLM on a plain CPU, and see per token what INT8 buys over BF16.
 
 Run: `python app.py` (offline: the embedded default model; the INT8 copy is built on first start and cached, and
-BF16 answers meanwhile). Models are configured in the environment: see quantize/serving.py. Gradio's own
+BF16 answers meanwhile). Models are configured in the environment: see quantize/runtime/serving.py. Gradio's own
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT apply.
 
-This file is the page and its handlers; they use quantize/serving.py (the models), chat.py (a message, its prompt,
+This file is the page and its handlers; they use quantize/runtime/serving.py (the models), chat.py (a message, its prompt,
 the live decode), sessions.py (Stop, Clear), panel.py (the panel's text and data) and latency.py (the numbers).
 """
 
@@ -22,16 +22,18 @@ import gradio as gr
 import torch
 from tqdm import tqdm
 
-from quantize import chat, latency, panel, serving
-from quantize.generate import Sampling
-from quantize.sessions import Generation, Sessions
+from quantize import machine
+from quantize.build import cli
+from quantize.runtime import chat, latency, panel, serving
+from quantize.runtime.generate import Sampling
+from quantize.runtime.sessions import Generation, Sessions
 
 log = logging.getLogger("q8chat")
 ASSETS = Path(__file__).parent / "assets"
 QUEUE_SIZE = 16
 DEFAULT_SYSTEM = chat.DEFAULT_SYSTEM
 CHART_COLORS = {"INT8": "#4f46e5", "BF16": "#d97706"}
-STATE = serving.Serving(serving.configured_pairs())
+STATE = serving.Serving(serving.configured_pairs(), build=cli.main)
 SESSIONS = Sessions()
 UI = SimpleNamespace()  # the page's components, filled by build_ui; handlers name their outputs through it
 
@@ -383,7 +385,7 @@ def build_ui() -> gr.Blocks:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    serving.limit_malloc_arenas()
+    machine.limit_malloc_arenas()
     serving.start_loading(STATE, STATE.pairs[0])
     demo = build_ui()
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)

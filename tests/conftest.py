@@ -1,5 +1,5 @@
 """Test-wide setup. Nothing here reaches a real hub: HF_ENDPOINT names a loopback port where only the tests'
-own LocalHub (tests/hub_server.py) ever listens, and every model comes from the embedded default."""
+own LocalHub (tests/localhub/server.py) ever listens, and every model comes from the embedded default."""
 
 from __future__ import annotations
 
@@ -119,8 +119,8 @@ def bf16(default_dir):
 
 
 def local_hub(data_dir: Path):
-    """A LocalHub on the port HF_ENDPOINT names; one at a time (tests/test_hub_server.py binds it too)."""
-    from hub_server import LocalHub
+    """A LocalHub on the port HF_ENDPOINT names; one at a time (tests/localhub/test_server.py binds it too)."""
+    from localhub.server import LocalHub
 
     return LocalHub(data_dir, token=HUB_TOKEN, lfs_threshold=1_000_000, port=HUB_PORT)
 

@@ -13,7 +13,7 @@ import requests
 from conftest import ARTIFACTS
 
 from app import DEFAULT_SYSTEM, QUEUE_SIZE
-from quantize.chat import text_of
+from quantize.runtime.chat import text_of
 
 pytestmark = pytest.mark.slow
 BUSY = "Queue is full"  # Gradio's own answer when the bounded queue is full

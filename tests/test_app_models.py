@@ -11,9 +11,10 @@ from conftest import ANSWER, ARTIFACTS, QUESTION, ROOT, TINY_LLAMA, running_app
 from test_app_server import BOT, app_page
 
 from app import DEFAULT_SYSTEM
-from quantize import bench, models
-from quantize.chat import as_markdown, build_prompt, text_of
-from quantize.generate import Sampling, stream
+from quantize.runtime import decoders
+from quantize.runtime.chat import as_markdown, build_prompt, text_of
+from quantize.runtime.generate import Sampling, stream
+from quantize.tools import random_model
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def tiny_pairs(tmp_path_factory, tokenizer) -> dict:
     """Two tiny Llamas with different random weights, each with its INT8 copy."""
     root = tmp_path_factory.mktemp("pairs")
     return {
-        name: bench.build_config_model(root / name, tokenizer, size=TINY_LLAMA, samples=4, seed=seed)
+        name: random_model.build_config_model(root / name, tokenizer, size=TINY_LLAMA, samples=4, seed=seed)
         for seed, name in enumerate(("tiny-a", "tiny-b"))
     }
 
@@ -66,7 +67,7 @@ def test_first_start_bf16_answers_while_int8_builds(tiny_pairs, tmp_path):
 def expected_answer(int8_dir, tokenizer, message: str, new_tokens: int) -> str:
     """What a pair's INT8 model answers, greedy, computed here from its folder."""
     ids, _ = build_prompt(tokenizer, DEFAULT_SYSTEM, [], message)
-    decoder = models.open_int8(int8_dir)
+    decoder = decoders.open_int8(int8_dir)
     out = [
         s.token_id
         for s in stream(

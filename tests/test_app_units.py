@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 import app
-from quantize import chat, latency, panel, serving
+from quantize.runtime import chat, latency, panel, serving
 
 
 def test_timing_summary_from_stamps():

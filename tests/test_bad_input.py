@@ -5,7 +5,8 @@ import pytest
 from conftest import ANSWER, QUESTION
 
 from app import DEFAULT_SYSTEM
-from quantize.chat import text_of
+from quantize.runtime import decoders
+from quantize.runtime.chat import text_of
 
 pytestmark = pytest.mark.slow
 
@@ -125,11 +126,10 @@ def test_bad_input(client, case):
 def greedy_answer(int8_dir, tokenizer, ids: list[int], new_tokens: int) -> str:
     import torch
 
-    from quantize import models
-    from quantize.generate import Sampling, stream
+    from quantize.runtime.generate import Sampling, stream
 
     steps = stream(
-        models.open_int8(int8_dir),
+        decoders.open_int8(int8_dir),
         torch.tensor([ids]),
         Sampling(max_new_tokens=new_tokens),
         eos_ids={tokenizer.eos_token_id},

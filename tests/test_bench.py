@@ -12,13 +12,14 @@ import torch
 from conftest import ROOT, TINY_LLAMA
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quantize import bench, models
+from quantize import models
+from quantize.tools import peer, random_model
 
 
 def run_bench(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m quantize.bench ...` in a child process, as conftest.run_cli runs `python -m quantize`."""
     return subprocess.run(
-        [sys.executable, "-m", "quantize.bench", *args],
+        [sys.executable, "-m", "quantize.tools.bench", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -28,7 +29,9 @@ def run_bench(*args: str, timeout: float = 300, env: dict | None = None) -> subp
 
 
 def test_bench_tiny_model(tmp_path, tokenizer):
-    bf16_dir, int8_dir = bench.build_config_model(tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4)
+    bf16_dir, int8_dir = random_model.build_config_model(
+        tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4
+    )
     out = tmp_path / "out.json"
     proc = run_bench(
         "--int8",
@@ -109,7 +112,9 @@ def test_bench_tiny_model(tmp_path, tokenizer):
 def test_bench_leaves_out_the_bf16_sides_that_do_not_fit(tmp_path, tokenizer):
     """A 7B model's BF16 beside its INT8 does not fit a 24 GB machine: with room for INT8 and half of BF16, the
     bench times INT8 alone and says why instead of being killed."""
-    bf16_dir, int8_dir = bench.build_config_model(tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4)
+    bf16_dir, int8_dir = random_model.build_config_model(
+        tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4
+    )
     size = {d: sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (bf16_dir, int8_dir)}
     cap = size[int8_dir] + size[bf16_dir] // 2
     out = tmp_path / "out.json"
@@ -165,7 +170,7 @@ def peer_gguf(tmp_path, tokenizer):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **TINY_LLAMA))
     model.to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return model, folder, bench.gguf_q8_0_from_llama(folder, folder / "peer.Q8_0.gguf")
+    return model, folder, peer.gguf_q8_0_from_llama(folder, folder / "peer.Q8_0.gguf")
 
 
 def test_peer_gguf_holds_the_same_weights(peer_gguf):
@@ -199,9 +204,11 @@ def test_peer_gguf_predicts_like_transformers(peer_gguf, tokenizer):
 def test_prompt_tokens_prefill_prose_prompts_of_that_length(tmp_path, tokenizer):
     """--prompt-tokens N: every engine is given N-token slices of the held-out prose, so its time to first token
     is an N-token prefill, and the report says what was prefilled."""
-    from quantize import evaluate
+    from quantize.build import evaluate
 
-    bf16_dir, int8_dir = bench.build_config_model(tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4)
+    bf16_dir, int8_dir = random_model.build_config_model(
+        tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4
+    )
     out = tmp_path / "out.json"
     flags = (
         "--tokens",

@@ -1,4 +1,4 @@
-"""Block-by-block quantization (quantize/blockwise.py) against INC's whole-model path, on config-built models of
+"""Block-by-block quantization (quantize/build/blockwise.py) against INC's whole-model path, on config-built models of
 each family the engine serves: the same smoothing and the same INT8 weights; bounded memory; a killed run that
 resumes into the same folder; shards; a refusal before the work when the machine cannot hold it."""
 
@@ -17,8 +17,9 @@ import torch
 from conftest import ROOT, TINY_LLAMA, TINY_OPT, wait_for
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantize import blockwise, calibration, engine, models, recipe
-from quantize.models import ModelError
+from quantize.build import blockwise, calibration, recipe
+from quantize.errors import ModelError
+from quantize.runtime import decoders, engine
 
 pytestmark = pytest.mark.slow  # INC runs, a block at a time
 
@@ -117,7 +118,7 @@ def test_block_path_gives_the_whole_models_int8(tmp_path, tokenizer, family):
         assert s.std() / s.mean() > 0.01, name
     # and the two folders compute the same: logits of a held-out-like prompt through the engine
     ids = tokenizer("The block path and the whole path must agree.", return_tensors="pt").input_ids[0]
-    got = [models.open_int8(d) for d in (whole_dir, blocks_dir)]
+    got = [decoders.open_int8(d) for d in (whole_dir, blocks_dir)]
     logits = [m.forward(ids, m.new_cache(64), all_logits=True) for m in got]
     assert torch.corrcoef(torch.stack([x.flatten() for x in logits]))[0, 1] > 0.999
     assert type(got[1]).__name__ == "Engine" and not list(blocks_dir.glob("*.bin"))  # served with no pickle
@@ -176,7 +177,8 @@ def test_memory_stays_near_one_block_not_the_model(tmp_path, tokenizer):
 RUN = """
 import sys
 from pathlib import Path
-from quantize import blockwise, calibration, models, recipe
+from quantize import models
+from quantize.build import blockwise, calibration, recipe
 src, work, out = map(Path, sys.argv[1:4])
 tok = models.load_tokenizer(src)
 rec = recipe.RECIPES[recipe.DEFAULT_RECIPE]

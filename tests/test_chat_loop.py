@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from quantize import chat, generate, sessions
+from quantize.runtime import chat, generate, sessions
 
 VOCAB = 8
 LOGITS = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0])

@@ -1,10 +1,13 @@
 """Bad input to `python -m quantize` gets one clear sentence, a non-zero exit, and touches nothing."""
 
 import json
+import os
+import shutil
 import subprocess
+import sys
 
 import pytest
-from conftest import TINY_LLAMA, local_hub, run_cli, wait_for
+from conftest import ROOT, TINY_LLAMA, local_hub, run_cli, wait_for
 
 
 def _error(proc) -> str:
@@ -105,7 +108,7 @@ def test_empty_calibration_set(tmp_path):
 def test_stages_resume_only_the_same_run(tmp_path):
     import argparse
 
-    from quantize.pipeline import Record, fingerprint
+    from quantize.build.pipeline import Record, fingerprint
 
     args = argparse.Namespace(
         model=None,
@@ -174,9 +177,6 @@ def test_overwrite_never_mixes_old_and_new(tmp_path, tiny_model):
     file is left."""
     import signal
     import subprocess
-    import sys
-
-    from conftest import ROOT
 
     out = tmp_path / "o"
     assert run_cli("--model", str(tiny_model), "--out", str(out), *FAST).returncode == 0
@@ -214,10 +214,7 @@ sys.exit(os.waitstatus_to_exitcode(status))"""
 
 
 def run_cli_with_peak(*args: str, env: dict, peak_file) -> tuple[subprocess.CompletedProcess, int]:
-    import os
     import sys
-
-    from conftest import ROOT
 
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=900, env={**os.environ, **env, "PEAK_FILE": str(peak_file)})  # fmt: skip
@@ -285,7 +282,7 @@ def test_a_model_below_its_bar_is_not_pushed_unless_asked(tmp_path, tiny_model):
 def test_maintainers_own_calibration_text_and_eval_chats(tmp_path, tiny_model, tokenizer):
     """--calibration-file as plain text (cut into 512-token pieces) and --eval-file as JSON chats: the quality
     numbers are measured on those chats (their user turns as prompts, all turns as prose), and the card says so."""
-    from quantize.evaluate import heldout_text  # any long English text will do as a calibration file
+    from quantize.build.evaluate import heldout_text  # any long English text will do as a calibration file
 
     calib = tmp_path / "my-calibration.txt"
     calib.write_text(heldout_text())
@@ -316,9 +313,9 @@ def test_maintainers_own_calibration_text_and_eval_chats(tmp_path, tiny_model, t
 
 # The command as it runs a model above the size where the block path starts (a tiny model stands in for a 7B one)
 ABOVE_BLOCK_SIZE = """import sys
-from quantize import blockwise
+from quantize.build import blockwise
 blockwise.WHOLE_MODEL_MAX_PARAMS = 0
-from quantize.__main__ import main
+from quantize.build.cli import main
 sys.exit(main(sys.argv[1:]))"""
 
 
@@ -335,10 +332,8 @@ def test_a_large_model_that_would_be_quantized_whole_is_refused_before_the_work(
 ):
     """A model too large for INC's whole-model path in this memory (a 7B one needs about 86 GB that way) stops at
     once in one sentence that says why it is not built block by block, with nothing written."""
-    import os
     import sys
 
-    from conftest import ROOT
     from transformers import AutoConfig, AutoModelForCausalLM
 
     size = {"hidden_size": 64, "n_layer": 2, "n_head": 4} if family == "bloom" else TINY_LLAMA
@@ -355,3 +350,40 @@ def test_a_large_model_that_would_be_quantized_whole_is_refused_before_the_work(
     else:
         assert "model whole needs about" in msg and "1 GB are available" in msg and why in msg
         assert not out.exists() and not out.with_name("o.partial").exists()
+
+
+FINGERPRINT = """
+import sys
+from quantize.build.cli import parse_args
+from quantize.build.pipeline import fingerprint
+print(fingerprint(parse_args(["--out", "x"])))
+"""
+
+
+def test_a_change_to_the_build_code_starts_over_and_one_to_the_page_does_not(tmp_path):
+    """The fingerprint a rerun resumes by, computed on a copy of the package as a file in it changes: the build's
+    code (subfolders too) and the runtime it measures with start over; the page's code and the tools do not."""
+    shutil.copytree(ROOT / "quantize", tmp_path / "quantize", ignore=shutil.ignore_patterns("__pycache__"))
+
+    def key() -> str:
+        env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+        proc = subprocess.run(
+            [sys.executable, "-c", FINGERPRINT], env=env, capture_output=True, text=True, cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    def touch(name: str) -> None:
+        path = tmp_path / "quantize" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text((path.read_text() if path.exists() else "") + "\n# changed\n")
+
+    first = key()
+    for page in ("runtime/panel.py", "runtime/chat.py", "runtime/serving.py", "tools/bench.py"):
+        touch(page)
+    assert key() == first
+    seen = {first}
+    for build in ("build/recipe.py", "runtime/engine.py", "families.py", "build/extra/more.py"):
+        touch(build)
+        seen.add(key())
+    assert len(seen) == 5  # each change gave a new fingerprint

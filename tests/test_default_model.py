@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
-from quantize import evaluate, models
-from quantize.generate import HFDecoder, Sampling, stream
+from quantize import models
+from quantize.build import evaluate
+from quantize.runtime.decoders import HFDecoder
+from quantize.runtime.generate import Sampling, stream
 
 
 def _identity(folder: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The engine (quantize/engine.py) against the documented loader, INCModelForCausalLM, on the same folder; its
+"""The engine (quantize/runtime/engine.py) against the documented loader, INCModelForCausalLM, on the same folder; its
 cache, its activation paths on this CPU, and what it refuses to read."""
 
 import os
@@ -11,8 +11,11 @@ import torch
 from conftest import TINY_LLAMA, TINY_OPT
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantize import calibration, engine, models, recipe
-from quantize.generate import HFDecoder, Sampling, stream
+from quantize import machine, models
+from quantize.build import calibration, recipe
+from quantize.runtime import decoders, engine
+from quantize.runtime.decoders import HFDecoder
+from quantize.runtime.generate import Sampling, stream
 
 # Random small models, one per family the engine serves (engine.ARCHITECTURES); the default tokenizer's vocabulary.
 FAMILIES = {
@@ -119,7 +122,7 @@ def greedy_token_by_token(decoder, ids, n=TOKENS):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_engine_matches_inc_on_config_models(tmp_path, tokenizer, family):
     model, bf16_dir, int8_dir = build(tmp_path, tokenizer, family)
-    inc = HFDecoder(models.load_int8(int8_dir), "INC")
+    inc = HFDecoder(models.load_inc_int8(int8_dir), "INC")
     ours = engine.load(
         int8_dir, reduce_range=True, weight_only_down=False
     )  # INC's kernels: 7-bit activations
@@ -189,7 +192,7 @@ def emulate_dynamic(x: np.ndarray, q: np.ndarray, scale: np.ndarray, levels: int
 @pytest.mark.parametrize("reduce_range", [True, False])
 def test_activation_paths(reduce_range):
     """7-bit activations everywhere; 8-bit only where the CPU has VNNI (else int16 sums would saturate)."""
-    flags = engine.cpu_flags()
+    flags = machine.cpu_flags()
     if not reduce_range and "avx512_vnni" not in flags:
         pytest.skip(
             f"this CPU has no AVX-512 VNNI: the engine runs 7-bit activations here (flags: avx2="
@@ -241,7 +244,7 @@ def test_engine_picks_activation_bits_from_cpu_flags(tiny):
     assert not engine.full_range_activations({"avx2", "fma"})
     assert not engine.full_range_activations({"avx2", "avx512f"})  # AVX-512 without VNNI: vpmaddubsw
     served = engine.load(tiny[2])
-    vnni = "avx512_vnni" in engine.cpu_flags()
+    vnni = "avx512_vnni" in machine.cpu_flags()
     assert served.reduce_range is not vnni
     assert ("8-bit" if vnni else "7-bit") in served.label
 
@@ -252,7 +255,7 @@ AVX2_CHILD = """
 import sys
 import numpy as np
 import torch
-from quantize import engine
+from quantize.runtime import engine
 q = torch.full((8, 64), 127, dtype=torch.int8)
 x = torch.ones(1, 64); x[0, 0] = 0  # u8 codes of 255: two 255 * 127 products overflow int16
 full = engine.Int8Linear(q, torch.full((8,), 1 / 127), None, reduce_range=False)(x)
@@ -339,7 +342,7 @@ BF16_CHILD = """
 import sys
 import numpy as np
 import torch
-from quantize import engine
+from quantize.runtime import engine
 e = engine.load(sys.argv[1])
 print(e.label)
 np.save(sys.argv[2], e.forward(torch.tensor([1, 5, 77, 1234, 9]), e.new_cache(16), all_logits=True).numpy())
@@ -382,7 +385,7 @@ def test_int8_folder_is_served_without_unpickling(tiny, tmp_path, tokenizer):
             return (open, (str(mark), "w"))
 
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
-    served = models.open_int8(folder)
+    served = decoders.open_int8(folder)
     ids = torch.tensor(tokenizer("Hello").input_ids)
     assert greedy(served, ids, 4) == greedy(engine.load(int8_dir), ids, 4)
     assert not mark.exists()

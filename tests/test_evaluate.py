@@ -5,8 +5,8 @@ import weakref
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantize import evaluate
-from quantize.generate import HFDecoder
+from quantize.build import evaluate
+from quantize.runtime.decoders import HFDecoder
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}  # fmt: skip

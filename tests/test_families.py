@@ -178,7 +178,7 @@ def test_the_app_serves_the_family_on_the_engine_without_a_pickle(built, tmp_pat
     from test_app_server import app_page
 
     from app import DEFAULT_SYSTEM
-    from quantize.chat import text_of
+    from quantize.runtime.chat import text_of
 
     src, out = built(family)
     folder, mark = tmp_path / "int8", tmp_path / "unpickled"

@@ -9,8 +9,9 @@ from conftest import _SESSION, ANSWER, HUB_TOKEN, QUESTION, local_hub, running_a
 
 from app import DEFAULT_SYSTEM
 from quantize import models
-from quantize.chat import text_of
-from quantize.models import ModelError
+from quantize.errors import ModelError
+from quantize.runtime import decoders
+from quantize.runtime.chat import text_of
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def broken_int8(int8_run, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "missing"])
-@pytest.mark.parametrize("load", [models.load_int8, models.open_int8])
+@pytest.mark.parametrize("load", [models.load_inc_int8, decoders.open_int8])
 def test_broken_folder_is_a_clear_error(broken_int8, kind, load):
     with pytest.raises(ModelError, match="Cannot load the INT8 model"):
         load(broken_int8[kind])
@@ -47,7 +48,7 @@ def test_hub_int8_at_a_pinned_commit_loads_and_a_wrong_one_is_refused(int8_run):
     with local_hub(_SESSION / "hub-int8") as hub:
         head = hub.head(repo)
         path = models.resolve_int8(repo, revision=head, token=HUB_TOKEN)
-        model = models.open_int8(path)
+        model = decoders.open_int8(path)
         assert model.forward(torch.tensor([1, 2, 3]), model.new_cache(8)).shape[-1] > 1000
         with pytest.raises(ModelError, match="no revision"):
             models.resolve_int8(repo, revision="0" * 40, token=HUB_TOKEN)

@@ -8,7 +8,7 @@ import pytest
 from conftest import HUB_TOKEN, local_hub
 
 from quantize import models
-from quantize.models import ModelError
+from quantize.errors import ModelError
 
 
 def test_hub_id_offline_makes_no_request(monkeypatch, tmp_path):
@@ -91,4 +91,4 @@ def test_hub_download_through_local_server(tmp_path, default_dir):
 
 def test_load_int8_refuses_a_folder_quantize_did_not_write(default_dir):
     with pytest.raises(ModelError, match="not an INT8 folder"):
-        models.load_int8(default_dir)
+        models.load_inc_int8(default_dir)

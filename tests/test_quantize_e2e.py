@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from conftest import _SESSION, ROOT, local_hub
 
 from quantize import models
-from quantize.generate import HFDecoder
+from quantize.runtime import decoders
+from quantize.runtime.decoders import HFDecoder
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ def report(int8_run):
 
 @pytest.fixture(scope="module")
 def int8(int8_run):
-    return models.load_int8(int8_run["out"])
+    return models.load_inc_int8(int8_run["out"])
 
 
 def _kind(mod) -> str:
@@ -240,7 +241,7 @@ def measure(served, bf16, tokenizer, window: int = 128, prefill: int = 32) -> di
 @pytest.fixture(scope="module")
 def measured(int8_run, bf16, tokenizer) -> dict:
     """The INT8 model the app serves (the folder opened as the app opens it), measured by `measure`."""
-    return measure(models.open_int8(int8_run["out"]), bf16, tokenizer)
+    return measure(decoders.open_int8(int8_run["out"]), bf16, tokenizer)
 
 
 def test_quality_bar(measured):
@@ -252,7 +253,7 @@ def test_quality_bar(measured):
 @pytest.fixture(scope="module")
 def measured_long(int8_run, bf16, tokenizer) -> dict:
     """`measure` on prompts of 512 tokens, each prefilled in one pass, as a chat with history is."""
-    return measure(models.open_int8(int8_run["out"]), bf16, tokenizer, window=512, prefill=512)
+    return measure(decoders.open_int8(int8_run["out"]), bf16, tokenizer, window=512, prefill=512)
 
 
 def test_quality_bar_on_a_long_prompt(measured_long, report):
@@ -270,7 +271,7 @@ def test_a_prompt_in_one_pass_gives_its_token_by_token_logits(int8_run, tokenize
     under INT8 noise (see below), so the stated tolerance is statistical: the same argmax at >= 95% of positions,
     and 99% of positions within 10% of their logits' range. (Measured on an Intel Xeon: 96.7% and 7.0%; with one
     scale per call 85.4% and 21.6%; BF16 itself 97.5% and 2.9%.)"""
-    served = models.open_int8(int8_run["out"])
+    served = decoders.open_int8(int8_run["out"])
     ids = tokenizer(
         (ROOT / "quantize" / "data" / "heldout_eval.txt").read_text(), return_tensors="pt"
     ).input_ids
@@ -290,7 +291,8 @@ import json, sys
 sys.path.insert(0, sys.argv[3])
 from test_quantize_e2e import measure
 from quantize import models
-decoder = models.open_int8(sys.argv[1])
+from quantize.runtime import decoders
+decoder = decoders.open_int8(sys.argv[1])
 bf16, tokenizer = models.load_bf16(sys.argv[2]), models.load_tokenizer(sys.argv[2])
 print(json.dumps({"decode": measure(decoder, bf16, tokenizer),
                   "long": measure(decoder, bf16, tokenizer, window=512, prefill=512), "served_by": decoder.label}))
@@ -349,7 +351,8 @@ def test_card_measures_no_smoothquant_on_the_kernels_that_ship(int8_run, report,
     so the row that should show what smoothing buys compared different precisions.)"""
     import dataclasses
 
-    from quantize import calibration, engine, recipe
+    from quantize.build import calibration, recipe
+    from quantize.runtime import engine
 
     chats = calibration.calibration_ids(tokenizer, 48)
     shipped = recipe.RECIPES[report["recipe"]["name"]]
@@ -397,7 +400,8 @@ def test_engine_serves_the_shipped_folder_as_inc_does(int8_run, int8, bf16, toke
     folder. This model is chaotic under INT8 noise (1e-6 relative noise in one norm flips ~15% of argmaxes), so
     two implementations cannot match token for token: they must measure the same against BF16 (the config-built
     models in test_engine.py do match token for token)."""
-    from quantize import engine, evaluate
+    from quantize.build import evaluate
+    from quantize.runtime import engine
 
     ours = engine.load(int8_run["out"], reduce_range=True, weight_only_down=False)
     ids = tokenizer(evaluate.heldout_text(), return_tensors="pt").input_ids[:, :1024]
@@ -420,7 +424,7 @@ def test_engine_load_never_builds_a_float_model(int8_run, bf16):
 
     # VmHWM, reset first: a child's ru_maxrss starts at its parent's (this test process holds several models)
     code = (
-        "import sys, torch, quantize.engine as e\n"
+        "import sys, torch, quantize.runtime.engine as e\n"
         "hwm = lambda: int(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')).split()[1])\n"
         "open('/proc/self/clear_refs', 'w').write('5'); before = hwm()\n"
         "m = e.load(sys.argv[1]); m.forward(torch.tensor([1, 2]), m.new_cache(4))\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-CHATS = Path(__file__).parent / "data" / "calibration_chats.json"
+CHATS = Path(__file__).parents[1] / "data" / "calibration_chats.json"
 MAX_TOKENS = 512
 
 

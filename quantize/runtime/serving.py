@@ -12,27 +12,23 @@ Configuration (environment):
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from quantize import latency, models
+from quantize import models
+from quantize.errors import ModelError
+from quantize.machine import settled_rss, why_pair_does_not_fit
+from quantize.runtime import decoders
 
 log = logging.getLogger("q8chat")
-HEADROOM = 1.15  # on top of the weights: KV caches, activations, one layer's load temporaries
-# cgroup v2, then v1: (limit, usage); a Space's container limit is not in /proc/meminfo
-CGROUP_FILES = (
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-)
 
 
 @dataclass(frozen=True)
@@ -73,6 +69,9 @@ class Serving:
     bf16: LoadedModel = field(default_factory=lambda: LoadedModel("BF16"))
     report: dict | None = None  # quantize_report.json of the INT8 folder, when it has one
     building: tqdm | None = None  # the first-start INT8 build's stage bar, while it runs
+    # the maintainer command (`python -m quantize`'s main(argv, stage_bar)), handed in by the app: the runtime never
+    # imports the build; None: INT8 models come from Q8CHAT_INT8_MODEL only
+    build: Callable[..., int] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -117,26 +116,6 @@ def reachable(pair: Pair) -> bool:
 
 
 # ---------------------------------------------------------------- loading
-
-
-def settled_rss() -> int:
-    """Resident memory once temporaries of a load are freed (glibc keeps freed pages unless trimmed)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    return latency.rss_bytes()
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Every reply decodes in a fresh worker thread, and glibc gives threads their own malloc arenas (up to 8 per
-    core), each keeping freed KV-cache pages: resident memory then creeps up with traffic. Two arenas hold it
-    flat (the same as MALLOC_ARENA_MAX=2, set before any thread starts)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
 
 
 def load_resident(side: LoadedModel, load) -> None:
@@ -206,15 +185,15 @@ def load_pair(state: Serving, pair: Pair) -> None:
             json.loads((Path(src) / "config.json").read_text()).get("max_position_embeddings", 0)
         )
         state.bf16.label = f"BF16 · {pair.bf16 or models.DEFAULT_MODEL_LABEL}"
-        state.bf16.error = bf16_does_not_fit(src, pair)
+        state.bf16.error = why_bf16_does_not_fit(src, pair)
         if state.bf16.error is None:
-            load_resident(state.bf16, lambda: models.open_bf16(src))
+            load_resident(state.bf16, lambda: decoders.open_bf16(src))
             state.ready = True
     except Exception as e:  # noqa: BLE001 - any failure here must reach the page, not kill the app
         state.bf16.error = str(e)
         log.exception("BF16 model failed to load")
     try:
-        load_int8(state, pair)
+        serve_int8(state, pair)
     except Exception as e:  # noqa: BLE001
         state.int8.error = str(e)
         log.exception("INT8 model failed to load")
@@ -222,47 +201,18 @@ def load_pair(state: Serving, pair: Pair) -> None:
     state.status = "" if state.ready else "No model could be loaded: " + (state.bf16.error or "")
 
 
-def memory_room() -> int:
-    """Bytes the models may take: the OS's available memory, the container's cgroup room and
-    Q8CHAT_MEMORY_BYTES, whichever is least (called with no model loaded)."""
-    import psutil
-
-    room = [psutil.virtual_memory().available]
-    for limit, usage in CGROUP_FILES:
-        try:
-            room.append(int(Path(limit).read_text()) - int(Path(usage).read_text()))
-            break
-        except (OSError, ValueError):  # absent, or "max": no limit
-            continue
-    if os.environ.get("Q8CHAT_MEMORY_BYTES"):
-        room.append(int(os.environ["Q8CHAT_MEMORY_BYTES"]))
-    return min(room)
-
-
-def bf16_does_not_fit(src: Path, pair: Pair) -> str | None:
+def why_bf16_does_not_fit(src: Path, pair: Pair) -> str | None:
     """None when BF16 and its INT8 copy fit in memory together; else what the panel says instead of comparing.
     A 7B pair needs about 22 GB: loading both on a 16 GB Space would get the app killed."""
-    bf16 = models.weight_file_bytes(src)
+    bf16 = decoders.weight_file_bytes(src)
     local = Path(pair.int8).expanduser() if pair.int8 else models.default_int8_dir(pair.bf16)
     # an INT8 folder not here yet (to build, or on the Hub): about half of BF16's bytes
-    int8 = models.weight_file_bytes(local) if models.is_int8_folder(local) else bf16 // 2
-    return pair_does_not_fit(bf16, int8)
+    int8 = decoders.weight_file_bytes(local) if models.is_int8_folder(local) else bf16 // 2
+    return why_pair_does_not_fit(bf16, int8)
 
 
-def pair_does_not_fit(bf16: int, int8: int) -> str | None:
-    """The one rule for holding both models (the app, the quantize step's speed stage): None when `bf16` and
-    `int8` bytes of weights fit in the memory there is now, else the sentence that says why only INT8 runs."""
-    room = memory_room()
-    if (bf16 + int8) * HEADROOM <= room:
-        return None
-    return (
-        f"BF16 is not loaded: its {bf16 / 1e9:.2f} GB of weights and INT8's {int8 / 1e9:.2f} GB, with room for "
-        f"caches and activations ({(bf16 + int8) * HEADROOM / 1e9:.2f} GB), need more than the {room / 1e9:.2f} GB "
-        "of memory this machine has free, so INT8 answers alone, with no comparison."
-    )
-
-
-def load_int8(state: Serving, pair: Pair) -> None:
+def serve_int8(state: Serving, pair: Pair) -> None:
+    """The pair's INT8 model: its configured folder or Hub id, else the cached copy, built first if missing."""
     if pair.int8:
         state.status = f"Loading the INT8 model {pair.int8}…"
         int8_dir = models.resolve_int8(pair.int8, revision=pair.revision)
@@ -276,7 +226,7 @@ def load_int8(state: Serving, pair: Pair) -> None:
         f"INT8 · {pair.int8 or int8_dir.name}"
         + (f" @ {pair.revision[:10]}" if pair.int8 and pair.revision else "")
     )
-    load_resident(int8, lambda: models.open_int8(int8_dir))
+    load_resident(int8, lambda: decoders.open_int8(int8_dir))
     report = Path(int8_dir) / "quantize_report.json"
     state.report = json.loads(report.read_text()) if report.is_file() else None
     if state.tokenizer is None:
@@ -286,7 +236,8 @@ def load_int8(state: Serving, pair: Pair) -> None:
 
 def build_int8(state: Serving, bf16_arg: str | None, out: Path) -> None:
     """`python -m quantize` in this process, its stage bar kept in the state so the page can show it."""
-    from quantize.__main__ import main as quantize_main
+    if state.build is None:
+        raise ModelError("This app cannot build INT8 models: set Q8CHAT_INT8_MODEL to an INT8 folder.")
 
     def stage_bar(**kwargs) -> tqdm:
         state.building = tqdm(**kwargs)
@@ -296,8 +247,8 @@ def build_int8(state: Serving, bf16_arg: str | None, out: Path) -> None:
     argv = ["--out", str(out), "--skip-baseline", "--overwrite", "--tune-trials", "1"]
     argv += ["--model", bf16_arg] if bf16_arg else []
     try:
-        if quantize_main(argv, stage_bar=stage_bar) != 0:
-            raise models.ModelError("Building the INT8 model failed; see the server log.")
+        if state.build(argv, stage_bar=stage_bar) != 0:
+            raise ModelError("Building the INT8 model failed; see the server log.")
     finally:
         state.building = None
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quantize import latency
-from quantize.generate import Sampling, stream
+from quantize.runtime import latency
+from quantize.runtime.generate import Sampling, stream
 
 MAX_INPUT_TOKENS = 1024  # prompt + history fed to the model; older turns are dropped first
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")

@@ -1,5 +1,5 @@
-"""python -m quantize.frontier — build every recipe variant on the real default model and measure quality and
-speed of each against BF16 in one run; writes quantize/frontier.json, which the model card quotes.
+"""python -m quantize.tools.frontier — build every recipe variant on the real default model and measure quality and
+speed of each against BF16 in one run; writes quantize/data/frontier.json, which the model card quotes.
 
 Slow (a few minutes per variant on 2 cores): run it alone, nothing else on the machine.
 """
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from quantize import calibration, card, evaluate, latency, models, recipe
-from quantize.generate import HFDecoder
+from quantize import machine, models
+from quantize.build import calibration, card, evaluate, recipe
+from quantize.runtime import decoders, latency
+from quantize.runtime.decoders import HFDecoder
 
 
 def int8_weight_share(model: torch.nn.Module) -> float:
@@ -37,15 +39,15 @@ def int8_weight_share(model: torch.nn.Module) -> float:
 def measure_variants(names: list[str], model_arg: str | None, samples: int, tokens: int, rounds: int) -> dict:
     src = models.resolve_model(model_arg)
     tok, bf16 = models.load_tokenizer(src), models.load_bf16(src)
-    reference, bf16_run = HFDecoder(bf16, "transformers BF16"), models.open_bf16(src)
+    reference, bf16_run = HFDecoder(bf16, "transformers BF16"), decoders.open_bf16(src)
     calib = calibration.calibration_ids(tok, samples)
     prompts = [evaluate.prompt_ids(tok, p) for p in evaluate.heldout_prompts()[:2]]
     rows = []
     for name in names:
         work = Path(tempfile.mkdtemp(prefix="frontier-"))
         try:  # each variant is saved and served the way the app serves it (the engine where it can)
-            res = recipe.build_int8(bf16, tok, calib, recipe.RECIPES[name], work / "int8")
-            int8 = models.open_int8(work / "int8")
+            res = recipe.quantize_to_folder(bf16, tok, calib, recipe.RECIPES[name], work / "int8")
+            int8 = decoders.open_int8(work / "int8")
             quality = evaluate.compare({"bf16": lambda: reference, "int8": lambda m=int8: m}, "bf16", tok)
             q = quality["models"]["int8"]
             s = latency.interleaved({"int8": int8, "bf16": bf16_run}, prompts, tokens, rounds)
@@ -70,8 +72,8 @@ def measure_variants(names: list[str], model_arg: str | None, samples: int, toke
         rows.append(row)
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
-        "command": "python -m quantize.frontier " + " ".join(sys.argv[1:]),
-        "cpu": latency.describe_cpu().line(),
+        "command": "python -m quantize.tools.frontier " + " ".join(sys.argv[1:]),
+        "cpu": machine.describe_cpu().line(),
         "model": str(model_arg or models.DEFAULT_MODEL_LABEL),
         "calibration_samples": samples,
         "bench": {
@@ -85,7 +87,7 @@ def measure_variants(names: list[str], model_arg: str | None, samples: int, toke
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quantize.frontier", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m quantize.tools.frontier", description=__doc__)
     p.add_argument(
         "--model",
         default=None,

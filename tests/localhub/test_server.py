@@ -1,4 +1,4 @@
-"""Drive tests/hub_server.py with the real, unpatched huggingface_hub client."""
+"""Drive tests/localhub/server.py with the real, unpatched huggingface_hub client."""
 
 import atexit
 import base64
@@ -47,7 +47,6 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HUB_ENABL
     os.environ.pop(_var, None)
 
 import requests  # noqa: E402
-from hub_server import LocalHub  # noqa: E402
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download  # noqa: E402
 from huggingface_hub.errors import (  # noqa: E402
     EntryNotFoundError,
@@ -55,10 +54,11 @@ from huggingface_hub.errors import (  # noqa: E402
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from localhub.server import LocalHub  # noqa: E402
 
 TOKEN = "hf_test_local_hub_token"
 THRESHOLD = 10_000  # small, so LFS-size files stay cheap to make
-SERVER_SCRIPT = Path(__file__).with_name("hub_server.py")
+SERVER_SCRIPT = Path(__file__).with_name("server.py")
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 from collections.abc import Callable
@@ -12,10 +11,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quantize.engine import malloc_trim
-from quantize.generate import Sampling, stream
+from quantize import machine
+from quantize.runtime.generate import Sampling, stream
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 # Windows of held-out text, each read as a chat is: PREFILL tokens as the prompt, the rest decoded one by one.
 WINDOW = 128
 PREFILL = 32
@@ -131,8 +130,7 @@ def compare(
     for name in [reference, *(n for n in openers if n != reference)]:
         answers = seen[reference]["answers"] if seen else None
         seen[name] = _measure(openers[name](), ids, prompts, greedy_tokens, tokenizer.eos_token_id, answers)
-        gc.collect()  # the model this opener gave is no longer referenced here
-        malloc_trim()  # and its freed heap goes back to the OS before the next model loads
+        machine.release_memory()  # the model this opener gave, unreferenced now, leaves before the next one loads
     out = {
         "source": held.source,
         "eval_tokens": int(ids.shape[1]),

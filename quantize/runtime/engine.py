@@ -6,7 +6,7 @@ the cache, the attention, the fusions and the glue, and the speed-up the panel s
 What differs is the Linear: `Int8Linear` (FBGEMM dynamic INT8, one activation scale per token) or
 a float one (BF16: `OneDnnBf16Linear`, or `Fp16GemmBf16Linear` on CPUs without oneDNN's BF16 path; an INT8
 folder's FP32 tail: `FloatLinear`); on CPUs without VNNI, down_proj runs `WeightOnlyInt8Linear`.
-How the families differ is data, one `Architecture` row each (ARCHITECTURES): tensor names, fused Linears,
+How the families differ is data, one row each (quantize/families.py): tensor names, fused Linears,
 norms (RMSNorm or LayerNorm), activation, gated MLP or not, RoPE, learned positions or ALiBi, embedding scale;
 what a config says (GQA, RoPE variant, head size, soft-capping, the query scale) is read from it.
 
@@ -22,130 +22,24 @@ Anything else (other architectures, static-INT8 recipes) runs on the generic pat
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quantize.families import FAMILIES, LLAMA, Family
+from quantize.machine import cpu_flags, malloc_trim
+
 ENGINE_FILE = (
     "engine.safetensors"  # written by `python -m quantize` (next to INC's pytorch_model.bin, if any)
 )
 ENGINE_INDEX = "engine.safetensors.index.json"  # a large model's shards instead of ENGINE_FILE
 FORMAT = "q8chat-int8/1"
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """One family's decoder block as the engine reads it (names as transformers 4.45 has them). A block is
-    x += post_attn(o(attention(norm_attn(x)))); x += post_mlp(down(act(gate) * up)(norm_mlp(x)))."""
-
-    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # one name: fused
-    o: str = "self_attn.o_proj"
-    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # one name: fused, gate's rows first
-    down: str = "mlp.down_proj"
-    norms: tuple[str, str] = (
-        "input_layernorm",
-        "post_attention_layernorm",
-    )  # before attention, before the MLP
-    post_norms: tuple[str, str] | None = None  # on the attention's and the MLP's outputs (Gemma 2)
-    # Gemma's norms scale by (1 + weight) in FP32, then cast; Llama's by weight in the activations' dtype
-    norm_offset: float = 0.0
-    norm_in_fp32: bool = False
-    activation: tuple[str, str] = ("hidden_act", "silu")  # the config key naming it, and its default
-    scale_embedding: bool = False  # Gemma: the embedding times sqrt(hidden_size), in the activations' dtype
-    layers: str = "model.layers"
-    embed: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    layer_norm: bool = False  # LayerNorm with its bias (OPT), else RMSNorm
-    eps: tuple[str | None, float] = ("rms_norm_eps", 1e-6)  # the config key naming it, and its default
-    gated: bool = True  # the MLP is down(act(gate) * up); else down(act(up)) (OPT's fc1, fc2)
-    positions: str | None = None  # a learned table added to the embedding (OPT's), instead of RoPE
-    position_offset: int = 0  # the table row of position 0
-    # per-head slopes of ALiBi (BLOOM, MPT), instead of RoPE
-    alibi: Callable[[int], torch.Tensor] | None = None
-    embed_norm: str | None = None  # a LayerNorm right after the embedding (BLOOM's)
-    qkv_by_head: bool = False  # one fused q/k/v Linear stored head by head, [q k v] of each (BLOOM's)
-    max_len: str = "max_position_embeddings"  # the config key of the longest sequence
-    fits: Callable[[dict], bool] = lambda config: True  # the configs of the family the row describes
-
-
-def bloom_slopes(heads: int) -> torch.Tensor:
-    """ALiBi's slopes as transformers' BLOOM builds them: 2^(-8i/n) for the largest power of two n <= heads, then
-    every other slope of 2n for the heads beyond it."""
-    n = 2 ** math.floor(math.log2(heads))
-    slopes = [2 ** (-8 * i / n) for i in range(1, n + 1)]
-    return torch.tensor(slopes + [2 ** (-4 * i / n) for i in range(1, 2 * (heads - n), 2)])
-
-
-def mpt_slopes(heads: int, bias_max: int = 8) -> torch.Tensor:
-    """ALiBi's slopes as transformers' MPT builds them (which differ from BLOOM's when heads is not a power of
-    two): 2^(-bias_max i/n) for the power of two n >= heads, the odd ones first, the first `heads` of them."""
-    n = 2 ** math.ceil(math.log2(heads))
-    slopes = 1.0 / torch.pow(2, torch.arange(1, n + 1).float() * (bias_max / n))
-    return slopes if n == heads else torch.cat([slopes[1::2], slopes[::2]])[:heads]
-
-
-def _bloom_fits(c: dict) -> bool:
-    """Pre-norm residuals, and the attention's output not split into tensor-parallel slices."""
-    sliced = c.get("pretraining_tp", 1) > 1 and c.get("slow_but_exact")
-    return not c.get("apply_residual_connection_post_layernorm") and not sliced
-
-
-def _mpt_fits(c: dict) -> bool:
-    """MPT as transformers 4.45 runs it: ALiBi with its default bias_max (transformers ignores another one),
-    the standard query scale, no clipping or norms of q and k."""
-    a = c.get("attn_config") or {}
-    return (
-        a.get("alibi", True)
-        and a.get("alibi_bias_max", 8) == 8
-        and not (a.get("softmax_scale") or a.get("clip_qkv") or a.get("qk_ln"))
-    )
-
-
-def _opt_fits(c: dict) -> bool:
-    """Pre-norm OPT without the 350M model's projections around the blocks (its post-norm blocks, too)."""
-    return (
-        c.get("do_layer_norm_before", True)
-        and c.get("word_embed_proj_dim") in (None, c["hidden_size"])
-        and not c.get("_remove_final_layer_norm")
-    )
-
-
-GEMMA = Architecture(norm_offset=1.0, norm_in_fp32=True, activation=("hidden_activation", "gelu_pytorch_tanh"),
-                     scale_embedding=True)  # fmt: skip
-ARCHITECTURES = {
-    "llama": Architecture(),
-    "mistral": Architecture(),
-    "qwen2": Architecture(),  # q/k/v biases are read from the weights
-    "phi3": Architecture(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",)),
-    "gemma": GEMMA,
-    "gemma2": replace(
-        GEMMA,
-        norms=("input_layernorm", "pre_feedforward_layernorm"),
-        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-    ),
-    "opt": Architecture(o="self_attn.out_proj", gate_up=("fc1",), down="fc2", gated=False,
-                        norms=("self_attn_layer_norm", "final_layer_norm"), layer_norm=True, eps=(None, 1e-5),
-                        activation=("activation_function", "relu"), layers="model.decoder.layers",
-                        embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
-                        positions="model.decoder.embed_positions", position_offset=2, fits=_opt_fits),
-    "bloom": Architecture(qkv=("self_attention.query_key_value",), o="self_attention.dense", gate_up=("mlp.dense_h_to_4h",),
-                          down="mlp.dense_4h_to_h", gated=False, layer_norm=True, eps=("layer_norm_epsilon", 1e-5),
-                          activation=(None, "gelu_pytorch_tanh"), layers="transformer.h",
-                          embed="transformer.word_embeddings", final_norm="transformer.ln_f", alibi=bloom_slopes,
-                          embed_norm="transformer.word_embeddings_layernorm", qkv_by_head=True, fits=_bloom_fits),
-    "mpt": Architecture(qkv=("attn.Wqkv",), o="attn.out_proj", gate_up=("ffn.up_proj",), down="ffn.down_proj",
-                        gated=False, norms=("norm_1", "norm_2"), layer_norm=True, eps=("layer_norm_epsilon", 1e-5),
-                        activation=(None, "gelu"), layers="transformer.blocks", embed="transformer.wte",
-                        final_norm="transformer.norm_f", alibi=mpt_slopes, max_len="max_seq_len", fits=_mpt_fits),
-}  # fmt: skip
 
 
 def in_engine_words(config: dict) -> dict:
@@ -158,14 +52,6 @@ def in_engine_words(config: dict) -> dict:
         **config,
         **{std: config[own] for std, own in words.items() if own in config and std not in config},
     }
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
-    except OSError:
-        return set()
 
 
 # FBGEMM's own switch (read once, at its first GEMM) can hold it below the CPU's best ISA; these names keep VNNI
@@ -252,7 +138,7 @@ class Int8Linear:
 class WeightOnlyInt8Linear:
     """The same s8 weights and scales, BF16 activations (`torch._weight_int8pack_mm`): for the input 7-bit
     activations cannot carry. down_proj's input, silu(gate) * up, holds the outlier channels; on the default model
-    7-bit activations there cost top-1 0.872 -> 0.846, this kernel there gives 0.883 (README, "CPUs")."""
+    7-bit activations there cost top-1 0.872 -> 0.846, this kernel there gives 0.883 (quantize/README.md, "CPUs")."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.qweight, self.scale, self.bias = qweight.contiguous(), scale.to(torch.bfloat16), bias
@@ -281,7 +167,7 @@ class FloatLinear:
 
 class OneDnnBf16Linear:
     """A BF16 Linear on oneDNN's matmul with the weight prepacked once: `F.linear` on a plain BF16 weight ran a
-    decode step 1.7-2.5x slower (README, "The BF16 side"), and prefill is as fast or faster. Needs oneDNN's BF16
+    decode step 1.7-2.5x slower (quantize/README.md, "The BF16 side"), and prefill is as fast or faster. Needs oneDNN's BF16
     path (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
 
     kernel = "oneDNN prepacked"
@@ -460,7 +346,7 @@ PREFILL_CHUNK, PREFILL_STEP = 512, 32
 
 
 class Engine:
-    """One model of a family in ARCHITECTURES; `forward(ids, cache)` runs a prompt or a token and returns logits."""
+    """One model of a family in FAMILIES (quantize/families.py); `forward(ids, cache)` runs a prompt or a token and returns logits."""
 
     def __init__(
         self, config: dict, tensors: Tensors, label: str, reduce_range: bool, weight_only_down: bool = False
@@ -469,7 +355,7 @@ class Engine:
 
         config = in_engine_words(config)
         self.config, self.label = config, label
-        self.arch = arch = ARCHITECTURES[config["model_type"]]
+        self.arch = arch = FAMILIES[config["model_type"]]
         int8 = tensors.metadata.get("format") == FORMAT
         self.dtype = torch.float32 if int8 else torch.bfloat16  # the activations INC's INT8 model runs in
         self.heads = config["num_attention_heads"]
@@ -648,14 +534,6 @@ def causal_mask(T: int, start: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(T, start + T, dtype=dtype).masked_fill_(~seen, float("-inf"))
 
 
-def malloc_trim() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise), so resident memory is the model."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -668,7 +546,7 @@ class _Reader:
         dtype: torch.dtype,
         reduce_range: bool,
         weight_only_down: bool = False,
-        arch: Architecture = Architecture(),
+        arch: Family = LLAMA,
         eps: float = 1e-6,
     ) -> None:
         self.t, self.dtype, self.reduce_range = tensors, dtype, reduce_range
@@ -784,11 +662,11 @@ class _Reader:
 
 
 def runs(config: dict) -> bool:
-    """A family in ARCHITECTURES whose row fits the config, without Phi-3's long-context RoPE (its factors switch
+    """A family in FAMILIES whose row fits the config, without Phi-3's long-context RoPE (its factors switch
     with the sequence length)."""
     scaling = config.get("rope_scaling") or {}
     kinds = (scaling.get("type"), scaling.get("rope_type"))
-    arch = ARCHITECTURES.get(config.get("model_type"))
+    arch = FAMILIES.get(config.get("model_type"))
     config = in_engine_words(config) if arch else config
     return arch is not None and arch.fits(config) and "longrope" not in kinds
 

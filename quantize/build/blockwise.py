@@ -25,13 +25,17 @@ import functools
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from quantize import engine, files, recipe
+from quantize import families, files, machine, models
+from quantize.build import recipe
+from quantize.errors import ModelError
+from quantize.families import Family
+from quantize.runtime import engine
 
 SHARD_BYTES = (
     2 * 2**30
@@ -46,19 +50,16 @@ WHOLE_MODEL_MAX_PARAMS = 1_000_000_000
 # What INC's whole-model path holds: 18.4 GB was measured at 1.46B parameters (issue #18's run), about 12 bytes per
 # parameter (FP32 model, INC's trace and its INT8 copy) plus torch and INC themselves.
 WHOLE_MODEL_BYTES_PER_PARAM, WHOLE_MODEL_FIXED_BYTES = 12, 1_100_000_000
-# Every family the command takes; tests/test_blockwise.py holds each to INC's whole-model path (the same scales and
-# INT8 weights).
-FAMILIES = tuple(recipe.FAMILIES)
 
 
-def not_by_block(model_type: str, rec: recipe.Recipe) -> str | None:
+def why_not_by_block(model_type: str, rec: recipe.Recipe) -> str | None:
     """Why the block path cannot build this family with this recipe (it writes the engine's format alone), or
     None when it can."""
-    family = recipe.FAMILIES.get(model_type)
+    family = families.FAMILIES.get(model_type)
     if family is None:
-        return f"quantize/recipe.py has no family {model_type!r}"
+        return f"quantize/families.py has no family {model_type!r}"
     tail = dict(recipe.tail_for(rec, family))
-    if not all(tail.get(role) for role in recipe.ROLES):
+    if not all(tail.get(role) for role in families.ROLES):
         return f"recipe {rec.name} leaves static INT8 Linears, which the engine (and so the block path) does not run"
     return None
 
@@ -72,7 +73,7 @@ def takes(source_dir: Path, model_type: str, rec: recipe.Recipe) -> bool:
     """The models built block by block: above WHOLE_MODEL_MAX_PARAMS, of FAMILIES and a recipe the engine serves
     (every Linear dynamic INT8 or float). The others keep INC's whole-model path, whose folder INCModelForCausalLM
     loads; tests hold the two paths to the same model."""
-    return not_by_block(model_type, rec) is None and parameters(source_dir) > WHOLE_MODEL_MAX_PARAMS
+    return why_not_by_block(model_type, rec) is None and parameters(source_dir) > WHOLE_MODEL_MAX_PARAMS
 
 
 def check_whole_model_room(
@@ -80,10 +81,9 @@ def check_whole_model_room(
 ) -> None:
     """Refuse, before the work, a model above WHOLE_MODEL_MAX_PARAMS that would be quantized whole in more memory
     than there is (the kernel would kill the run part way), saying why it is not built block by block."""
-    from quantize.models import ModelError
 
     params = parameters(source_dir)
-    why = not_by_block(model_type, rec)
+    why = why_not_by_block(model_type, rec)
     if why is None and tune_trials > 1:
         why = (
             "the tuning search judges each trial on the whole model; --tune-trials 1 builds it block by block"
@@ -105,6 +105,13 @@ class Source:
     folder: Path
     config: object  # transformers PretrainedConfig
     tensors: engine.Tensors
+
+    def generation_config(self):
+        """The model's generation config, None when the folder has none."""
+        from transformers import GenerationConfig
+
+        has = (self.folder / "generation_config.json").is_file()
+        return GenerationConfig.from_pretrained(self.folder) if has else None
 
     @classmethod
     def open(cls, folder: Path) -> Source:
@@ -142,9 +149,9 @@ def skeleton(config) -> nn.Module:
     return model.eval()
 
 
-def before_blocks(model: nn.Module, path: str, family: recipe.Family) -> dict[str, nn.Module]:
+def before_blocks(model: nn.Module, path: str, family: Family) -> dict[str, nn.Module]:
     """The modules with weights that run before the first block: the embedding, and OPT's learned positions."""
-    ends = (path, *family.pairs["lm_head"])
+    ends = (path, family.final_norm, family.lm_head)
     return {name: mod for name, mod in model.named_modules()
             if name and not name.startswith(ends) and any(True for _ in mod.parameters(recurse=False))}  # fmt: skip
 
@@ -241,8 +248,10 @@ def plan(source: Source, calibration: list[torch.Tensor]) -> Plan:
     config, where = source.config, source.tensors.where
     numel = {name: _numel(info) for name, (_, info, _) in where.items()}
     per_block = [sum(v for k, v in numel.items() if f".{i}." in k) for i in range(config.num_hidden_layers)]
-    ends = sum(v for k, v in numel.items() if "embed" in k or k.startswith("lm_head") or "wte" in k)
-    if "lm_head.weight" not in numel:  # tied: lm_head gets its own copy
+    family = families.FAMILIES[config.model_type]
+    tables = tuple(f"{name}." for name in (family.embed, family.positions, family.lm_head) if name)
+    ends = sum(v for k, v in numel.items() if k.startswith(tables))
+    if f"{family.lm_head}.weight" not in numel:  # tied: lm_head gets its own copy
         ends *= 2
     tokens = sum(ids.shape[1] for ids in calibration)
     return Plan(len(per_block), FP32 * max(per_block), FP32 * ends, sum(numel.values()) + ends // 2,
@@ -259,7 +268,6 @@ def _numel(info: dict) -> int:
 def check_room(p: Plan, out: Path, available_ram: int) -> None:
     """Refuse before hours of work: the disk must hold the blocks and the shards made from them, the memory the
     largest step."""
-    from quantize.models import ModelError
 
     probe = Path(out)
     while not probe.exists():
@@ -319,14 +327,12 @@ def quantize_by_block(
     folder `out`, using `work` for what a rerun resumes from. Returns what recipe.QuantizeResult.summary does."""
     from tqdm import tqdm
 
-    from quantize.serving import memory_room  # the app's measure: the OS's, the container's and the set limit
-
     start = time.perf_counter()
     source = Source.open(source_dir)
-    check_room(plan(source, calibration), Path(out), memory_room())
-    family = recipe.FAMILIES[source.config.model_type]
+    check_room(plan(source, calibration), Path(out), machine.memory_room())
+    family = families.FAMILIES[source.config.model_type]
     config = copy.deepcopy(source.config)  # the folder written keeps the source's
-    config.return_dict, config.use_cache = False, False  # INC's trace wants tuples and no cache objects
+    models.outputs_for(config, models.FOR_TRACING)
     config.cache_implementation = None  # Gemma 2's "hybrid" cache, which use_cache=False turns off anyway
     model = skeleton(config)
     path, layers = decoder_layers(model)
@@ -348,11 +354,11 @@ def quantize_by_block(
         tensors, hidden, summary = quantize_block(block, hidden, rec, family, i, Path(work) / "inc")
         progress.finish_block(i, tensors, hidden, summary)
         del block, loaded, tensors
-        engine.malloc_trim()
+        machine.malloc_trim()
     counts = quantize_ends(model, source, hidden, rec, family, Path(work) / "ends.safetensors", path)
     write_folder(source, Path(work), Path(out), tokenizer)
     parts = progress.state["blocks"] + [{"smoothquant": {}, "modules": counts}]
-    return summarize(rec, family, parts, time.perf_counter() - start)
+    return add_up(rec, family, parts, time.perf_counter() - start)
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
@@ -363,31 +369,22 @@ def quantize_block(
     block: BlockModel,
     inputs: list[torch.Tensor],
     rec: recipe.Recipe,
-    family: recipe.Family,
+    family: Family,
     index: int,
     work: Path,
 ) -> tuple[dict, list[torch.Tensor], dict]:
-    """One block, as recipe.quantize does a whole model: the recipe's pairs smoothed, INC's SmoothQuant and
+    """One block through recipe.quantize_part, as a whole model goes: its pairs smoothed, INC's SmoothQuant and
     quantization, the tail. Returns its engine tensors, its FP32 outputs (the next block's inputs) and evidence."""
     outputs: list[torch.Tensor] = []
 
-    def run() -> None:
+    def run() -> None:  # observed before smoothing: its outputs are the FP32 block's
         outputs.clear()
         outputs.extend(block(h) for h in inputs)
 
-    norms_before = recipe.norm_weights(block)
-    shown = recipe.present_norms_to_inc(block)
     pairs = recipe.family_pairs(family, rec.smooth_pairs, [index], model_wide=False)
-    recipe.smooth_pairs(block, run, pairs, recipe.pair_alpha(rec))  # observes on the block before smoothing
-    config = recipe.build_config(rec, family, len(inputs))
-    qmodel, log_lines = recipe.run_inc(
-        block, {"hidden_states": [h[0].numpy() for h in inputs]}, config, work, None
-    )
-    q_config = torch.load(work / "pytorch_model.bin", map_location="cpu", weights_only=False, mmap=True)["best_configure"]  # fmt: skip
+    columns = {"hidden_states": [h[0].numpy() for h in inputs]}
+    qmodel, _, evidence, _ = recipe.quantize_part(block, columns, run, pairs, rec, work)
     shutil.rmtree(work, ignore_errors=True)
-    recipe.restore_norms(qmodel, shown, family.norm_offset)
-    recipe.apply_tail(qmodel, q_config, rec, family)
-    evidence = recipe.smoothquant_evidence(log_lines, norms_before, qmodel) if rec.smooth_quant else {}
     tensors = engine.engine_tensors(qmodel)
     if tensors is None:
         raise ValueError(f"recipe {rec.name} leaves static INT8 Linears, which the engine does not run")
@@ -399,7 +396,7 @@ def quantize_ends(
     source: Source,
     hidden: list[torch.Tensor],
     rec: recipe.Recipe,
-    family: recipe.Family,
+    family: Family,
     path: Path,
     layers: str,
 ) -> dict[str, int]:
@@ -422,10 +419,10 @@ def quantize_ends(
 
 
 def quantize_head(
-    model: nn.Module, source: Source, hidden: list[torch.Tensor], rec: recipe.Recipe, family: recipe.Family
+    model: nn.Module, source: Source, hidden: list[torch.Tensor], rec: recipe.Recipe, family: Family
 ) -> dict:
     """The final norm and lm_head (its own copy when tied): the recipe's norm -> lm_head pair, then its tail."""
-    norm_name, head_name = family.pairs["lm_head"]
+    norm_name, head_name = family.final_norm, family.lm_head
     tied = {f"{head_name}.weight": f"{module_name(model, model.get_input_embeddings())}.weight"}
     norm = source.load(model.get_submodule(norm_name), norm_name)
     head = source.load(model.get_output_embeddings(), head_name, fallback=tied)
@@ -454,8 +451,8 @@ def quantize_embedding(model: nn.Module, source: Source, name: str) -> dict:
 COUNTED = ("absorbed_layers", "candidate_layers", "norms_rescaled", "norms_total")
 
 
-def summarize(rec: recipe.Recipe, family: recipe.Family, parts: list[dict], seconds: float) -> dict:
-    """The run as recipe.QuantizeResult.summary says a whole-model run: SmoothQuant's evidence and the module kinds
+def add_up(rec: recipe.Recipe, family: Family, parts: list[dict], seconds: float) -> dict:
+    """The run as recipe.run_summary says a whole-model run: SmoothQuant's evidence and the module kinds
     added up over the blocks and the ends (the final norm counts as rescaled when the recipe smooths lm_head)."""
     modules: dict[str, int] = {}
     for part in parts:
@@ -468,8 +465,8 @@ def summarize(rec: recipe.Recipe, family: recipe.Family, parts: list[dict], seco
         evidence["norms_rescaled"] += 1 if "lm_head" in rec.smooth_pairs else 0
         evidence["norms_total"] += 1
         evidence |= {"applied": all(b["applied"] for b in blocks), "inc_log": blocks[0]["inc_log"]}
-    return {"recipe": {**asdict(rec), "tail": recipe.tail_for(rec, family)}, "smoothquant": evidence,
-            "modules": dict(sorted(modules.items())), "seconds": round(seconds, 1), "block_by_block": len(blocks)}  # fmt: skip
+    summary = recipe.run_summary(rec, family, evidence, dict(sorted(modules.items())), seconds)
+    return summary | {"block_by_block": len(blocks)}
 
 
 def write_folder(source: Source, work: Path, out: Path, tokenizer) -> None:
@@ -496,12 +493,8 @@ def write_folder(source: Source, work: Path, out: Path, tokenizer) -> None:
         files.write_safetensors(out / name, {n: functools.partial(tensors.get, n) for n in tensors.where},
                                 {"format": engine.FORMAT}, layout)  # fmt: skip
         weight_map |= dict.fromkeys(tensors.where, name)
-        engine.malloc_trim()
+        machine.malloc_trim()
     if len(shards) > 1:
         index = {"metadata": {"format": engine.FORMAT}, "weight_map": weight_map}
         files.write_file(out / engine.ENGINE_INDEX, json.dumps(index, indent=1))
-    config = source.config.to_dict() | {"return_dict": True, "use_cache": True, "tie_word_embeddings": False}
-    files.write_file(out / "config.json", json.dumps(config, indent=2))
-    tokenizer.save_pretrained(out)
-    if (source.folder / "generation_config.json").is_file():
-        shutil.copy2(source.folder / "generation_config.json", out / "generation_config.json")
+    recipe.write_loader_files(out, source.config.to_dict(), tokenizer, source.generation_config())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantize.models import ModelError
+from quantize.errors import ModelError
 
 
 def get_token() -> str | None:

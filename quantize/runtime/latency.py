@@ -3,15 +3,13 @@ INT8-vs-BF16 measurement that the quantize report, the benchmark and the app's B
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from quantize.generate import Sampling, stream
+from quantize.runtime.generate import Sampling, stream
 
 # What each measured engine is called in tables (bench, card).
 LABELS = {
@@ -99,7 +97,7 @@ def time_generation(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens:
 
 
 def timed(model, input_ids: torch.Tensor, new_tokens: int) -> Timing:
-    """time_generation for a torch model; a peer engine (llama.cpp in quantize/bench.py) brings its own loop as a
+    """time_generation for a torch model; a peer engine (llama.cpp in quantize/tools/peer.py) brings its own loop as a
     `time_generation(input_ids, new_tokens)` method, stamped the same way."""
     own = getattr(model, "time_generation", None)
     return own(input_ids, new_tokens) if own is not None else time_generation(model, input_ids, new_tokens)
@@ -141,69 +139,3 @@ def interleaved(
         out["speedup_per_round"] = round_ratios(out, names[1], names[0])
         out["speedup_median"] = statistics.median(out["speedup_per_round"])
     return out
-
-
-@dataclass(frozen=True)
-class CPU:
-    model: str
-    flags: dict
-    threads: int
-    native_bf16: bool
-    machine: str
-
-    def line(self) -> str:
-        isa = "/".join(k for k, v in self.flags.items() if v) or "baseline x86-64"
-        bf16 = "native BF16" if self.native_bf16 else "BF16 emulated (no native BF16)"
-        return f"{self.model} · {isa} · {bf16} · {self.threads} threads"
-
-    def asdict(self) -> dict:
-        return asdict(self)
-
-
-def describe_cpu() -> CPU:
-    """What the numbers were measured on, so nobody over-reads them on another machine."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = {
-        "AVX2": "avx2" in flags,
-        "AVX-512": "avx512f" in flags,
-        "VNNI": bool({"avx512_vnni", "avx_vnni"} & flags),
-        "AMX": "amx_tile" in flags,
-    }
-    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
-    return CPU(name, isa, torch.get_num_threads(), native_bf16, f"{platform.machine()} {os.cpu_count()} cpus")
-
-
-def rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def reset_peak_rss() -> None:
-    """Start a new high-water mark of resident memory. ru_maxrss cannot do this: a child process starts with its
-    parent's, even after exec. Linux resets VmHWM when "5" is written to clear_refs."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_bytes() -> int:
-    """Highest resident memory since the last reset_peak_rss (VmHWM), else since the process started."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

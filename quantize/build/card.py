@@ -7,11 +7,12 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from quantize.evaluate import against_bar, worst_perplexity_ratio, worst_top1
-from quantize.latency import LABELS, fmt, peak_rss_bytes, speedup_line
-from quantize.recipe import Recipe
+from quantize.build.evaluate import against_bar, worst_perplexity_ratio, worst_top1
+from quantize.build.recipe import Recipe
+from quantize.machine import peak_rss_bytes
+from quantize.runtime.latency import LABELS, fmt, speedup_line
 
-FRONTIER = Path(__file__).parent / "frontier.json"
+FRONTIER = Path(__file__).parents[1] / "data" / "frontier.json"
 WEIGHT_FILES = ("engine.safetensors", "pytorch_model.bin")
 # How each kind of folder is loaded outside the app: the engine reads both; INC's loader only a whole-model one.
 LOAD_INC = """The same INT8 model for Optimum Intel users (`pytorch_model.bin`, a pickle: load it only from a folder you
@@ -29,8 +30,8 @@ LOAD_BLOCKS = """This folder was quantized block by block ({blocks} decoder bloc
 holds the engine's safetensors only: `INCModelForCausalLM` cannot load it (INC's loader rebuilds a graph only
 from a folder Neural Compressor built from the whole model), and there is no pickle in it."""
 BENCH = (
-    Path(__file__).parent / "bench.json"
-)  # the latest `python -m quantize.bench --json quantize/bench.json`
+    Path(__file__).parents[1] / "data" / "bench.json"
+)  # the latest `python -m quantize.bench --json quantize/data/bench.json`
 PINNED = [
     "torch",
     "transformers",
@@ -172,7 +173,7 @@ def smoothing_line(int8: dict, no_sq: dict) -> str:
 
 def frontier_table(frontier: dict | None) -> str:
     if not frontier:
-        return "_None with this card: `python -m quantize.frontier` explores the embedded default model's recipes._"
+        return "_None with this card: `python -m quantize.tools.frontier` explores the embedded default model's recipes._"
     rows = [
         f"Measured by `{frontier['command']}` on {frontier['created']} ({frontier['cpu']}).",
         "",
@@ -251,7 +252,7 @@ def _read(res: dict) -> float:
     return res["models"]["bf16"]["bytes_per_token"] / res["models"]["int8"]["bytes_per_token"]
 
 
-CARD_TEMPLATE = Path(__file__).parent / "data" / "model_card.md"
+CARD_TEMPLATE = Path(__file__).parents[1] / "data" / "model_card.md"
 
 
 def card_fields(report: dict) -> dict:

@@ -9,10 +9,10 @@ import html
 
 import pandas as pd
 
-from quantize import latency
-from quantize.chat import Reply
-from quantize.latency import fmt, speedup_line
-from quantize.serving import Serving
+from quantize import machine
+from quantize.runtime.chat import Reply
+from quantize.runtime.latency import fmt, speedup_line
+from quantize.runtime.serving import Serving
 
 PLACEHOLDER = "Send a message to see INT8 and BF16 side by side."
 MODELS = ("INT8", "BF16")
@@ -24,7 +24,7 @@ STOPPED = {  # on top of the table, by whether BF16 had started
 
 @functools.cache
 def cpu_line() -> str:
-    return latency.describe_cpu().line()
+    return machine.describe_cpu().line()
 
 
 def header_md(state: Serving) -> str:

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from quantize import evaluate, models, recipe
-from quantize.generate import HFDecoder
+from quantize import models
+from quantize.build import evaluate, recipe
+from quantize.runtime import decoders
+from quantize.runtime.decoders import HFDecoder
 
 # What the walk changes, in order; a value equal to the best point's is skipped.
 SEARCH = [
@@ -116,14 +118,14 @@ class Judge:
         ops = {(n, "Linear"): {} for n, m in model.named_modules() if type(m) is torch.nn.Linear}
         trial = recipe.Recipe("trial", tail=self.tail)
         recipe.apply_tail(model, {"op": ops}, trial, self.family)
-        model.config.return_dict, model.config.use_cache = True, True
+        models.outputs_for(model.config, models.FOR_LOADERS)
         return model
 
     def measure(self, model: torch.nn.Module) -> tuple[float, float]:
-        """The worse perplexity ratio and top-1 of the candidate as the app serves it (`models.served`), of
+        """The worse perplexity ratio and top-1 of the candidate as the app serves it (`decoders.served`), of
         decoding and a long prompt: the quality stage measures the saved folder the same way, against the bar."""
         ratios, tops = [], []
-        with models.served(model, "candidate") as decoder:
+        with decoders.served(model, "candidate") as decoder:
             for mode, window in MODES.items():
                 nll, top = evaluate.teacher_forced(decoder, self.ids, *window)
                 ref_nll, ref_top = self.refs[mode]

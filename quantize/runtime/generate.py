@@ -3,7 +3,7 @@
 The app streams from it, the benchmark and the quality check time it: INT8 and BF16 always run the same loop,
 so their per-token numbers are comparable and come from the loop itself, not from the UI's streaming cadence.
 A decoder is anything with `new_cache(max_len)` and `forward(ids, cache) -> logits`: the engine
-(quantize/engine.py) for the families it runs, or `HFDecoder`, the generic path through a transformers model.
+(runtime/engine.py) for the families it runs, or `decoders.HFDecoder`, the generic path through transformers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 
 @dataclass(frozen=True)
@@ -62,45 +61,3 @@ def stream(
             if token in eos_ids:
                 return
             ids = torch.tensor([token])
-
-
-class HFCache:
-    """What a transformers model hands back as its cache (a DynamicCache or legacy tuples)."""
-
-    def __init__(self, past: DynamicCache | None) -> None:
-        self.past, self.length = past, 0
-
-
-class HFDecoder:
-    """The generic path: any transformers causal LM (INC's INT8 ones too) behind the engine's interface."""
-
-    def __init__(self, model: torch.nn.Module, label: str) -> None:
-        self.model, self.label, self.config = model.eval(), label, model.config.to_dict()
-        # BLOOM (ALiBi) and MPT have no position table; 4096 bounds a chat there
-        self.max_len = getattr(model.config, "max_position_embeddings", None) or 4096
-
-    @property
-    def weight_bytes(self) -> int:
-        from quantize.models import weight_bytes
-
-        return weight_bytes(self.model)
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Weight bytes one decode step reads: all but the input embedding, of which one row is gathered. A tied
-        embedding is also lm_head, read in full, so it stays in."""
-        from quantize.models import weight_bytes
-
-        emb, out = self.model.get_input_embeddings(), self.model.get_output_embeddings()
-        out_ptrs = {p.data_ptr() for p in out.parameters()} if out is not None else set()
-        tied = any(p.data_ptr() in out_ptrs for p in emb.parameters())
-        return self.weight_bytes - (0 if tied else weight_bytes(emb))
-
-    def new_cache(self, max_len: int | None = None) -> HFCache:
-        # models that only take legacy tuples (BLOOM, MPT in transformers 4.45) start from None
-        return HFCache(DynamicCache() if self.model._supports_cache_class else None)
-
-    def forward(self, ids: torch.Tensor, cache: HFCache, all_logits: bool = False) -> torch.Tensor:
-        out = self.model(input_ids=ids.reshape(1, -1), past_key_values=cache.past, use_cache=True)
-        cache.past, cache.length = out.past_key_values, cache.length + ids.numel()
-        return (out.logits[0] if all_logits else out.logits[0, -1:]).float()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import hashlib
 import json
 import shutil
@@ -18,21 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize import (
-    blockwise,
-    calibration,
-    card,
-    engine,
-    evaluate,
-    files,
-    latency,
-    models,
-    recipe,
-    reference,
-    serving,
-    tune,
-)
-from quantize.generate import HFDecoder
+from quantize import files, machine, models
+from quantize.build import blockwise, calibration, card, evaluate, recipe, reference, tune
+from quantize.runtime import decoders, engine, latency
+from quantize.runtime.decoders import HFDecoder
 
 
 class Record:
@@ -60,12 +48,28 @@ def fingerprint(args: argparse.Namespace) -> str:
     keys = ["model", "revision", "recipe", "alpha", "calibration_samples", "calibration_file", "eval_file", "bench_tokens",
             "bench_rounds", "skip_baseline", "max_ppl_ratio", "min_top1", "tune_trials", "tune_minutes"]  # fmt: skip
     blob = json.dumps({k: str(getattr(args, k)) for k in keys}, sort_keys=True)
-    # a code change (recipe, evaluation) must not resume onto stages an older version produced
-    readers = ("bench.py", "frontier.py")  # tools that only read the result
-    code = b"".join(
-        p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")) if p.name not in readers
-    )
+    # a code change (recipe, evaluation, engine) must not resume onto stages an older version produced; the page's
+    # code and the tools only read the result, and their changes must not throw a maintainer's finished stages away
+    code = b"".join(p.read_bytes() for p in build_code())
     return hashlib.sha256(blob.encode() + code).hexdigest()[:16]
+
+
+PACKAGE = Path(__file__).parents[1]
+NOT_THE_BUILD = (
+    "tools/",
+    "bench.py",
+    "runtime/chat.py",
+    "runtime/sessions.py",
+    "runtime/serving.py",
+    "runtime/panel.py",
+)
+
+
+def build_code() -> list[Path]:
+    """The modules a stage's result depends on, subfolders included: the build, the runtime it measures with and the
+    shared modules; not the page (chat, sessions, serving, panel) nor the tools."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    return [p for p in paths if not p.relative_to(PACKAGE).as_posix().startswith(NOT_THE_BUILD)]
 
 
 @dataclass
@@ -125,7 +129,7 @@ def quantize_stage(b: Build) -> dict:
         return {**summary, "calibration_samples": len(calib), "calibration_source": source}
     if b.args.tune_trials == 1:
         calib = b.calibration()
-        result = recipe.build_int8(b.bf16, b.tokenizer, calib, b.recipe, b.int8_dir)
+        result = recipe.quantize_to_folder(b.bf16, b.tokenizer, calib, b.recipe, b.int8_dir)
         return {**result.summary(), "calibration_samples": len(calib), "calibration_source": source}
     judge = tune.Judge(b.bf16, b.tokenizer, evaluate.held_out(b.args.eval_file), b.bar)
     budget = tune.Budget(b.args.tune_trials, b.args.tune_minutes)
@@ -160,11 +164,13 @@ def baseline_stage(b: Build) -> dict:
         blockwise.quantize_by_block(
             b.source, b.calibration(), base, work / "blocks", work / "int8", b.tokenizer
         )
-        openers = bf16 | {"int8_no_sq": lambda: models.open_int8(work / "int8")}
+        openers = bf16 | {"int8_no_sq": lambda: decoders.open_int8(work / "int8")}
         quality = evaluate.compare(openers, "bf16", b.tokenizer, held)
     else:
         result = recipe.quantize(b.bf16, b.calibration(), base, work)
-        with models.served(result.model, "INT8 no SQ") as int8_no_sq:  # the kernels the shipped INT8 runs on
+        with decoders.served(
+            result.model, "INT8 no SQ"
+        ) as int8_no_sq:  # the kernels the shipped INT8 runs on
             quality = evaluate.compare(bf16 | {"int8_no_sq": lambda: int8_no_sq}, "bf16", b.tokenizer, held)
     shutil.rmtree(work, ignore_errors=True)
     return {"recipe": base.name, **quality["models"]["int8_no_sq"]}
@@ -176,11 +182,11 @@ def quality_stage(b: Build) -> dict:
     the INT8 model is opened."""
     openers = {
         "bf16": bf16_reference(b),
-        "int8": lambda: models.open_int8(b.int8_dir),
+        "int8": lambda: decoders.open_int8(b.int8_dir),
     }  # INT8 as the app serves it
     if engine.has_engine_file(b.int8_dir) and (b.int8_dir / "inc_config.json").is_file():
         # the card offers INC's loader too: measured on the same text, not vouched for by the engine's numbers
-        openers["int8_inc"] = lambda: HFDecoder(models.load_int8(b.int8_dir), "INCModelForCausalLM")
+        openers["int8_inc"] = lambda: HFDecoder(models.load_inc_int8(b.int8_dir), "INCModelForCausalLM")
     quality = evaluate.compare(openers, "bf16", b.tokenizer, evaluate.held_out(b.args.eval_file))
     return {**quality, "int8_engine": quality["models"]["int8"]["engine"]}
 
@@ -191,17 +197,17 @@ def speed_stage(b: Build) -> dict:
     from tqdm import tqdm
 
     prompts = [evaluate.prompt_ids(b.tokenizer, p) for p in evaluate.heldout_prompts()[:2]]
-    bf16_bytes = models.weight_file_bytes(b.source)
-    bf16_not_timed = serving.pair_does_not_fit(bf16_bytes, models.weight_file_bytes(b.int8_dir))
-    decoders = {"int8": models.open_int8(b.int8_dir)}
+    bf16_bytes = decoders.weight_file_bytes(b.source)
+    bf16_not_timed = machine.why_pair_does_not_fit(bf16_bytes, decoders.weight_file_bytes(b.int8_dir))
+    timed = {"int8": decoders.open_int8(b.int8_dir)}
     if not bf16_not_timed:
-        decoders["bf16"] = models.open_bf16(b.source, trust_remote_code=b.args.trust_remote_code)
+        timed["bf16"] = decoders.open_bf16(b.source, trust_remote_code=b.args.trust_remote_code)
     rounds, tokens = b.args.bench_rounds, b.args.bench_tokens
-    with tqdm(total=rounds * len(prompts) * len(decoders), desc="timing", leave=False) as bar:
-        speed = latency.interleaved(decoders, prompts, tokens, rounds, progress=bar)
-    speed["cpu"] = latency.describe_cpu().asdict()
-    speed["weight_bytes"] = {"bf16": bf16_bytes} | {n: d.weight_bytes for n, d in decoders.items()}
-    speed["engines"] = {n: d.label for n, d in decoders.items()}
+    with tqdm(total=rounds * len(prompts) * len(timed), desc="timing", leave=False) as bar:
+        speed = latency.interleaved(timed, prompts, tokens, rounds, progress=bar)
+    speed["cpu"] = machine.describe_cpu().asdict()
+    speed["weight_bytes"] = {"bf16": bf16_bytes} | {n: d.weight_bytes for n, d in timed.items()}
+    speed["engines"] = {n: d.label for n, d in timed.items()}
     speed["bf16_not_timed"] = bf16_not_timed
     return speed
 
@@ -251,13 +257,8 @@ def run_stages(b: Build, bar) -> None:
         skipped = stage.skip_flag and getattr(b.args, stage.skip_flag)
         if stage.recorded and not skipped and stage.name not in b.record.done:
             # the process's high-water mark by the end of the stage: the first stage to reach the top raised it
-            b.record.add(stage.name, {**stage.run(b), "peak_rss_bytes": latency.peak_rss_bytes()})
+            b.record.add(stage.name, {**stage.run(b), "peak_rss_bytes": machine.peak_rss_bytes()})
         elif not stage.recorded:
             stage.run(b)
-        release_memory()  # a stage's models are gone: the next one starts from the BF16 model alone
+        machine.release_memory()  # a stage's models are gone: the next one starts from the BF16 model alone
         bar.update(1)
-
-
-def release_memory() -> None:
-    gc.collect()
-    engine.malloc_trim()

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quantize import blockwise, evaluate, recipe
+from quantize.build import blockwise, evaluate
+from quantize.families import FAMILIES
 
 
 class ByBlock:
@@ -34,8 +35,8 @@ class ByBlock:
         self.path, self.layers = blockwise.decoder_layers(self.model)
         self.takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
         embed_name = blockwise.module_name(self.model, self.model.get_input_embeddings())
-        family = recipe.FAMILIES[self.source.config.model_type]
-        norm_name, head_name = family.pairs["lm_head"]
+        family = FAMILIES[self.source.config.model_type]
+        norm_name, head_name = family.final_norm, family.lm_head
         tied = {f"{head_name}.weight": f"{embed_name}.weight"}
         for name, mod in blockwise.before_blocks(self.model, self.path, family).items():
             self.source.load(mod, name, dtype=torch.bfloat16)

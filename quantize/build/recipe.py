@@ -18,7 +18,7 @@ What the documented recipe gives, and why this one differs (../shared/docs/stack
   * lm_head does follow a norm (the final one), but INC's trace does not pair them, so the recipe applies
     SmoothQuant's scaling to that pair itself before INC runs (`smooth_pairs`). With it lm_head can be dynamic
     INT8 within the quality bar; in BF16 its 49152x576 GEMV alone was ~4 ms of a ~30 ms INT8 token.
-`python -m quantize.frontier` measures every variant below; DEFAULT_RECIPE is the fastest one that meets the
+`python -m quantize.tools.frontier` measures every variant below; DEFAULT_RECIPE is the fastest one that meets the
 quality bar on the real default model.
 """
 
@@ -38,99 +38,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantize import engine
-
-# A family's Linears by role, as regexes over module names (INC names some ops "<name>.module").
-#   qkv, gate_up: right after a norm, so INC absorbs SmoothQuant's scales into that norm;
-#   o_proj, down_proj, lm_head: no norm in front that INC pairs them with (the recipe's `tail` decides for them).
-LLAMA_LINEARS = {
-    "qkv": r".*[qkv]_proj",  # also Phi-3's fused qkv_proj
-    "gate_up": r".*(gate|up)_proj",  # also Phi-3's fused gate_up_proj
-    "o_proj": r".*o_proj",
-    "down_proj": r".*down_proj",
-    "lm_head": r"lm_head",
-}
-# Pairs INC does not absorb, smoothed here before it runs (see `smooth_pairs`): role -> (producer, consumer).
-LLAMA_PAIRS = {
-    "lm_head": ("model.norm", "lm_head"),
-    "down_proj": ("model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj"),
-    "o_proj": ("model.layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.o_proj"),
-}
-ROLES = tuple(LLAMA_LINEARS)
-
-
-@dataclass(frozen=True)
-class Family:
-    """How SmoothQuant meets one architecture (a transformers model_type). INC absorbs a Linear's scales into the
-    norm in front of it, finding and scaling norms by class name (waq/graph_trace.py, waq/smooth_quant.py): it
-    knows LlamaRMSNorm and LayerNorm, so a norm that computes what LlamaRMSNorm does is shown to INC as one."""
-
-    norm: str  # the family's norm class
-    shown_as: str | None  # the class INC is shown instead, or None when INC knows `norm`
-    linears: dict[str, str]  # role (ROLES) -> regex of the module names
-    pairs: dict[str, tuple[str, str]]  # role -> (producer, consumer) that `smooth_pairs` may scale
-    # Gemma's norm multiplies by (1 + weight): shown to INC with weight + 1, so INC's weight / s is the right
-    # fold, and given back as weight - 1 once INC is done.
-    norm_offset: float = 0.0
-    # roles transformers itself reads as float weights, so they stay BF16 whatever the recipe says (Gemma 2's
-    # generate() takes its mask dtype from lm_head.weight)
-    float_roles: tuple[str, ...] = ()
-
-
-OPT_LINEARS = {"qkv": r".*[qkv]_proj", "gate_up": r".*fc1", "o_proj": r".*out_proj", "down_proj": r".*fc2",
-               "lm_head": r"lm_head"}  # fmt: skip
-FUSED_QKV_LINEARS = {"qkv": r".*query_key_value", "gate_up": r".*dense_h_to_4h", "o_proj": r".*attention\.dense",
-                     "down_proj": r".*dense_4h_to_h", "lm_head": r"lm_head"}  # fmt: skip
-FAMILIES = {
-    "llama": Family("LlamaRMSNorm", None, LLAMA_LINEARS, LLAMA_PAIRS),
-    "mistral": Family("MistralRMSNorm", "LlamaRMSNorm", LLAMA_LINEARS, LLAMA_PAIRS),
-    "qwen2": Family("Qwen2RMSNorm", "LlamaRMSNorm", LLAMA_LINEARS, LLAMA_PAIRS),
-    # Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): INC absorbs into the norms in front of them. The
-    # producers of o_proj's and down_proj's inputs are slices of those fused Linears, so only the final
-    # norm -> lm_head pair is smoothed before INC.
-    "phi3": Family("Phi3RMSNorm", "LlamaRMSNorm", LLAMA_LINEARS, {"lm_head": LLAMA_PAIRS["lm_head"]}),
-    "gemma2": Family("Gemma2RMSNorm", "LlamaRMSNorm", LLAMA_LINEARS, LLAMA_PAIRS, 1.0, ("lm_head",)),
-    "gemma": Family("GemmaRMSNorm", "LlamaRMSNorm", LLAMA_LINEARS, LLAMA_PAIRS, norm_offset=1.0),
-    # OPT: fc2 reads relu(fc1(x)), and relu(x / s) = relu(x) / s for s > 0, so fc1's rows take fc2's scales.
-    "opt": Family(
-        "LayerNorm",
-        None,
-        OPT_LINEARS,
-        {
-            "lm_head": ("model.decoder.final_layer_norm", "lm_head"),
-            "down_proj": ("model.decoder.layers.{i}.fc1", "model.decoder.layers.{i}.fc2"),
-            "o_proj": (
-                "model.decoder.layers.{i}.self_attn.v_proj",
-                "model.decoder.layers.{i}.self_attn.out_proj",
-            ),
-        },
-    ),  # fmt: skip
-    # BLOOM fuses q/k/v per head and puts GELU before dense_4h_to_h (not scale-invariant): only the final
-    # norm -> lm_head pair is smoothed before INC.
-    "bloom": Family("LayerNorm", None, FUSED_QKV_LINEARS, {"lm_head": ("transformer.ln_f", "lm_head")}),
-    # MPT as transformers has it: LayerNorm without bias, fused Wqkv, GELU before down_proj.
-    "mpt": Family(
-        "LayerNorm",
-        None,
-        LLAMA_LINEARS | {"qkv": r".*Wqkv", "gate_up": r".*up_proj", "o_proj": r".*out_proj"},
-        {"lm_head": ("transformer.norm_f", "lm_head")},
-    ),  # fmt: skip
-}
-SUPPORTED_MODEL_TYPES = set(FAMILIES)
-# Families INC cannot smooth as transformers builds them, and why (one sentence each; the command stops with it).
-NOT_SMOOTHABLE = {
-    "gpt_neox": "with GPT-NeoX's parallel attention and MLP, the model Neural Compressor smooths no longer "
-    "computes the original (a tiny one's INT8 logits correlated 0.61 with FP32, against over 0.99 for the "
-    "families it takes)",
-}
+from quantize import files, models
+from quantize.errors import ModelError
+from quantize.families import FAMILIES, Family, linear_regex, pair
+from quantize.runtime import engine
 
 
 def family_of(model: nn.Module) -> Family:
     return FAMILIES[model.config.model_type]
-
-
-def linear_pattern(family: Family, role: str) -> str:
-    return family.linears[role] + r"(\.module)?"
 
 
 @dataclass(frozen=True)
@@ -140,12 +55,12 @@ class Recipe:
     name: str
     smooth_quant: bool = True
     alpha: float | str = 0.5  # SmoothQuant migration strength, or "auto" (INC searches per layer)
-    # role (ROLES) -> what its Linears run instead of static INT8: "fp32", "dynamic" (FBGEMM INT8, scale per call) or
+    # role (families.ROLES) -> what its Linears run instead of static INT8: "fp32", "dynamic" (FBGEMM INT8, scale per call) or
     # "bf16" (INC's BF16 wrapper)
     tail: tuple[tuple[str, str], ...] = ()
     # INC's default for Linear activations is KL calibration, which clips the outliers LLMs depend on.
     activation_algorithm: str = "minmax"
-    # SmoothQuant for the pairs INC cannot absorb (Family.pairs: lm_head, down_proj, o_proj), done here the same
+    # SmoothQuant for the pairs INC cannot absorb (families.PAIRS: lm_head, down_proj, o_proj), done here the same
     # way before INC runs: the producer's output channels scaled down, the consumer's input columns up.
     smooth_pairs: tuple[str, ...] = ()
     pair_alpha: float | None = (
@@ -162,7 +77,7 @@ def tail_for(recipe: Recipe, family: Family) -> tuple[tuple[str, str], ...]:
 def tail_modes(
     o_proj: str, down_proj: str, lm_head: str, qkv_gate_up: str | None = None
 ) -> tuple[tuple[str, str], ...]:
-    """A recipe's `tail`: what each role of Linears (ROLES) runs instead of static INT8 (None: static INT8)."""
+    """A recipe's `tail`: what each role of Linears (families.ROLES) runs instead of static INT8 (None: static INT8)."""
     inputs = (("qkv", qkv_gate_up), ("gate_up", qkv_gate_up)) if qkv_gate_up else ()
     return inputs + (("o_proj", o_proj), ("down_proj", down_proj), ("lm_head", lm_head))
 
@@ -290,12 +205,15 @@ class QuantizeResult:
     criterion_met: bool | None = None  # INC's AccuracyCriterion on this trial (None: not judged)
 
     def summary(self) -> dict:
-        return {
-            "recipe": {**asdict(self.recipe), "tail": tail_for(self.recipe, family_of(self.model))},
-            "smoothquant": self.smoothquant,
-            "modules": self.modules,
-            "seconds": round(self.seconds, 1),
-        }
+        return run_summary(self.recipe, family_of(self.model), self.smoothquant, self.modules, self.seconds)
+
+
+def run_summary(recipe: Recipe, family: Family, smoothquant: dict, modules: dict, seconds: float) -> dict:
+    """What a quantize run records, whole or block by block: the recipe with its tail on this family, the evidence
+    that SmoothQuant ran, the kinds of module it made, and its time."""
+    tail = tail_for(recipe, family)
+    return {"recipe": {**asdict(recipe), "tail": tail}, "smoothquant": smoothquant, "modules": modules,
+            "seconds": round(seconds, 1)}  # fmt: skip
 
 
 def untie_embeddings(model: nn.Module) -> bool:
@@ -316,7 +234,7 @@ def present_norms_to_inc(model: nn.Module) -> dict[str, nn.Module]:
 
     family, originals = family_of(model), {}
     for name, mod in model.named_modules():
-        alias = family.shown_as and type(mod).__name__ == family.norm
+        alias = family.shown_as and type(mod).__name__ == family.norm_class
         biasless = isinstance(mod, nn.LayerNorm) and mod.bias is None
         if alias or biasless:
             originals[name] = copy.deepcopy(mod)
@@ -342,7 +260,7 @@ def restore_norms(qmodel: nn.Module, originals: dict[str, nn.Module], offset: fl
 
 
 def build_config(recipe: Recipe, family: Family, calibration_size: int, judged: bool = False):
-    """INC's config for `recipe` on `family`; `judged`: a trial of accuracy-aware tuning (quantize/tune.py),
+    """INC's config for `recipe` on `family`; `judged`: a trial of accuracy-aware tuning (quantize/build/tune.py),
     passing when its eval_fn's score loses nothing against the FP32 baseline's."""
     from neural_compressor.config import AccuracyCriterion, PostTrainingQuantConfig, TuningCriterion
 
@@ -357,7 +275,7 @@ def build_config(recipe: Recipe, family: Family, calibration_size: int, judged: 
         approach="static",
         backend="default",
         recipes=recipes,
-        op_name_dict={linear_pattern(family, role): fp32 for role, _ in tail_for(recipe, family)} or None,
+        op_name_dict={linear_regex(family, role): fp32 for role, _ in tail_for(recipe, family)} or None,
         op_type_dict={"Linear": {"activation": {"algorithm": [recipe.activation_algorithm]}}},
         calibration_sampling_size=[calibration_size],
         accuracy_criterion=AccuracyCriterion(criterion="absolute", tolerable_loss=0.0),
@@ -387,8 +305,8 @@ def family_pairs(
     return [
         (p.format(i=i), c.format(i=i))
         for k in kinds
-        if k in family.pairs
-        for p, c in [family.pairs[k]]
+        if k in family.smoothed
+        for p, c in [pair(family, k)]
         for i in (layers if "{i}" in p else [0] if model_wide else [])
     ]
 
@@ -460,21 +378,6 @@ def _migrate(
     return s
 
 
-def prepare_for_inc(
-    model: nn.Module, calibration: list[torch.Tensor], recipe: Recipe
-) -> dict[str, nn.Module]:
-    """Make the FP32 copy ready for INC: embeddings untied, norms shown under a class INC knows, and the pairs INC
-    cannot absorb already smoothed. Returns the norms shown to INC (see `restore_norms`)."""
-    untie_embeddings(model)
-    shown = present_norms_to_inc(model)
-    if recipe.smooth_pairs:
-        pairs = family_pairs(family_of(model), recipe.smooth_pairs, range(model.config.num_hidden_layers))
-        smooth_pairs(model, lambda: [model(input_ids=ids) for ids in calibration], pairs, pair_alpha(recipe))
-    # INC's jit trace for SmoothQuant needs tuple outputs, and no cache object among them (Gemma 2's HybridCache)
-    model.config.return_dict, model.config.use_cache = False, False
-    return shown
-
-
 def quantize(
     model: nn.Module,
     calibration: list[torch.Tensor],
@@ -483,28 +386,20 @@ def quantize(
     judge: Callable[[nn.Module], float] | None = None,
 ) -> QuantizeResult:
     """Quantize a copy of `model` (any float dtype) with `recipe`, calibrating on token-id tensors [1, T];
-    `judge`, INC's eval_fn, makes it a trial of accuracy-aware tuning (quantize/tune.py).
+    `judge`, INC's eval_fn, makes it a trial of accuracy-aware tuning (quantize/build/tune.py).
 
     INCQuantizer writes its own files into `workdir`; the caller saves the final folder with `save_int8`.
     """
     start = time.perf_counter()
     model = copy.deepcopy(model).float().eval()
-    # before any smoothing: the final norm is smoothed here (smooth_pairs), the others by INC
-    family, norms_before = family_of(model), norm_weights(model)
-    shown = prepare_for_inc(model, calibration, recipe)
+    untie_embeddings(model)  # lm_head is scaled alone
+    pairs = family_pairs(family_of(model), recipe.smooth_pairs, range(model.config.num_hidden_layers))
+    run = (lambda: [model(input_ids=ids) for ids in calibration]) if recipe.smooth_pairs else None
+    models.outputs_for(model.config, models.FOR_TRACING)
     ids = [x[0].tolist() for x in calibration]
     columns = {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
-    config = build_config(recipe, family, len(calibration), judge is not None)
-    qmodel, log_lines = run_inc(model, columns, config, workdir, judge)
-    qmodel.config.return_dict, qmodel.config.use_cache = True, True  # INC's trace is done
-    # mmap: only INC's tuning config is read, not the INT8 state dict saved next to it
-    q_config = torch.load(
-        Path(workdir) / "pytorch_model.bin", map_location="cpu", weights_only=False, mmap=True
-    )["best_configure"]
-    restore_norms(qmodel, shown, family.norm_offset)
-    apply_tail(qmodel, q_config, recipe, family)
-
-    evidence = smoothquant_evidence(log_lines, norms_before, qmodel) if recipe.smooth_quant else {}
+    qmodel, q_config, evidence, log_lines = quantize_part(model, columns, run, pairs, recipe, workdir, judge)
+    models.outputs_for(qmodel.config, models.FOR_LOADERS)  # INC's trace is done
     seconds = time.perf_counter() - start
     met = criterion_met(log_lines) if judge is not None else None
     return QuantizeResult(
@@ -512,10 +407,41 @@ def quantize(
     )
 
 
+def quantize_part(
+    part: nn.Module,
+    columns: dict[str, list],
+    run: Callable[[], object] | None,
+    pairs: list[tuple[str, str]],
+    recipe: Recipe,
+    workdir: Path,
+    judge: Callable[[nn.Module], float] | None = None,
+) -> tuple[nn.Module, dict, dict, list[str]]:
+    """The recipe on an FP32 part of a model, in place: the whole model, or one decoder block (build/blockwise.py).
+    Its norms shown to INC, the `pairs` INC cannot absorb smoothed on what `run()` passes through it (None: nothing
+    to observe), INC's SmoothQuant and INT8 calibrated on `columns` (the part's forward arguments, a sample per
+    row), the norms given back and the recipe's tail. Returns the quantized part, INC's tuning config, the evidence
+    that SmoothQuant ran, and INC's log."""
+    family = family_of(part)
+    norms_before = norm_weights(part)  # before any smoothing: folding puts the scales into the norms
+    shown = present_norms_to_inc(part)
+    if run is not None:
+        smooth_pairs(part, run, pairs, pair_alpha(recipe))
+    config = build_config(recipe, family, len(next(iter(columns.values()))), judge is not None)
+    qmodel, log_lines = run_inc(part, columns, config, workdir, judge)
+    # mmap: only INC's tuning config is read, not the INT8 state dict saved next to it
+    q_config = torch.load(
+        Path(workdir) / "pytorch_model.bin", map_location="cpu", weights_only=False, mmap=True
+    )["best_configure"]
+    restore_norms(qmodel, shown, family.norm_offset)
+    apply_tail(qmodel, q_config, recipe, family)
+    evidence = smoothquant_evidence(log_lines, norms_before, qmodel) if recipe.smooth_quant else {}
+    return qmodel, q_config, evidence, log_lines
+
+
 def run_inc(
     model: nn.Module, columns: dict[str, list], config, workdir: Path, judge
 ) -> tuple[nn.Module, list[str]]:
-    """INCQuantizer on the prepared FP32 model (a whole model, or one block: quantize/blockwise.py), calibrated on
+    """INCQuantizer on the prepared FP32 model (a whole model, or one block: quantize/build/blockwise.py), calibrated on
     `columns` (its forward's arguments, one sample per row): the quantized model, and what INC logged meanwhile."""
     import datasets
     from neural_compressor.config import options
@@ -582,7 +508,7 @@ def criterion_met(log_lines: list[str]) -> bool:
     return bool(verdicts) and "n/a" not in verdicts[-1]
 
 
-def build_int8(
+def quantize_to_folder(
     bf16: nn.Module,
     tokenizer,
     calibration: list[torch.Tensor],
@@ -607,7 +533,6 @@ def check_smoothquant(result: QuantizeResult) -> None:
 
 def require_smoothquant(recipe: Recipe, evidence: dict) -> None:
     """Never ship plain PTQ under SmoothQuant's name: a recipe that asks for it must show it was applied."""
-    from quantize.models import ModelError
 
     if recipe.smooth_quant and not evidence.get("applied"):
         said = " ".join(evidence.get("inc_log") or []) or "nothing"
@@ -628,12 +553,18 @@ def save_int8(result: QuantizeResult, out: Path, tokenizer, original: nn.Module)
     torch.save(state, out / "pytorch_model.bin")
     engine.write_engine_file(result.model, out)
     config = json.loads((out / "config.json").read_text())
-    # INC's trace needed tuple outputs; whoever loads this folder wants normal ones and a KV cache.
-    config.update(return_dict=True, use_cache=True, tie_word_embeddings=False)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_loader_files(out, config, tokenizer, getattr(original, "generation_config", None))
+
+
+def write_loader_files(out: Path, config: dict, tokenizer, generation_config) -> None:
+    """What every INT8 folder holds beside its weights, whichever path built it: the config as a loader wants it
+    (dict outputs and a KV cache, not INC's trace's settings; lm_head untied, as it was quantized), the tokenizer
+    and the generation config."""
+    config = config | models.FOR_LOADERS | {"tie_word_embeddings": False}
+    files.write_file(Path(out) / "config.json", json.dumps(config, indent=2))
     tokenizer.save_pretrained(out)
-    if getattr(original, "generation_config", None) is not None:
-        original.generation_config.save_pretrained(out)
+    if generation_config is not None:
+        generation_config.save_pretrained(out)
 
 
 def norm_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -671,9 +602,9 @@ def smoothquant_evidence(
 def apply_tail(qmodel: nn.Module, q_config: dict, recipe: Recipe, family: Family) -> None:
     for role, mode in tail_for(recipe, family):
         if mode == "dynamic":
-            make_dynamic(qmodel, q_config, (linear_pattern(family, role),))
+            make_dynamic(qmodel, q_config, (linear_regex(family, role),))
         elif mode == "bf16":
-            make_bf16(qmodel, q_config, (linear_pattern(family, role),))
+            make_bf16(qmodel, q_config, (linear_regex(family, role),))
 
 
 def _tail_modules(qmodel: nn.Module, patterns: tuple[str, ...]) -> list[str]:

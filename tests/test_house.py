@@ -1,0 +1,103 @@
+"""The package's layering, read from its source: every import statement, function-level ones included.
+
+runtime/ is what the app runs, build/ the maintainer step, tools/ the measuring tools, and the modules at the top of
+quantize/ shared leaves. The runtime imports neither the build nor the tools; the build does not import the tools;
+the leaves import only leaves; and no module reaches itself through its imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "quantize"
+COMMANDS = {
+    "quantize.__main__",
+    "quantize.bench",
+}  # `python -m` entry points: one import each, of their command
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(path: Path) -> set[str]:
+    """The package's modules that `path` imports anywhere in it (a package's name when it imports the package)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            while name and name not in MODULES:
+                name = name.rpartition(".")[0]
+            if name and name != "quantize":
+                found.add(name)
+    return found
+
+
+GRAPH = {name: imported(path) - {name} for name, path in MODULES.items()}
+
+
+def layer(name: str) -> str:
+    if name in COMMANDS:
+        return "command"
+    parts = name.split(".")
+    return (
+        parts[1]
+        if len(parts) > 2 or name in ("quantize.runtime", "quantize.build", "quantize.tools")
+        else "leaf"
+    )
+
+
+def test_the_reader_sees_the_imports_it_checks():
+    """Not vacuous: module-level and function-level imports both reach the graph."""
+    assert (
+        "quantize.runtime.decoders" in GRAPH["quantize.runtime.serving"]
+    )  # from quantize.runtime import decoders
+    assert "quantize.build.recipe" in GRAPH["quantize.build.blockwise"]
+    assert {layer(n) for n in GRAPH} == {"command", "leaf", "runtime", "build", "tools"}
+
+
+@pytest.mark.parametrize(
+    "lower, higher",
+    [("runtime", {"build", "tools", "command"}), ("build", {"tools", "command"}),
+     ("leaf", {"runtime", "build", "tools", "command"})],
+)  # fmt: skip
+def test_no_layer_imports_a_layer_above_it(lower: str, higher: set[str]):
+    wrong = sorted(
+        f"{name} imports {dep}"
+        for name, deps in GRAPH.items()
+        if layer(name) == lower
+        for dep in deps
+        if layer(dep) in higher
+    )
+    assert not wrong, wrong
+
+
+def test_no_import_circles():
+    """Depth-first search for a back edge; the circle found is printed."""
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = "open"
+        for dep in sorted(GRAPH[name]):
+            if state.get(dep) == "open":
+                return path + [name, dep]
+            if dep not in state and (circle := visit(dep, path + [name])):
+                return circle
+        state[name] = "done"
+        return None
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            circle = visit(name, [])
+            assert circle is None, " -> ".join(circle[circle.index(circle[-1]) :])
