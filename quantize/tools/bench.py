@@ -153,7 +153,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ModelError("--build-config-model benchmarks the model it builds; leave out --int8 and --bf16.")
 
 
-def resolve_int8(arg: str | None, revision: str | None) -> Path:
+def int8_folder(arg: str | None, revision: str | None) -> Path:
     """--int8 as a folder; without it the app's cached default INT8 folder, which must have been built."""
     if arg is None:
         path = models.default_int8_dir()
@@ -176,7 +176,7 @@ def folders(args: argparse.Namespace) -> tuple[Path, Path, bool]:
         )
         print(f"random-weight {args.family}: --bf16 {bf16_dir} --int8 {int8_dir} (speed only, not quality)")
         return bf16_dir, int8_dir, False
-    int8_dir = resolve_int8(args.int8, args.int8_revision)  # first: a wrong --int8 fails before any loading
+    int8_dir = int8_folder(args.int8, args.int8_revision)  # first: a wrong --int8 fails before any loading
     return models.resolve_model(args.bf16), int8_dir, args.bf16 is None
 
 
