@@ -17,7 +17,7 @@ from quantize.runtime import decoders, engine
 from quantize.runtime.decoders import HFDecoder
 from quantize.runtime.generate import Sampling, stream
 
-# Random small models, one per family the engine serves (engine.ARCHITECTURES); the default tokenizer's vocabulary.
+# Random small models, one per family the engine serves (quantize/families.py); the default tokenizer's vocabulary.
 FAMILIES = {
     "llama": {},
     "mistral": {"sliding_window": 4096},

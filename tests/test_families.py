@@ -161,7 +161,7 @@ class Trap:
         return (open, (self.mark, "w"))
 
 
-# The families the engine runs beyond Llama's (engine.ARCHITECTURES), as their transformers 4.45 files compute them:
+# The families the engine runs beyond Llama's (quantize/families.py), as their transformers 4.45 files compute them:
 # Phi-3's fused Linears, Gemma's (1 + weight) norms, GeGLU and scaled embedding, Gemma 2's extra norms and
 # soft-capping, OPT's LayerNorms with biases, learned positions and ReLU MLP, BLOOM's and MPT's ALiBi, fused q/k/v
 # and GELU MLPs. tests/test_engine.py holds the engine
@@ -217,7 +217,7 @@ print(rss() - before)
 """
 
 
-# Not gemma2: transformers reads its lm_head as float (recipe.FAMILIES' float_roles), so a whole-model INT8 folder
+# Not gemma2: transformers reads its lm_head as float (its float_roles in quantize/families.py), so a whole-model INT8 folder
 # keeps it BF16, and in a tiny model lm_head is nearly all the weights (a block-built one, above 1B, has it INT8).
 @pytest.mark.parametrize("family", ["phi3", "gemma", "opt", "bloom", "mpt"])
 def test_int8_adds_less_resident_memory_than_bf16(built, family):

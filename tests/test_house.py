@@ -7,6 +7,7 @@ the leaves import only leaves; and no module reaches itself through its imports.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,41 @@ def test_no_import_circles():
         if name not in state:
             circle = visit(name, [])
             assert circle is None, " -> ".join(circle[circle.index(circle[-1]) :])
+
+
+def code_strings(path: Path) -> list[str]:
+    """The string constants of a module's code, its docstrings left out (prose may name an example)."""
+    tree = ast.parse(path.read_text())
+    docs = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+        and isinstance(node.body[0], ast.Expr)
+    }  # fmt: skip
+    return [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+    ]
+
+
+def test_a_family_is_described_in_one_place():
+    """The module names a family's row gives (its layers, embedding, final norm, positions) are written nowhere else
+    in the package: the engine, the recipe, the block path, the reference and the bench read them from the row."""
+    from quantize.families import FAMILIES
+
+    names = {
+        name
+        for row in FAMILIES.values()
+        for name in (row.layers, row.embed, row.final_norm, row.positions, row.embed_norm)
+        if name
+    }
+    found = sorted(
+        f"{module}: {text!r}"
+        for module, path in MODULES.items()
+        if module != "quantize.families"
+        for text in code_strings(path)
+        for name in names
+        if re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", text)
+    )
+    assert len(names) > 10 and not found, found

@@ -385,7 +385,7 @@ class Engine:
         ]
         self.norm = read.norm(arch.final_norm)
         tied = "lm_head.weight" not in tensors and "lm_head.qweight" not in tensors
-        self.lm_head = read.linear([arch.embed if tied else "lm_head"])
+        self.lm_head = read.linear([arch.embed if tied else arch.lm_head])
         self.bytes_per_token = read.nbytes  # what one decode step streams
         # A tied table is the output matrix, read whole every token (packed for it); the input side gathers its
         # rows from the memory-mapped file, so it costs resident memory only for the rows used. So does a table
