@@ -96,8 +96,22 @@ def write_safetensors(
             n: (SAFETENSORS_DTYPES[str(t.dtype)], list(t.shape))
             for n, t in ((n, g()) for n, g in tensors.items())
         }
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    # a temporary file of its own: two runs writing one folder never write into each other's
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        write_safetensors_to(fd, tensors, metadata, layout)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors_to(
+    fd: int, tensors: dict[str, Callable], metadata: dict[str, str], layout: dict
+) -> None:
+    """The safetensors bytes into the open file `fd`, synced to disk."""
+    with os.fdopen(fd, "wb") as f:
         header, offset = {"__metadata__": metadata}, 0
         for name in tensors:
             dtype, shape = layout[name]
@@ -111,5 +125,3 @@ def write_safetensors(
             f.write(get().contiguous().view(-1).view(torch.uint8).numpy())
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)

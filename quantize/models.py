@@ -9,6 +9,7 @@ A model argument is one of:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -221,9 +222,15 @@ def resolve_int8(model: str, revision: str | None = None, token: str | None = No
 
 
 def default_int8_dir(bf16_arg: str | None = None) -> Path:
-    """Where the app keeps (and builds on first start) the INT8 model of a BF16 model argument."""
-    slug = re.sub(r"[^\w.-]+", "--", bf16_arg or "default").strip("-")
-    return cache_dir() / "int8" / slug
+    """Where the app keeps (and builds on first start) the INT8 model of a BF16 model argument: a folder of its own
+    under int8/ for each model, named after it and a hash of what it is (a local folder's absolute path, a Hub id),
+    so `org/m` and the folder `/org/m` never share one and no argument ('.', '..') names int8/ itself."""
+    if not bf16_arg:
+        return cache_dir() / "int8" / "default"
+    local = Path(bf16_arg).expanduser()
+    key = str(local.resolve()) if local.exists() or looks_like_path(bf16_arg) else bf16_arg
+    name = re.sub(r"[^\w.-]+", "-", Path(key).name).strip("-.") or "model"
+    return cache_dir() / "int8" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def is_int8_folder(path: Path) -> bool:

@@ -105,6 +105,66 @@ def test_history_trimmed_oldest_first(tokenizer):
     assert text.startswith("<|im_start|>system\nsys")  # the system prompt is always kept
 
 
+def test_a_trimmed_prompt_is_the_template_of_the_turns_it_kept(tokenizer):
+    history = _history(20)
+    ids, dropped = chat.build_prompt(tokenizer, "sys", history, "the newest question", budget=400)
+    kept = [{"role": m["role"], "content": chat.text_of(m["content"])} for m in history[dropped:]]
+    messages = [
+        {"role": "system", "content": "sys"},
+        *kept,
+        {"role": "user", "content": "the newest question"},
+    ]
+    assert dropped > 0 and ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the characters it is handed to tokenize."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.chars = tokenizer, 0
+
+    def __call__(self, text: str, **kwargs):
+        self.chars += len(text)
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("turns, words", [(2000, 1), (200, 1000)])  # many short turns; 1 MB of long ones
+def test_building_a_prompt_reads_a_bounded_part_of_any_history(tokenizer, turns, words):
+    """However long the history a client sends, what is tokenized stays within a few times what fits the model
+    (~16k characters for 1,024 tokens); before, every dropped turn re-tokenized all the others."""
+    counting = CountingTokenizer(tokenizer)
+    history = _history(turns // 2, words)
+    sent = sum(len(chat.text_of(m["content"])) for m in history)
+    ids, dropped = chat.build_prompt(counting, "sys", history, "the newest question", budget=1024)
+    assert sent > 20_000 and counting.chars < 50_000, (sent, counting.chars)
+    assert len(ids) <= 1024 and dropped > 0 and "the newest question" in tokenizer.decode(ids)
+
+
+def test_a_long_system_prompt_is_refused_before_any_work(tokenizer):
+    counting = CountingTokenizer(tokenizer)
+    with pytest.raises(chat.Refused, match="system prompt has 1,000,000 characters"):
+        chat.new_turn(counting, "hello", "x" * 1_000_000, [])
+    assert counting.chars == 0
+
+
+def test_continue_past_the_input_limit_is_refused(tokenizer):
+    prompt = chat.encode_chat(tokenizer, [{"role": "user", "content": "Tell me a story."}])
+    said = [
+        {"role": "user", "content": "Tell me a story."},
+        {"role": "assistant", "content": "Once upon a time"},
+    ]
+    assert chat.continuation(tokenizer, prompt, said).ids[: len(prompt)] == prompt
+    counting = CountingTokenizer(tokenizer)
+    for answer in ("word " * 2_000, "a" * 30_000):  # ~2,000 tokens; and 30,000 characters, never tokenized
+        long = said[:1] + [{"role": "assistant", "content": answer}]
+        with pytest.raises(chat.Refused, match="input limit"):
+            chat.continuation(counting, prompt, long)
+    assert counting.chars == len("word " * 2_000)
+
+
 def test_message_alone_too_long(tokenizer):
     with pytest.raises(ValueError, match="limit is 50"):
         chat.build_prompt(tokenizer, "", [], "word " * 200, budget=50)

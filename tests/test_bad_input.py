@@ -235,6 +235,40 @@ def raw_chat(url: str, data: list) -> list:
     raise AssertionError("the event stream ended without a result")
 
 
+def test_a_megabyte_system_prompt_is_refused(client):
+    h, box, *_, notice = client.predict(
+        "Hi", EVERYDAY, "x" * 1_000_000, 8, 0.0, 0.95, False, api_name="/chat"
+    )[:6]
+    assert notice.startswith("Not sent:") and "system prompt has 1,000,000 characters" in notice, notice
+    assert box == "Hi" and len(h) == len(EVERYDAY)
+
+
+def test_a_two_thousand_turn_history_is_trimmed_and_answered(client):
+    history = [turn(role, f"{role} {i}") for i in range(1000) for role in ("user", "assistant")]
+    h, box, _chart, table, _bf16, notice, *_ = client.predict(
+        QUESTION, history, DEFAULT_SYSTEM, 8, 0.0, 0.95, False, api_name="/chat"
+    )
+    assert "oldest messages were left out" in notice and "Median ms / token" in table, notice
+    assert len(h) == 2002 and text_of(h[-2]["content"]) == QUESTION
+
+
+def test_continue_cannot_feed_the_model_past_the_input_limit(app_url):
+    """Continue reads the last answer from the client: a client that answers once, then sends Continue with a
+    30,000-character "answer", is refused, and a normal Continue still works in the same session."""
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    h, *_ = client.predict(QUESTION, [], DEFAULT_SYSTEM, 8, 0.0, 0.95, False, api_name="/chat")
+    forged = h[:-1] + [turn("assistant", "Tokyo " * 5_000)]
+    got, box, _chart, _table, _bf16, notice, *_ = client.predict(
+        forged, 8, 0.0, 0.95, False, api_name="/continue"
+    )
+    assert notice.startswith("Not sent:") and "input limit of 1,024 tokens" in notice, notice
+    assert text_of(got[-1]["content"]) == "Tokyo " * 5_000  # nothing lost: the history is handed back as sent
+    *_, notice = client.predict(h, 8, 0.0, 0.95, False, api_name="/continue")[:6]
+    assert not notice.startswith("Not sent"), notice
+
+
 def test_app_still_answers_after_the_table(client):
     h, *_ = client.predict(QUESTION, [], DEFAULT_SYSTEM, 16, 0.0, 0.95, False, api_name="/chat")
     assert ANSWER in text_of(h[-1]["content"])

@@ -126,11 +126,32 @@ def test_stages_resume_only_the_same_run(tmp_path):
         tune_trials=8,
         tune_minutes=60.0,
     )
-    partial = tmp_path / "out.partial"
-    Record(partial, fingerprint(args)).add("quantize", {"seconds": 1})
-    assert Record(partial, fingerprint(args)).done == {"quantize": {"seconds": 1}}  # a rerun resumes
+    source, partial = tmp_path / "model", tmp_path / "out.partial"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(b"weights")
+    Record(partial, fingerprint(args, source)).add("quantize", {"seconds": 1})
+    assert Record(partial, fingerprint(args, source)).done == {"quantize": {"seconds": 1}}  # a rerun resumes
     args.alpha = 0.7
-    assert Record(partial, fingerprint(args)).done == {}  # other arguments start over
+    assert Record(partial, fingerprint(args, source)).done == {}  # other arguments start over
+    Record(partial, fingerprint(args, source)).add("quantize", {"seconds": 1})
+    (source / "model.safetensors").write_bytes(b"other weights")  # the same folder, new weights
+    assert Record(partial, fingerprint(args, source)).done == {}
+    Record(partial, fingerprint(args, source)).add("quantize", {"seconds": 1})
+    args.calibration_file = tmp_path / "chats.txt"
+    args.calibration_file.write_text("one text")
+    key = fingerprint(args, source)
+    args.calibration_file.write_text("another text")  # the same file name, new calibration
+    assert fingerprint(args, source) != key
+
+
+def test_an_out_that_overlaps_the_model_is_refused_before_anything_is_touched(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for out in (model, model / "int8", tmp_path):
+        proc = run_cli("--model", str(model), "--out", str(out), "--overwrite")
+        assert proc.returncode == 2 and "overlap" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and (model / "config.json").read_text() == "{}"
 
 
 @pytest.fixture
@@ -356,7 +377,7 @@ FINGERPRINT = """
 import sys
 from quantize.build.cli import parse_args
 from quantize.build.pipeline import fingerprint
-print(fingerprint(parse_args(["--out", "x"])))
+print(fingerprint(parse_args(["--out", "x"]), sys.argv[1]))
 """
 
 
@@ -368,7 +389,11 @@ def test_a_change_to_the_build_code_starts_over_and_one_to_the_page_does_not(tmp
     def key() -> str:
         env = {**os.environ, "PYTHONPATH": str(tmp_path)}
         proc = subprocess.run(
-            [sys.executable, "-c", FINGERPRINT], env=env, capture_output=True, text=True, cwd=tmp_path
+            [sys.executable, "-c", FINGERPRINT, str(ROOT / "assets")],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()

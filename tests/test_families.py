@@ -100,10 +100,14 @@ def test_family_quantizes_with_smoothquant_folded_exactly(built, tokenizer, fami
     src, out = built(family)
     card = (out / "README.md").read_text()
     for measured in ("bench.json", "frontier.json"):  # the embedded default's, not this model's
-        assert json.loads((ROOT / "quantize" / measured).read_text())["command"] not in card, measured
+        assert json.loads((ROOT / "quantize" / "data" / measured).read_text())["command"] not in card, (
+            measured
+        )
     # a local folder with no Hub name: the card names the folder, never the default model, as its base
     assert ModelCard.load(out / "README.md").data.base_model is None
     assert f"INT8 version of the local model `{src.name}`" in card and "SmolLM2" not in card
+    report = (out / "quantize_report.json").read_text()
+    assert str(src.parent) not in report + card  # where the maintainer's files lie stays on their machine
     fp32 = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
     int8 = INCModelForCausalLM.from_pretrained(out).model.eval()
 

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
 
 from quantize import files
@@ -276,3 +277,51 @@ def _folder(path: Path, content: dict[str, str]) -> Path:
 
 def _read(folder: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+def test_two_writers_of_one_safetensors_file_each_write_a_whole_one(tmp_path):
+    """Two runs writing the same file at once (one --out, two commands): each writes its own temporary file, so
+    the file is one of the two whole versions and neither writer fails."""
+    from safetensors.torch import load_file
+
+    path, both_inside = tmp_path / "engine.safetensors", threading.Barrier(2)
+    versions = {k: {"w": torch.full((256, 256), float(k))} for k in (1, 2)}
+    errors = []
+
+    def write(k: int) -> None:
+        def tensor():
+            both_inside.wait(timeout=30)  # both writers are half-way through their files
+            return versions[k]["w"]
+
+        try:
+            files.write_safetensors(path, {"w": tensor}, {"format": "pt"}, {"w": ("F32", [256, 256])})
+        except Exception as e:  # noqa: BLE001 - what a writer raised is the finding
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    got = load_file(path)["w"]
+    assert any(torch.equal(got, v["w"]) for v in versions.values())
+    assert [p.name for p in tmp_path.iterdir()] == ["engine.safetensors"]  # no temporary file left
+
+
+def test_an_index_that_names_files_outside_its_folder_is_refused(tmp_path):
+    """A model folder's index is a list of its own files: '../' or an absolute path is refused, never read."""
+    import json
+
+    from quantize.errors import ModelError
+    from quantize.runtime import decoders
+
+    secret = tmp_path / "secret.safetensors"
+    files.write_safetensors(secret, {"w": lambda: torch.zeros(2)}, {"format": "pt"})
+    for name in ("../secret.safetensors", str(secret)):
+        folder = tmp_path / f"model-{len(name)}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+        with pytest.raises(ModelError, match="outside its folder"):
+            decoders.open_bf16(folder)

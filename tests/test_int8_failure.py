@@ -66,6 +66,9 @@ def test_app_serves_bf16_alone_when_int8_fails(broken_int8, tmp_path):
         client = Client(url, verbose=False)
         s = client.predict(api_name="/status")
         assert s["ready"] and not s["compare"] and "Cannot load the INT8 model" in s["int8_error"]
+        assert (
+            str(broken_int8["corrupt"].parent) not in s["int8_error"]
+        )  # a visitor never sees where files lie
         h, box, _chart, table, bf16, _notice, *_ = client.predict(
             QUESTION, [], DEFAULT_SYSTEM, 16, 0.0, 0.95, True, api_name="/chat"
         )
@@ -73,5 +76,6 @@ def test_app_serves_bf16_alone_when_int8_fails(broken_int8, tmp_path):
         assert "Comparison unavailable" in table
         errors: list[str] = []
         with app_page(url, errors, header="INT8 unavailable") as page:
-            assert "BF16" in page.locator("#header").inner_text()
+            header = page.locator("#header").inner_text()
+            assert "BF16" in header and str(broken_int8["corrupt"].parent) not in header
         assert not errors, errors

@@ -92,3 +92,17 @@ def test_hub_download_through_local_server(tmp_path, default_dir):
 def test_load_int8_refuses_a_folder_quantize_did_not_write(default_dir):
     with pytest.raises(ModelError, match="not an INT8 folder"):
         models.load_inc_int8(default_dir)
+
+
+def test_each_model_argument_gets_an_int8_folder_of_its_own(tmp_path, monkeypatch):
+    """The app builds a BF16 model's INT8 copy into a cache folder named after the argument: a Hub id and a local
+    folder of the same name never share it, and no argument names the INT8 cache itself (which a build replaces)."""
+    monkeypatch.setenv("Q8CHAT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x" / "org" / "m").mkdir(parents=True)  # a folder named like the Hub id org/m
+    args = ["org/m", str(tmp_path / "x" / "org" / "m"), ".", "..", "./x/org/m", "other/m", None]
+    dirs = {arg: models.default_int8_dir(arg) for arg in args}
+    cache = (tmp_path / "cache" / "int8").resolve()
+    assert all(d.resolve().parent == cache for d in dirs.values()), dirs
+    assert dirs[str(tmp_path / "x" / "org" / "m")] == dirs["./x/org/m"]  # one folder, named two ways
+    assert len({dirs[a] for a in args if a != "./x/org/m"}) == len(args) - 1, dirs

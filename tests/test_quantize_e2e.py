@@ -211,7 +211,7 @@ def test_report_and_card(int8_run, report):
     assert report["speed"]["models"]["int8"]["median_ms"] > 0 and report["cpu"]["model"]
     # the project's bench and frontier measured this model (the embedded default): its card quotes them
     for measured in ("bench.json", "frontier.json"):
-        assert json.loads((ROOT / "quantize" / measured).read_text())["command"] in c.text, measured
+        assert json.loads((ROOT / "quantize" / "data" / measured).read_text())["command"] in c.text, measured
 
 
 def measure(served, bf16, tokenizer, window: int = 128, prefill: int = 32) -> dict:

@@ -129,6 +129,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise ModelError(f"The {flag} {path} is empty: it needs chats or text.")
     if args.out.exists() and not args.out.is_dir():
         raise ModelError(f"--out {args.out} exists and is a file.")
+    model = (
+        Path(args.model).expanduser().resolve()
+        if args.model and Path(args.model).expanduser().exists()
+        else None
+    )
+    out = args.out.expanduser().resolve()
+    if model is not None and (out == model or model in out.parents or out in model.parents):
+        raise ModelError(f"--out {args.out} and --model {args.model} overlap: the INT8 folder replaces --out, which "
+                         "would delete the model it is made from. Pick an --out outside the model's folder.")  # fmt: skip
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
         raise ModelError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it.")
     if args.push_to_hub and not args.dry_run:
@@ -158,7 +167,7 @@ def prepare(args: argparse.Namespace):
     base_id = base_model_id(args.model, str(config._name_or_path))
     files.recover_dir(args.out)  # a run killed inside a two-rename swap left the old folder beside --out
     # created only once the inputs are known to be good
-    record = pipeline.Record(args.out.with_name(args.out.name + ".partial"), pipeline.fingerprint(args))
+    record = pipeline.Record(args.out.with_name(args.out.name + ".partial"), pipeline.fingerprint(args, src))
     return pipeline.Build(args, rec, record, tok, src, base_id, kind)
 
 

@@ -44,14 +44,20 @@ class Record:
         files.write_file(self.file, json.dumps(self.state, indent=1))
 
 
-def fingerprint(args: argparse.Namespace) -> str:
+def fingerprint(args: argparse.Namespace, source: Path) -> str:
+    """What a rerun must match to pick up finished stages: the arguments, the inputs they name (the BF16 model's
+    files by name, size and time, the calibration and held-out files' bytes) and the build's code."""
     keys = ["model", "revision", "recipe", "alpha", "calibration_samples", "calibration_file", "eval_file", "bench_tokens",
             "bench_rounds", "skip_baseline", "max_ppl_ratio", "min_top1", "tune_trials", "tune_minutes"]  # fmt: skip
     blob = json.dumps({k: str(getattr(args, k)) for k in keys}, sort_keys=True)
     # a code change (recipe, evaluation, engine) must not resume onto stages an older version produced; the page's
     # code and the tools only read the result, and their changes must not throw a maintainer's finished stages away
     code = b"".join(p.read_bytes() for p in build_code())
-    return hashlib.sha256(blob.encode() + code).hexdigest()[:16]
+    own = b"".join(p.read_bytes() for p in (args.calibration_file, args.eval_file) if p is not None)
+    weights = sorted(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(source).iterdir() if f.is_file()
+    )
+    return hashlib.sha256(blob.encode() + code + own + json.dumps(weights).encode()).hexdigest()[:16]
 
 
 PACKAGE = Path(__file__).parents[1]
@@ -95,6 +101,12 @@ class Build:
     def shared_or_new_bf16(self):
         """The shared BF16 model when an earlier stage of this process loaded it, else one for the caller alone."""
         return self.__dict__.get("bf16") or self.load_bf16()
+
+    @property
+    def named_source(self) -> str:
+        """The BF16 model as the report names it: its Hub id, or a local folder's name (never where it lies)."""
+        local = self.args.model and Path(self.args.model).expanduser().exists()
+        return Path(self.args.model).name if local else self.args.model or models.DEFAULT_MODEL_HUB_ID
 
     @property
     def partial(self) -> Path:
@@ -217,7 +229,7 @@ def card_stage(b: Build) -> None:
         b.record.done,
         b.recipe,
         b.base_id,
-        str(b.source),
+        b.named_source,
         b.int8_dir,
         b.bar,
         default_model=b.args.model is None,

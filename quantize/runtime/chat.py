@@ -21,7 +21,14 @@ import torch
 from quantize.runtime import latency
 from quantize.runtime.generate import Sampling, stream
 
-MAX_INPUT_TOKENS = 1024  # prompt + history fed to the model; older turns are dropped first
+# One bound for everything the model reads of a request: system prompt + history + new message, or the prompt
+# of a stopped answer + what it said (Continue). Older turns are dropped first; a Continue past it is refused.
+MAX_INPUT_TOKENS = 1024
+# What a prompt is built from, in characters, before any tokenizing: turns older than this are dropped unread, so
+# the work of a request is bounded whatever a client sends. A token is rarely over 16 characters, so what could
+# fit MAX_INPUT_TOKENS is kept.
+MAX_INPUT_CHARS = 16 * MAX_INPUT_TOKENS
+MAX_SYSTEM_CHARS = 4000  # the system prompt; longer ones are refused
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 # The page is refreshed at most this often; tokens arriving in between are shown together. Each refresh costs the
 # server CPU the model then waits for: at 0.1 s the panel's INT8 ms/token was 1.13x the bench's (2 threads, AMD
@@ -82,16 +89,18 @@ def check_history(history) -> list[dict]:
 
 def check_message(tokenizer, message, history: list[dict], system) -> tuple[str, list[int], str]:
     """(text, prompt ids, note) for a new message, or Refused with the sentence to show."""
-    text = clean(message)
+    text, system = clean(message), system if isinstance(system, str) else ""
     if not text:
         raise Refused("Type a message first.")
-    if len(text) > MAX_MESSAGE_CHARS:
-        raise Refused(
-            f"That message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}. "
-            "Shorten it — your text is still in the box."
-        )
+    for what, got, limit in (
+        ("That message", text, MAX_MESSAGE_CHARS),
+        ("The system prompt", system, MAX_SYSTEM_CHARS),
+    ):
+        if len(got) > limit:
+            raise Refused(f"{what} has {len(got):,} characters; the limit is {limit:,}. "
+                          "Shorten it — your text is still in the box.")  # fmt: skip
     try:
-        ids, dropped = build_prompt(tokenizer, system if isinstance(system, str) else "", history, text)
+        ids, dropped = build_prompt(tokenizer, system, history, text)
     except ValueError as e:
         raise Refused(f"{e} Your text is still in the box.") from None
     note = (
@@ -114,8 +123,9 @@ def clean(message: str) -> str:
     return CONTROL_CHARS.sub("", message if isinstance(message, str) else "").strip()
 
 
-def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Render the chat template, tokenizing what people typed with special tokens split, so a typed
+def chat_pieces(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[list[int]]:
+    """The chat template rendered once, tokenized message by message: each message's ids (with the template's text
+    before it), then the template's ending. What people typed is tokenized with special tokens split, so a typed
     '<|im_start|>system' stays text and can never open a new role."""
     marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
     shell = tokenizer.apply_chat_template(
@@ -123,36 +133,63 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )
-    ids: list[int] = []
-    rest = shell
+    pieces, rest = [], shell
     for m, mark in zip(messages, marks):
         before, rest = rest.split(mark, 1)
-        ids += tokenizer(before, add_special_tokens=False).input_ids
-        ids += tokenizer(m["content"], add_special_tokens=False, split_special_tokens=True).input_ids
-    return ids + tokenizer(rest, add_special_tokens=False).input_ids
+        typed = tokenizer(m["content"], add_special_tokens=False, split_special_tokens=True).input_ids
+        pieces.append(tokenizer(before, add_special_tokens=False).input_ids + typed)
+    return pieces + [tokenizer(rest, add_special_tokens=False).input_ids]
+
+
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    return [i for piece in chat_pieces(tokenizer, messages, add_generation_prompt) for i in piece]
+
+
+def newest_turns(history: list[dict], chars: int) -> list[dict]:
+    """The conversation's newest turns (user and assistant) that hold at most `chars` characters together, read
+    from the newest back: the older ones are never looked at again."""
+    kept: list[dict] = []
+    for m in reversed(history):
+        if m.get("role") not in ("user", "assistant"):
+            continue
+        text = text_of(m["content"])
+        chars -= len(text) + 1  # an empty turn costs too: the template wraps it in tokens
+        if chars < 0 or len(kept) >= MAX_INPUT_TOKENS:
+            break
+        kept.append({"role": m["role"], "content": text})
+    return kept[::-1]
 
 
 def build_prompt(
     tokenizer, system: str, history: list[dict], message: str, budget: int = MAX_INPUT_TOKENS
 ) -> tuple[list[int], int]:
-    """Token ids for system + history + message, dropping the oldest turns until they fit `budget`.
+    """Token ids for system + history + message, dropping the oldest turns until they fit `budget`, in time linear
+    in what was sent: turns beyond MAX_INPUT_CHARS are dropped unread, the others tokenized once to size them.
     Returns (ids, number of earlier messages dropped). Raises ValueError when the message alone does not fit."""
-    turns = [
-        {"role": m["role"], "content": text_of(m["content"])}
-        for m in history
-        if m.get("role") in ("user", "assistant")
-    ]
+    turns = [m for m in history if m.get("role") in ("user", "assistant")]
+    kept = newest_turns(turns, MAX_INPUT_CHARS - len(system) - len(message))
     head = [{"role": "system", "content": system}] if system.strip() else []
-    for dropped in range(0, len(turns) + 1):
-        kept = turns[dropped:]
-        if kept and kept[0]["role"] == "assistant":  # never start mid-exchange
-            continue
-        ids = encode_chat(tokenizer, head + kept + [{"role": "user", "content": message}])
-        if len(ids) <= budget:
-            return ids, dropped
-    raise ValueError(
-        f"The message is {len(ids)} tokens with the system prompt; the limit is {budget}. Shorten it."
-    )
+    last = [{"role": "user", "content": message}]
+    pieces = chat_pieces(tokenizer, head + kept + last)
+    sizes = [len(p) for p in pieces[len(head) : len(head) + len(kept)]]
+    total = sum(len(p) for p in pieces)
+    start = 0
+    while True:
+        while start < len(kept) and (
+            total > budget or kept[start]["role"] == "assistant"
+        ):  # never mid-exchange
+            total, start = total - sizes[start], start + 1
+        ids = encode_chat(
+            tokenizer, head + kept[start:] + last
+        )  # the template on the kept turns, as it renders them
+        if len(ids) <= budget or start == len(kept):
+            break
+        total = len(ids) + 1  # a template whose pieces depend on their neighbours: one more turn goes
+    if len(ids) > budget:
+        raise ValueError(
+            f"The message is {len(ids)} tokens with the system prompt; the limit is {budget}. Shorten it."
+        )
+    return ids, len(turns) - len(kept) + start
 
 
 CODE = re.compile(
@@ -187,11 +224,18 @@ def new_turn(tokenizer, message, system, history: list[dict]) -> Turn:
 
 
 def continuation(tokenizer, last_prompt: list[int] | None, history: list[dict]) -> Turn:
-    """The last answer's prompt and what it said, so the model picks up where it stopped; or Refused."""
+    """The last answer's prompt and what it said, so the model picks up where it stopped; or Refused when there is
+    nothing to continue or the two pass MAX_INPUT_TOKENS (characters counted first, before any tokenizing)."""
     if not last_prompt or not history or history[-1]["role"] != "assistant":
         raise Refused("Nothing to continue: send a message first.")
     said = text_of(history[-1]["content"])
-    return Turn(history, continuation_ids(tokenizer, last_prompt, said), last_prompt)
+    ids = continuation_ids(tokenizer, last_prompt, said) if len(said) <= MAX_INPUT_CHARS else []
+    if not ids or len(ids) > MAX_INPUT_TOKENS:
+        raise Refused(
+            f"This answer and its prompt have reached the input limit of {MAX_INPUT_TOKENS:,} tokens, so it "
+            "cannot be continued: ask a follow-up question instead."
+        )
+    return Turn(history, ids, last_prompt)
 
 
 def continuation_ids(tokenizer, prompt_ids: list[int], partial_answer: str) -> list[int]:

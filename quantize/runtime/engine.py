@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quantize.errors import ModelError
 from quantize.families import FAMILIES, LLAMA, Family
 from quantize.machine import cpu_flags, malloc_trim
 
@@ -281,14 +282,21 @@ def shard_name(i: int, n: int) -> str:
 
 
 def safetensors_files(folder: Path) -> list[Path]:
-    """An INT8 folder's engine file or shards, else a BF16 folder's model file or shards."""
+    """An INT8 folder's engine file or shards, else a BF16 folder's model file or shards. An index may only name
+    files of its own folder: a name with a path in it ('../x', '/etc/x') is refused, not followed."""
     for single, index in ((ENGINE_FILE, ENGINE_INDEX), ("model.safetensors", "model.safetensors.index.json")):
         if (folder / single).is_file():
             return [folder / single]
         if (folder / index).is_file():
-            return sorted(
-                {folder / f for f in json.loads((folder / index).read_text())["weight_map"].values()}
+            names = set(json.loads((folder / index).read_text())["weight_map"].values())
+            outside = sorted(
+                n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")
             )
+            if outside:
+                raise ModelError(
+                    f"{index} in {folder} names a weight file outside its folder ({outside[0]!r}); refused."
+                )
+            return sorted(folder / n for n in names)
     return []
 
 

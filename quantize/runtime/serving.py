@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,15 +191,27 @@ def load_pair(state: Serving, pair: Pair) -> None:
             load_resident(state.bf16, lambda: decoders.open_bf16(src))
             state.ready = True
     except Exception as e:  # noqa: BLE001 - any failure here must reach the page, not kill the app
-        state.bf16.error = str(e)
+        state.bf16.error = for_visitors(e)
         log.exception("BF16 model failed to load")
     try:
         serve_int8(state, pair)
     except Exception as e:  # noqa: BLE001
-        state.int8.error = str(e)
+        state.int8.error = for_visitors(e)
         log.exception("INT8 model failed to load")
     state.ready = state.chat_model().decoder is not None
     state.status = "" if state.ready else "No model could be loaded: " + (state.bf16.error or "")
+
+
+# A folder path in a message: every directory before its last part (the page says `default`, not /root/.cache/…)
+DIRECTORIES = re.compile(r"(?<![\w:/.])~?/(?:[^\s/'\"`]+/)+")
+
+
+def for_visitors(error: Exception) -> str:
+    """What the page and /status say of a failure: a ModelError's sentence without the directories of the paths in
+    it; anything else, only its kind (the server log has the whole of it)."""
+    if isinstance(error, ModelError):
+        return DIRECTORIES.sub("", str(error))
+    return f"loading failed ({type(error).__name__}); the server log has the details."
 
 
 def why_bf16_does_not_fit(src: Path, pair: Pair) -> str | None:
