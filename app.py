@@ -99,6 +99,7 @@ def answer(turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, sess
         if gen.abandoned:  # Clear: our last word agrees with Clear's, whichever reaches the page last
             yield dict(zip(UI.emptied, empty_chat()))
             return
+        machine.release_memory()  # the reply's temporaries go back to the OS, once per reply (not per /status)
         out = panel_outputs(int8, bf16) | {
             UI.chatbot: history,
             UI.message: "",

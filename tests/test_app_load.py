@@ -59,10 +59,11 @@ def visit(url: str, visitor: int, turns: range, history: list, log: list) -> lis
 
 
 def settled_rss(server: dict) -> int:
-    """The app process's resident bytes, read from outside it, after /status has had it return freed heap."""
+    """The app process's resident bytes, read from outside it once it is idle (each reply gives its freed heap back
+    to the OS as it ends: what is left resident is held, not cached free)."""
     import psutil
 
-    status(server["url"])  # gc and malloc_trim in the app: what is left resident is held, not cached free
+    wait_idle(server["url"], timeout=120)
     return psutil.Process(server["proc"].pid).memory_info().rss
 
 

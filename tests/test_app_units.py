@@ -253,3 +253,20 @@ def test_replies_and_the_benchmark_run_the_models_on_one_thread(monkeypatch, tok
     benchmark = int8.threads | bf16.threads
     assert int8.calls > 8 and bf16.calls > 8  # both models answered, then both were timed
     assert replies == benchmark and len(replies) == 1 and threading.get_ident() not in replies
+
+
+def test_status_never_collects_garbage(monkeypatch):
+    """Every open tab polls /status each second: a collection there would stall the model thread each time."""
+    import gc
+
+    collections = []
+    callback = lambda phase, info: collections.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    trims = []
+    monkeypatch.setattr("ctypes.CDLL", lambda *a, **k: SimpleNamespace(malloc_trim=lambda n: trims.append(n)))
+    gc.callbacks.append(callback)
+    try:
+        for _ in range(20):
+            status = serving.status(_state())
+    finally:
+        gc.callbacks.remove(callback)
+    assert status["rss_bytes"] > 0 and 2 not in collections and not trims, (collections, trims)

@@ -132,6 +132,38 @@ def test_closing_the_stream_stops_the_model():
     assert calls_once_the_model_thread_is_free(decoder) == calls < 100_000
 
 
+class HeldForward(FixedLogits):
+    """A decoder whose second forward pass waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        if self.calls == 1:
+            self.inside.set()
+            assert self.release.wait(timeout=60)
+        return super().forward(ids, cache)
+
+
+def test_a_visitor_leaving_mid_pass_never_waits_for_the_pass():
+    """Gradio may close the stream on its event loop: closing returns while the model is still inside a forward
+    pass (which then ends on its own thread, and the model stops), instead of holding the server for that pass."""
+    decoder = HeldForward()
+    live = chat.decode_live(
+        decoder, Tokenizer(), [1], generate.Sampling(max_new_tokens=100_000), threading.Event()
+    )
+    next(live)
+    assert decoder.inside.wait(timeout=60)
+    closing = threading.Thread(target=live.close)
+    closing.start()
+    closing.join(timeout=30)
+    returned = not closing.is_alive()
+    decoder.release.set()  # let the held pass end either way, so a failure leaves no thread behind
+    assert returned, "closing the stream waited for the model's forward pass"
+    assert calls_once_the_model_thread_is_free(decoder) == 2  # and the worker stopped after that pass
+
+
 def test_one_visitors_stop_and_clear_leave_anothers_reply_alone():
     s = sessions.Sessions()
     with s.generation("alice") as alice, s.generation("bob") as bob:

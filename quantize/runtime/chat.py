@@ -282,7 +282,9 @@ def decode_live(
 ) -> Iterator[Reply]:
     """The one decode-and-time loop of the app. The model runs on MODEL_THREAD, which only stamps tokens, so
     the per-token times measure the model, not the page; this generator yields the reply so far at most every
-    UI_INTERVAL_S. Closing it (a stop, a disconnect) stops the worker before returning, so the CPU is free."""
+    UI_INTERVAL_S. A Stop ends the worker at its next token and waits for it, so the CPU is free; closing it (the
+    visitor left) stops the worker without waiting for its forward pass to end, since the server may close it on
+    its event loop. The next reply queues behind that pass on MODEL_THREAD, so the two never share the cores."""
     steps: queue.SimpleQueue = queue.SimpleQueue()
     halt = threading.Event()  # ours, so that a normal end is not mistaken for the visitor's Stop
     reply = Reply(len(ids), latency.Timing(time.perf_counter()))
@@ -300,7 +302,7 @@ def decode_live(
         finally:
             steps.put(None)
 
-    worker = on_model_thread(work)
+    worker, closed = on_model_thread(work), False
     try:
         finished = False
         while not finished:
@@ -319,6 +321,10 @@ def decode_live(
             finished = item is None
             reply.text = tokenizer.decode(reply.token_ids, skip_special_tokens=True)
             yield reply
+    except GeneratorExit:
+        closed = True
+        raise
     finally:
         halt.set()
-        worker.result()
+        if not closed:
+            worker.result()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quantize import models
+from quantize import machine, models
 from quantize.errors import ModelError
 from quantize.machine import settled_rss, why_pair_does_not_fit
 from quantize.runtime import decoders
@@ -168,7 +168,9 @@ def status(state: Serving) -> dict:
         "chat_model": state.chat_model().label if state.ready else None,
         "pair": state.pair.name if state.pair else None,
         "loading": loading(),
-        "rss_bytes": settled_rss(),
+        # read, not settled: a collection here would stall the model thread for every tab polling each second
+        # (the app settles memory after each reply instead)
+        "rss_bytes": machine.rss_bytes(),
         "threads": threads(),
     }
 
