@@ -11,6 +11,7 @@ the live decode), sessions.py (Stop, Clear), panel.py (the panel's text and data
 from __future__ import annotations
 
 import functools
+import hmac
 import json
 import logging
 import os
@@ -31,6 +32,10 @@ from quantize.runtime.sessions import Generation, Sessions
 log = logging.getLogger("q8chat")
 ASSETS = Path(__file__).parent / "assets"
 QUEUE_SIZE = 16
+OWNER_ONLY = (
+    "This changes the Space for every visitor: it needs the Space owner's admin token (Q8CHAT_ADMIN_TOKEN)."
+)
+OFF_ON_A_SPACE = "Switching models and the benchmark are off on this Space: its owner turns them on with Q8CHAT_ADMIN_TOKEN."
 DEFAULT_SYSTEM = chat.DEFAULT_SYSTEM
 CHART_COLORS = {"INT8": "#4f46e5", "BF16": "#d97706"}
 STATE = serving.Serving(serving.configured_pairs(), build=cli.main)
@@ -219,8 +224,23 @@ def poll(shown: str | None):
     return header, panel.status_html(STATE), panel.quality_md(STATE.report), label, notice
 
 
-def switch_pair(name: str):
+def owner_refusal(token) -> str | None:
+    """None when the caller may change the Space for every visitor (switch the models, hold the CPU for a
+    benchmark): with Q8CHAT_ADMIN_TOKEN set, whoever gives it; without one, anyone outside a Space (whoever runs
+    `python app.py` owns it), nobody on a Space. Else the sentence that says why not."""
+    admin = os.environ.get("Q8CHAT_ADMIN_TOKEN", "")
+    if admin:
+        given = token.encode() if isinstance(token, str) else b""
+        return None if hmac.compare_digest(given, admin.encode()) else OWNER_ONLY
+    return OFF_ON_A_SPACE if os.environ.get("SPACE_ID") else None
+
+
+def switch_pair(name: str, token: str | None = None):
     """Unload the current pair (after the reply in progress) and load the chosen one in the background."""
+    refusal = owner_refusal(token)
+    if refusal:
+        gr.Warning(refusal)
+        return gr.Dropdown(value=STATE.pair.name if STATE.pair else None)
     if serving.loading() or STATE.pair is None:
         gr.Warning("A model is still loading; choose again when it is ready.")
         return gr.Dropdown(value=STATE.pair.name if STATE.pair else None)
@@ -233,8 +253,14 @@ def status() -> dict:
     return serving.status(STATE)
 
 
-def run_benchmark(new_tokens: float, rounds: float, progress=gr.Progress(track_tqdm=True)):
-    """Fixed prompts, greedy, both models interleaved in one run (latency.interleaved)."""
+def run_benchmark(
+    new_tokens: float, rounds: float, token: str | None = None, progress=gr.Progress(track_tqdm=True)
+):
+    """Fixed prompts, greedy, both models interleaved in one run (latency.interleaved): the CPU is the benchmark's
+    for its whole run, so it is the Space owner's to start (owner_refusal)."""
+    refusal = owner_refusal(token)
+    if refusal:
+        raise gr.Error(refusal)
     if not STATE.compare_available:
         raise gr.Error(
             "The benchmark needs both models loaded; " + (STATE.bf16.error or "the INT8 model is not.")
@@ -355,9 +381,11 @@ def wire_events() -> None:
     )
     replays = dict(concurrency_id="race", concurrency_limit=8)  # a replay only sleeps: it needs no CPU slot
     UI.race_run.click(replay_race, UI.race, parts("race_int8 race_bf16"), **private, **replays)
-    bench = parts("bench_tokens bench_rounds"), parts("bench_chart bench_table")
+    # the two actions that change the Space for everyone carry the owner's token (owner_refusal); the switch is
+    # hidden from the API, the benchmark listed for the owner's scripts
+    bench = parts("bench_tokens bench_rounds admin"), parts("bench_chart bench_table")
     UI.bench_run.click(run_benchmark, *bench, api_name="benchmark", **cpu)
-    UI.model.change(switch_pair, UI.model, UI.model, api_name="switch_model", **cpu)
+    UI.model.change(switch_pair, parts("model admin"), UI.model, api_name="switch_model", **private, **cpu)
 
 
 def build_ui() -> gr.Blocks:
@@ -375,6 +403,10 @@ def build_ui() -> gr.Blocks:
                 panel_column()
         with gr.Tab("Benchmark"):
             benchmark_tab()
+        with gr.Accordion("Space owner", open=False, visible=bool(os.environ.get("Q8CHAT_ADMIN_TOKEN"))):
+            UI.admin = gr.Textbox(
+                label="Admin token (switching models, the benchmark)", type="password", elem_id="admin"
+            )
         wire_events()
         gr.api(status, api_name="status")
         shown = gr.State(None)  # the chat model this page last showed, to notice the move to INT8

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import ANSWER, ARTIFACTS, QUESTION, ROOT, TINY_LLAMA, running_app
+from conftest import ANSWER, ARTIFACTS, QUESTION, ROOT, TINY_LLAMA, raw_call, running_app, wait_for
 from test_app_server import BOT, app_page
 
 from app import DEFAULT_SYSTEM
@@ -111,6 +111,33 @@ def test_model_dropdown_switches_pairs(tiny_pairs, tokenizer, tmp_path):
         assert status["pair"] == "tiny-b" and status["compare"]
         assert ask(client) == want["tiny-b"]
     assert not errors, errors
+
+
+def test_only_the_space_owner_switches_models_or_runs_the_benchmark(tiny_pairs, tmp_path):
+    """With Q8CHAT_ADMIN_TOKEN set, a visitor's client cannot change the Space for everyone: the benchmark (which
+    holds the CPU) is refused without the token or with a wrong one, and so is the model switch, hidden from the
+    API but called here by hand as a script imitating the page would; the owner's token does both."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    (a_bf16, a_int8), (b_bf16, b_int8) = tiny_pairs["tiny-a"], tiny_pairs["tiny-b"]
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps([{"name": "tiny-b", "bf16": str(b_bf16), "int8": str(b_int8)}]))
+    env = dict(Q8CHAT_BF16_MODEL=str(a_bf16), Q8CHAT_INT8_MODEL=str(a_int8), Q8CHAT_MODELS=str(config),
+               Q8CHAT_ADMIN_TOKEN="owner-secret")  # fmt: skip
+    with running_app(tmp_path / "app-owner.log", **env) as (url, _):
+        client = Client(url, verbose=False)
+        assert "switch_model" not in str(client.view_api(print_info=False, return_format="dict"))
+        for guess in ("", "owner-secre", "owner-secret "):
+            with pytest.raises(AppError, match="admin token"):
+                client.predict(8, 1, guess, api_name="/benchmark")
+            raw_call(url, "switch_model", ["tiny-b", guess])
+            status = client.predict(api_name="/status")
+            assert status["pair"] != "tiny-b" and not status["loading"], status
+        _chart, table = client.predict(8, 1, "owner-secret", api_name="/benchmark")
+        assert "Median ms / token" in table
+        raw_call(url, "switch_model", ["tiny-b", "owner-secret"])
+        wait_for(lambda: client.predict(api_name="/status")["pair"] == "tiny-b", 120, "the owner's switch")
 
 
 def test_int8_alone_when_bf16_does_not_fit(tiny_pairs, tmp_path):

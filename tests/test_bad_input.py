@@ -2,7 +2,7 @@
 A refused message is handed back in the box with the history untouched; nothing is lost, the app stays up."""
 
 import pytest
-from conftest import ANSWER, QUESTION
+from conftest import ANSWER, QUESTION, raw_call
 
 from app import DEFAULT_SYSTEM
 from quantize.runtime import decoders
@@ -202,37 +202,10 @@ def test_history_that_is_not_a_chat(client):
 
 def test_lone_surrogate_over_raw_http(app_url):
     """gradio_client cannot even encode a lone surrogate; a hand-written JSON body can (as \\ud800)."""
-    h, box, *_, notice = raw_chat(app_url, ["abc\ud800def", [], DEFAULT_SYSTEM, 8, 0.0, 0.95, False, None])
-    assert box == "" and text_of(h[-2]["content"]) == "abcdef" and h[-1]["role"] == "assistant"
-
-
-def raw_chat(url: str, data: list) -> list:
-    """/chat through Gradio's queue protocol by hand: join, then read the event stream to the end."""
-    import json
-    import uuid
-
-    import requests
-
-    config = requests.get(url + "config", timeout=10).json()
-    fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
-    session = uuid.uuid4().hex
-    body = json.dumps(
-        {"data": data, "fn_index": fn, "session_hash": session, "event_data": None, "trigger_id": None}
-    )  # ensure_ascii: the surrogate travels as the escape \ud800
-    r = requests.post(
-        url + "gradio_api/queue/join", data=body, headers={"Content-Type": "application/json"}, timeout=10
+    h, box, *_, notice = raw_call(
+        app_url, "chat", ["abc\ud800def", [], DEFAULT_SYSTEM, 8, 0.0, 0.95, False, None]
     )
-    assert r.ok, r.text
-    with requests.get(
-        url + "gradio_api/queue/data", params={"session_hash": session}, stream=True, timeout=120
-    ) as stream:
-        for line in stream.iter_lines():
-            if line.startswith(b"data:"):
-                msg = json.loads(line[5:])
-                if msg.get("msg") == "process_completed":
-                    assert msg["success"], msg
-                    return msg["output"]["data"]
-    raise AssertionError("the event stream ended without a result")
+    assert box == "" and text_of(h[-2]["content"]) == "abcdef" and h[-1]["role"] == "assistant"
 
 
 def test_a_megabyte_system_prompt_is_refused(client):
