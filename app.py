@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 import torch
+from fastapi import HTTPException
 from tqdm import tqdm
 
 from quantize import machine
@@ -32,6 +33,9 @@ from quantize.runtime.sessions import Generation, Sessions
 log = logging.getLogger("q8chat")
 ASSETS = Path(__file__).parent / "assets"
 QUEUE_SIZE = 16
+# What one visitor may have waiting or running at once (a reply, Clear's follow-up, the next message), and all the
+# sessions behind one forwarded address on a Space (several tabs)
+PER_VISITOR, PER_ADDRESS = 3, 6
 OWNER_ONLY = (
     "This changes the Space for every visitor: it needs the Space owner's admin token (Q8CHAT_ADMIN_TOKEN)."
 )
@@ -388,6 +392,43 @@ def wire_events() -> None:
     UI.model.change(switch_pair, parts("model admin"), UI.model, api_name="switch_model", **private, **cpu)
 
 
+# ---------------------------------------------------------------- a fair queue
+
+
+def visitor_of(session: str | None, request) -> tuple[str, str | None]:
+    """Who sent a request: its session, and on a Space the address the Space's proxy forwarded (never a loopback
+    one: local clients and tests are separate visitors, one per session)."""
+    if request is None:
+        return session or "", None
+    on_space = os.environ.get("SPACE_ID")
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip() if on_space else ""
+    address = forwarded or (request.client.host if request.client else "")
+    return session or "", None if not address or address.startswith(("127.", "::1")) else address
+
+
+def admit_fairly(queue) -> None:
+    """Gradio's queue takes any number of one client's requests, up to its size: one script filled it and every
+    other visitor was told the queue is full. Each join is now counted against what the same visitor already has
+    waiting or running, and refused (HTTP 429, with the sentence) beyond PER_VISITOR, or PER_ADDRESS for every
+    session behind one forwarded address."""
+    push = queue.push
+
+    async def push_fairly(body, request, username):
+        session, address = visitor_of(body.session_hash, request)
+        waiting = [e for q in queue.event_queue_per_concurrency_id.values() for e in q.queue]
+        running = [e for job in queue.active_jobs if job for e in job]
+        others = [visitor_of(e.session_hash, e.request) for e in waiting + running]
+        if sum(s == session for s, _ in others) >= PER_VISITOR or (
+            address and sum(a == address for _, a in others) >= PER_ADDRESS
+        ):
+            raise HTTPException(
+                429, f"You already have {PER_VISITOR} requests waiting or running; wait for them."
+            )
+        return await push(body, request, username)
+
+    queue.push = push_fairly
+
+
 def build_ui() -> gr.Blocks:
     with gr.Blocks(title="Q8-Chat — INT8 vs BF16 on a CPU", fill_width=False) as demo:
         gr.Markdown(
@@ -422,6 +463,7 @@ def main() -> None:
     serving.start_loading(STATE, STATE.pairs[0])
     demo = build_ui()
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    admit_fairly(demo._queue)
     on_space = bool(os.environ.get("SPACE_ID"))
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if on_space else "127.0.0.1"),
