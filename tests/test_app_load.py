@@ -2,7 +2,6 @@
 gradio_client sessions, a burst beyond the queue, and a client that disconnects mid-stream."""
 
 import json
-import re
 import statistics
 import threading
 import time
@@ -10,7 +9,7 @@ import uuid
 
 import pytest
 import requests
-from conftest import ANSWER, ARTIFACTS, QUESTION, wait_for
+from conftest import ANSWER, ARTIFACTS, QUESTION, raw_call, wait_for
 
 from app import DEFAULT_SYSTEM
 from quantize.runtime.chat import text_of
@@ -184,20 +183,34 @@ def test_one_visitors_stop_leaves_anothers_reply_alone(app_url, app_server):
     assert app_server["log"].read_text().count("(stopped") == stops_before
 
 
+def app_cpu_seconds(server: dict) -> float:
+    """CPU time the app process has used, all its threads, read from outside it."""
+    import psutil
+
+    times = psutil.Process(server["proc"].pid).cpu_times()
+    return times.user + times.system
+
+
 def test_disconnect_mid_stream_stops_generation(app_url, app_server):
-    """A browser tab closed while a long reply streams: generation stops and the CPU is free within seconds,
-    not after the 256 tokens and the BF16 rerun it asked for."""
+    """A browser tab closed while a long reply streams: the app stops generating. Observed from outside the app,
+    as the CPU time it spends on the request: the same request costs it several times more when its visitor stays
+    to the end (256 INT8 tokens, then the BF16 rerun)."""
+    data = ["Write a very long story about a ship.", [], DEFAULT_SYSTEM, 256, 0.0, 0.95, True, None]
+    before = app_cpu_seconds(app_server)
+    raw_call(app_url, "chat", data)  # a visitor who stays
+    wait_idle(app_url, 60)
+    stayed = app_cpu_seconds(app_server) - before
+
     config = requests.get(app_url + "config", timeout=10).json()
     fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
     session = uuid.uuid4().hex
-    data = ["Write a very long story about a ship.", [], DEFAULT_SYSTEM, 256, 0.0, 0.95, True, None]
+    before = app_cpu_seconds(app_server)
     r = requests.post(
         app_url + "gradio_api/queue/join",
         timeout=10,
         json={"data": data, "fn_index": fn, "session_hash": session, "event_data": None, "trigger_id": None},
     )
     assert r.ok, r.text
-    left_before = app_server["log"].read_text().count("visitor left")
     stream = requests.get(
         app_url + "gradio_api/queue/data", params={"session_hash": session}, stream=True, timeout=60
     )
@@ -209,14 +222,9 @@ def test_disconnect_mid_stream_stops_generation(app_url, app_server):
                 break
     stream.close()  # the visitor leaves
     assert streamed >= 3
-    wait_idle(app_url, 15)
-    deadline = time.monotonic() + 15
-    while (
-        len(left := [ln for ln in app_server["log"].read_text().splitlines() if "visitor left" in ln])
-        <= left_before
-    ):
-        assert time.monotonic() < deadline, "no reply was logged as stopped by the visitor leaving"
-        time.sleep(0.1)
-    tokens = int(re.search(r"reply: (\d+) tokens", left[-1])[1])
-    # of the 256 asked for: stopped, not run to the end (about 7 ms a token on a fast machine)
-    assert tokens < 160, left[-1]
+    wait_idle(app_url, 120)
+    left = app_cpu_seconds(app_server) - before
+    print(
+        f"CPU seconds for one long request: {stayed:.1f} when the visitor stays, {left:.1f} when they leave"
+    )
+    assert left < stayed / 3, (left, stayed)

@@ -9,6 +9,8 @@ import sys
 import pytest
 from conftest import ROOT, TINY_LLAMA, local_hub, run_cli, wait_for
 
+from quantize import files
+
 
 def _error(proc) -> str:
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
@@ -217,6 +219,20 @@ def test_overwrite_never_mixes_old_and_new(tmp_path, tiny_model):
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # killed again as the new folder is finished, when it is moved into place: --out is one whole version
+    proc = subprocess.Popen([sys.executable, "-m", "quantize", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    card = partial / "int8" / "quantize_report.json"
+    wait_for(lambda: card.exists() or proc.poll() is not None, 600, "the rerun to write its card")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    files.recover_dir(out)  # what the next command does first
+    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    whole_new = (
+        "old-only.txt" not in now and json.loads(now["quantize_report.json"])["recipe"]["alpha"] == 0.7
+    )
+    assert now == before or whole_new, sorted(now)
 
     assert run_cli(*args).returncode == 0
     after = {p.name: p.read_bytes() for p in out.iterdir()}
