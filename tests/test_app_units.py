@@ -270,3 +270,18 @@ def test_status_never_collects_garbage(monkeypatch):
     finally:
         gc.callbacks.remove(callback)
     assert status["rss_bytes"] > 0 and 2 not in collections and not trims, (collections, trims)
+
+
+def test_visitors_are_told_apart_by_session_and_on_a_space_by_forwarded_address(monkeypatch):
+    """A Space's proxy names the visitor's address; a loopback one (local clients, tests) never groups sessions,
+    and outside a Space a forwarded header is not believed."""
+
+    def request(host: str, forwarded: str = ""):
+        return SimpleNamespace(client=SimpleNamespace(host=host), headers={"x-forwarded-for": forwarded})
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert app.visitor_of("s1", request("127.0.0.1")) == ("s1", None)
+    assert app.visitor_of("s1", request("203.0.113.7", "198.51.100.1")) == ("s1", "203.0.113.7")
+    monkeypatch.setenv("SPACE_ID", "me/q8-chat")
+    assert app.visitor_of("s2", request("10.0.0.2", "198.51.100.1, 10.0.0.1")) == ("s2", "198.51.100.1")
+    assert app.visitor_of("s3", request("127.0.0.1")) == ("s3", None)
