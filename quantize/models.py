@@ -221,6 +221,19 @@ def resolve_int8(model: str, revision: str | None = None, token: str | None = No
     return resolve_model(model, revision=revision, token=token)
 
 
+def refuse_downloaded_pickles(folder: Path) -> None:
+    """A model downloaded from the Hub is served from its safetensors alone: its pickled weights (pytorch_model.bin)
+    would run code as they load, and the app only unpickles an INT8 model pinned by commit hash (resolve_int8)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    downloaded = Path(folder).resolve().is_relative_to(Path(HF_HUB_CACHE).resolve())
+    if downloaded and not any(Path(folder).glob("*.safetensors")):
+        raise ModelError(
+            f"{Path(folder).name} from the Hub has no safetensors weights, only pickled ones, which the app does not "
+            "load from a download: use a revision of the model with safetensors, or a local folder."
+        )
+
+
 def default_int8_dir(bf16_arg: str | None = None) -> Path:
     """Where the app keeps (and builds on first start) the INT8 model of a BF16 model argument: a folder of its own
     under int8/ for each model, named after it and a hash of what it is (a local folder's absolute path, a Hub id),

@@ -106,3 +106,27 @@ def test_each_model_argument_gets_an_int8_folder_of_its_own(tmp_path, monkeypatc
     assert all(d.resolve().parent == cache for d in dirs.values()), dirs
     assert dirs[str(tmp_path / "x" / "org" / "m")] == dirs["./x/org/m"]  # one folder, named two ways
     assert len({dirs[a] for a in args if a != "./x/org/m"}) == len(args) - 1, dirs
+
+
+def test_the_app_never_unpickles_a_downloaded_bf16_model(tmp_path, default_dir):
+    """A BF16 model from the Hub with pickled weights only (pytorch_model.bin): the app says why it does not load
+    it, and never opens the file (a pickle runs code as it loads; this one would fail the test if it did)."""
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    from quantize.runtime import serving
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(default_dir / name, folder / name)
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle anyone may open")
+    with local_hub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint, token=HUB_TOKEN)
+        api.create_repo("test-user/pickled")
+        api.upload_folder(folder_path=str(folder), repo_id="test-user/pickled")
+        state = serving.Serving([])
+        serving.load_pair(state, serving.Pair("pickled", bf16="test-user/pickled"))
+    assert state.bf16.decoder is None and "no safetensors weights" in state.bf16.error, state.bf16.error
+    assert not state.ready

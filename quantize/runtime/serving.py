@@ -183,6 +183,7 @@ def load_pair(state: Serving, pair: Pair) -> None:
     try:
         state.status = f"Loading the BF16 model of {pair.name}…"
         src = models.resolve_model(pair.bf16)
+        models.refuse_downloaded_pickles(src)
         state.tokenizer = models.load_tokenizer(src)
         state.window = int(
             json.loads((Path(src) / "config.json").read_text()).get("max_position_embeddings", 0)
