@@ -209,11 +209,11 @@ ADDED = """
 import gc, sys, ctypes
 from pathlib import Path
 import torch
-from quantize import models
+from quantize.runtime import decoders
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
 gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
 before = rss()
-decoder = getattr(models, sys.argv[1])(Path(sys.argv[2]))
+decoder = getattr(decoders, sys.argv[1])(Path(sys.argv[2]))
 with torch.inference_mode():
     decoder.forward(torch.tensor([1, 2, 3]), decoder.new_cache(8))
 gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -1,7 +1,7 @@
 """python -m quantize.bench — INT8 vs BF16 decode speed on this CPU, measured the way the app runs them, next to
 the memory-bandwidth floor of each model and, optionally, llama.cpp's Q8_0 as a peer.
 
-Same loading path (models.load_int8 / load_bf16) and same loop (quantize.runtime.generate.stream, via
+Same loading path (decoders.open_int8 / open_bf16) and same loop (quantize.runtime.generate.stream, via
 latency.interleaved): greedy, a fixed number of new tokens, rounds interleaved in one process.
 """
 
