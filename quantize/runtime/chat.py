@@ -145,13 +145,11 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     return [i for piece in chat_pieces(tokenizer, messages, add_generation_prompt) for i in piece]
 
 
-def newest_turns(history: list[dict], chars: int) -> list[dict]:
-    """The conversation's newest turns (user and assistant) that hold at most `chars` characters together, read
-    from the newest back: the older ones are never looked at again."""
+def newest_turns(turns: list[dict], chars: int) -> list[dict]:
+    """The newest of `turns` that hold at most `chars` characters together, read from the newest back: the older
+    ones are never looked at again."""
     kept: list[dict] = []
-    for m in reversed(history):
-        if m.get("role") not in ("user", "assistant"):
-            continue
+    for m in reversed(turns):
         text = text_of(m["content"])
         chars -= len(text) + 1  # an empty turn costs too: the template wraps it in tokens
         if chars < 0 or len(kept) >= MAX_INPUT_TOKENS:
@@ -175,9 +173,8 @@ def build_prompt(
     total = sum(len(p) for p in pieces)
     start = 0
     while True:
-        while start < len(kept) and (
-            total > budget or kept[start]["role"] == "assistant"
-        ):  # never mid-exchange
+        # drop the oldest turns until the sizes fit, never starting mid-exchange
+        while start < len(kept) and (total > budget or kept[start]["role"] == "assistant"):
             total, start = total - sizes[start], start + 1
         ids = encode_chat(
             tokenizer, head + kept[start:] + last
