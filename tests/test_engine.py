@@ -119,9 +119,22 @@ def greedy_token_by_token(decoder, ids, n=TOKENS):
     return picks
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tokenizer):
+    """Each family's random model and INT8 folder, built once for the tests of this module that read them."""
+    folders = {}
+
+    def get(family: str):
+        if family not in folders:
+            folders[family] = build(tmp_path_factory.mktemp(family), tokenizer, family)
+        return folders[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_engine_matches_inc_on_config_models(tmp_path, tokenizer, family):
-    model, bf16_dir, int8_dir = build(tmp_path, tokenizer, family)
+def test_engine_matches_inc_on_config_models(built, tokenizer, family):
+    model, bf16_dir, int8_dir = built(family)
     inc = HFDecoder(models.load_inc_int8(int8_dir), "INC")
     ours = engine.load(
         int8_dir, reduce_range=True, weight_only_down=False
@@ -152,8 +165,8 @@ def test_engine_matches_inc_on_config_models(tmp_path, tokenizer, family):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer):
-    return build(tmp_path_factory.mktemp("tiny"), tokenizer, "llama")
+def tiny(built):
+    return built("llama")
 
 
 # One pass or token by token, the same numbers within: BF16's rounding of activations (its GEMMs round differently
@@ -178,6 +191,49 @@ def test_cache_is_written_in_place_and_equals_one_prefill(tiny, tokenizer, kind)
     assert (torch.cat(steps) - whole).abs().max() <= ONE_PASS_TOLERANCE[kind] * whole.abs().max()
     with pytest.raises(ValueError, match="positions"):
         e.forward(torch.arange(70), e.new_cache(64))
+
+
+def decode_together(e, prompts: list[torch.Tensor], steps: int = 6) -> tuple[list, list]:
+    """The prompts prefilled alone, then decoded by `Engine.step` in a changing batch: the first two from the start,
+    the third joining at step 2, the first leaving after step 3. Returns each sequence's logits (its prefill's, then
+    one row a step it was in) and the greedy tokens it was fed."""
+    caches = [e.new_cache(64) for _ in prompts]
+    logits = [[e.forward(p, c)] for p, c in zip(prompts, caches)]
+    fed = [[] for _ in prompts]
+    for step in range(steps):
+        live = [
+            i for i, (joins, leaves) in enumerate([(0, 4), (0, steps), (2, steps)]) if joins <= step < leaves
+        ]
+        tokens = [int(logits[i][-1].argmax()) for i in live]
+        rows = e.step(torch.tensor(tokens), [caches[i] for i in live])
+        for row, i, token in zip(rows, live, tokens):
+            logits[i].append(row[None])
+            fed[i].append(token)
+    return [torch.cat(x) for x in logits], fed
+
+
+def decode_alone(e, prompt: torch.Tensor, fed: list[int]) -> torch.Tensor:
+    cache = e.new_cache(64)
+    return torch.cat([e.forward(prompt, cache)] + [e.forward(torch.tensor([t]), cache) for t in fed])
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_batch_step_gives_each_sequence_its_own_logits(built, tokenizer, family, kind):
+    """Sequences of different lengths (so different positions: RoPE, learned, ALiBi) decoded in one batch, joining
+    and leaving mid-way, against each decoded alone; the stated tolerance is the one-pass one (BF16 GEMMs round
+    differently over several rows; INT8 rows are scaled one by one, each as a lone token)."""
+    _, bf16_dir, int8_dir = built(family)
+    e = engine.load(bf16_dir if kind == "bf16" else int8_dir)
+    texts = ["A short one.", "A longer prompt, so that its positions run well past the others'.", "Hi"]
+    prompts = [torch.tensor(tokenizer(t).input_ids) for t in texts]
+    assert len({len(p) for p in prompts}) == 3
+    together, fed = decode_together(e, prompts)
+    assert [len(f) for f in fed] == [4, 6, 4]
+    tolerance = ONE_PASS_TOLERANCE[kind] if "lm_head" not in FLOAT.get(family, ()) else 2**-8
+    for prompt, got, tokens in zip(prompts, together, fed):
+        alone = decode_alone(e, prompt, tokens)
+        assert (got - alone).abs().max() <= tolerance * alone.abs().max(), (family, (got - alone).abs().max())
 
 
 def emulate_dynamic(x: np.ndarray, q: np.ndarray, scale: np.ndarray, levels: int) -> np.ndarray:

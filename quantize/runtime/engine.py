@@ -1,5 +1,5 @@
-"""The engine: batch-1 decoding of the Llama-like families (llama, mistral, qwen2, phi3, gemma, gemma2), OPT,
-BLOOM and MPT, INT8 or BF16, in one lean loop.
+"""The engine: decoding of the Llama-like families (llama, mistral, qwen2, phi3, gemma, gemma2), OPT, BLOOM and
+MPT, INT8 or BF16, in one lean loop: one sequence (`Engine.forward`) or a batch of them (`Engine.step`).
 
 The app, the benchmark and the quality check run both models through `Engine.forward`, so INT8 and BF16 share
 the cache, the attention, the fusions and the glue, and the speed-up the panel shows is quantization's alone.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -435,27 +436,70 @@ class Engine:
         if T > 1:
             ids = F.pad(ids, (0, min(-(-T // PREFILL_STEP) * PREFILL_STEP, cache.k.shape[2] - start) - T))
         n = ids.numel()
+        where = torch.arange(start, start + n)
+        mask = causal_mask(n, start, self.dtype) if n > 1 else None
+        if self.alibi is not None:  # key j's score gets slope * j ([H, 1 or n, S]), once for every layer
+            slopes = self.alibi[:, None, : start + n].to(self.dtype)
+            mask = slopes if mask is None else slopes + mask
+        cos, sin = (
+            (None, None) if self.cos is None else (self.cos[start : start + n], self.sin[start : start + n])
+        )
+        x = self.through_blocks(
+            self.embedded(ids, where), lambda layer, qkv: self.attend(qkv, cache, layer, cos, sin, mask)
+        )
+        cache.length = start + T
+        return self.logits(x[:T] if all_logits else x[T - 1 : T])
+
+    def step(self, ids: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
+        """One new token for each of several sequences at once ([B] ids, the B sequences' own caches, of any
+        lengths): the Linears read their weights once for all B rows (INT8 scales each row as a lone token), and
+        each row attends to its own cache at its own position. Returns FP32 logits, [B, vocab]."""
+        full = [c for c in caches if c.length >= c.k.shape[2]]
+        if full:
+            raise ValueError(
+                f"A conversation needs {full[0].length + 1} positions; its cache holds {full[0].k.shape[2]}."
+            )
+        where = torch.tensor([c.length for c in caches])
+        rows = [
+            (
+                None if self.cos is None else self.cos[p : p + 1],
+                None if self.sin is None else self.sin[p : p + 1],
+                None if self.alibi is None else self.alibi[:, None, : p + 1].to(self.dtype),
+            )
+            for p in where.tolist()
+        ]
+
+        def attend_each(layer: int, qkv: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.attend(qkv[i : i + 1], c, layer, *rows[i]) for i, c in enumerate(caches)])
+
+        x = self.through_blocks(self.embedded(ids.reshape(-1), where), attend_each)
+        for c in caches:
+            c.length += 1
+        return self.logits(x)
+
+    def embedded(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """The tokens' input vectors, each at its position `where` (learned positions add that row)."""
         x = self.embed(ids).to(self.dtype)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         if self.positions is not None:  # learned: the table's rows from position_offset on
-            x = x + self.positions(torch.arange(start, start + n) + self.arch.position_offset).to(self.dtype)
-        cos, sin = (
-            (None, None) if self.cos is None else (self.cos[start : start + n], self.sin[start : start + n])
-        )
-        mask = causal_mask(n, start, self.dtype) if n > 1 else None
-        if self.alibi is not None:  # key j's score gets slope * j ([H, 1 or n, S]), once for every layer
-            slopes = self.alibi[:, None, : start + n].to(self.dtype)
-            mask = slopes if mask is None else slopes + mask
+            x = x + self.positions(where + self.arch.position_offset).to(self.dtype)
+        return x
+
+    def through_blocks(
+        self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Every block on the rows `x`; `attend(layer, qkv)` turns the rows' fused q/k/v into attention outputs."""
         for layer, b in enumerate(self.blocks):
-            h = b.o(self.attention(b.attn_norm(x), b, cache, layer, cos, sin, mask))
+            h = b.o(attend(layer, b.qkv(b.attn_norm(x))))
             x = x + (h if b.post_attn_norm is None else b.post_attn_norm(h))
             h = b.down(self.mlp(b.gate_up(b.mlp_norm(x))))
             x = x + (h if b.post_mlp_norm is None else b.post_mlp_norm(h))
-        cache.length = start + T
-        x = x[:T] if all_logits else x[T - 1 : T]
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(x)).float()
         return logits if self.logit_cap is None else torch.tanh(logits / self.logit_cap) * self.logit_cap
 
@@ -465,19 +509,20 @@ class Engine:
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up
 
-    def attention(
+    def attend(
         self,
-        x: torch.Tensor,
-        block: Block,
+        qkv: torch.Tensor,
         cache: Cache,
         layer: int,
         cos: torch.Tensor | None,
         sin: torch.Tensor | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        T, H, KV, D = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        """One sequence's rows of fused q/k/v ([T, (H + 2 KV) * D]): K and V written to its cache after what it
+        holds, the queries attending to it. Returns [T, H * D]."""
+        T, H, KV, D = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
         G = H // KV
-        qkv = block.qkv(x).view(T, H + 2 * KV, D)
+        qkv = qkv.view(T, H + 2 * KV, D)
         qk = qkv[:, : H + KV] if cos is None else rope(qkv[:, : H + KV], cos, sin)  # q and k rotated together
         end = cache.length + T
         cache.k[layer, :, cache.length : end] = qk[:, H:].transpose(0, 1)

@@ -20,6 +20,7 @@ import torch
 class Step:
     token_id: int
     t: float  # time.perf_counter() when this token was known
+    batch: int = 1  # how many sequences shared the forward pass that made it (runtime/scheduler.py)
 
 
 @dataclass(frozen=True)
