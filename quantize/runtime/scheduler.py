@@ -1,0 +1,177 @@
+"""The scheduler: the app's replies decoded many at once on the one model thread (continuous batching).
+
+A reply is a `Sequence`. It waits in line (in order of arrival, so none is starved) until one of `slots` is free.
+Then its prompt is prefilled, at most PREFILL_CHUNK tokens a turn, between the others' decode steps, so a
+newcomer's long prompt holds them up for one chunk at a time. Then it joins its model's batch: each turn, every
+model with decoding sequences runs one `Engine.step` for all of them (a decoder without `step`, the generic
+path, runs them one by one). A sequence leaves at its last token, at Stop, or when its visitor leaves; its slot is
+free for the next turn.
+
+Memory: a sequence's KV cache holds its prompt and its new tokens and nothing more, so the caches of the app take
+at most slots x (chat.MAX_INPUT_TOKENS + the largest max_new_tokens) positions per model.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+
+from quantize.runtime.generate import Sampling, Step, next_token
+
+# A newcomer's prompt is prefilled this many tokens per turn: at the default model's ~1 ms per prompt token (2
+# threads), the others wait ~64 ms at most for a token while it is read. A multiple of the engine's PREFILL_STEP.
+PREFILL_CHUNK = 64
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One reply: what it reads and how it samples, and the steps it has made so far (`out`: a Step for each new
+    token, then None at its end, or the exception that ended it)."""
+
+    decoder: object
+    prompt: list[int]
+    sampling: Sampling
+    eos_ids: frozenset[int] = frozenset()
+    stop: threading.Event = field(default_factory=threading.Event)
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    place: int = 0  # its place in line: 1 for the next to get a slot, 0 once it has one
+    read: int = 0  # prompt tokens prefilled so far
+    made: int = 0  # tokens produced so far
+    last: int | None = None  # the newest token, the next step's input
+    cache: object = None
+    generator: torch.Generator | None = None
+
+    def steps(self) -> Iterator[Step]:
+        """Each new token as it is made, up to the end; raises what ended it, if anything did. Closing it (the
+        visitor left) stops the sequence at the next turn."""
+        try:
+            while (item := self.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop.set()
+
+
+class Scheduler:
+    """Sequences in line, in prefill and in decode, turned over on `run_on` (one thread) while any are left."""
+
+    def __init__(self, slots: int, run_on: Executor, chunk: int = PREFILL_CHUNK) -> None:
+        self.slots, self.run_on, self.chunk = slots, run_on, chunk
+        self.lock = threading.Lock()
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[
+            Sequence
+        ] = []  # in slots: prefilling until `read` reaches the prompt, then decoding
+        self.running = False  # a loop is on run_on, or about to be
+
+    def submit(self, seq: Sequence) -> Sequence:
+        with self.lock:
+            self.waiting.append(seq)
+            seq.place = max(0, len(self.waiting) - (self.slots - len(self.active)))
+            if not self.running:
+                self.running = True
+                self.run_on.submit(self.loop)
+        return seq
+
+    def loop(self) -> None:
+        """Turns until no sequence is left; then run_on is free for other work (the benchmark). What fails outside
+        a model's forward (sampling) ends the sequences in slots with it; those in line get a new loop."""
+        try:
+            while self.admit():
+                self.prefill_one()
+                self.decode_all()
+        except BaseException as e:
+            with self.lock:
+                for seq in list(self.active):
+                    self.finish(seq, e)
+                self.running = bool(self.waiting)
+                if self.running:
+                    self.run_on.submit(self.loop)
+            raise
+
+    def admit(self) -> bool:
+        """Stopped sequences leave; waiting ones take the free slots in order. False (and the loop ends) when
+        nothing is left to do."""
+        with self.lock:
+            for seq in [s for s in (*self.active, *self.waiting) if s.stop.is_set()]:
+                self.finish(seq)
+            while self.waiting and len(self.active) < self.slots:
+                seq = self.waiting.popleft()
+                seq.cache = seq.decoder.new_cache(len(seq.prompt) + seq.sampling.max_new_tokens)
+                if seq.sampling.temperature > 0:
+                    seq.generator = torch.Generator().manual_seed(seq.sampling.seed)
+                seq.place = 0
+                self.active.append(seq)
+            for place, seq in enumerate(self.waiting):
+                seq.place = place + 1
+            self.running = bool(self.active)
+            return self.running
+
+    def finish(self, seq: Sequence, error: BaseException | None = None) -> None:
+        """The sequence leaves its slot or the line; its reader gets the error, or the end. Under self.lock."""
+        if seq in self.active:
+            self.active.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.cache = None  # its memory goes with it, not with the next turn
+        if error is not None:
+            seq.out.put(error)
+        seq.out.put(None)
+
+    def prefill_one(self) -> None:
+        """One chunk of the oldest sequence still reading its prompt; at the prompt's end, its first token."""
+        seq = next((s for s in self.active if s.read < len(s.prompt)), None)
+        if seq is None:
+            return
+        ids = torch.tensor(seq.prompt[seq.read : seq.read + self.chunk])
+        try:
+            with torch.inference_mode():
+                logits = seq.decoder.forward(ids, seq.cache)
+        except Exception as e:  # noqa: BLE001 - the visitor's reply ends with it; the others go on
+            with self.lock:
+                self.finish(seq, e)
+            return
+        seq.read += len(ids)
+        if seq.read == len(seq.prompt):
+            self.emit([seq], logits, time.perf_counter())
+
+    def decode_all(self) -> None:
+        """One step for every decoding sequence, a batch per model."""
+        decoding = [s for s in self.active if s.last is not None]
+        for decoder in {id(s.decoder): s.decoder for s in decoding}.values():
+            batch = [s for s in decoding if s.decoder is decoder]
+            try:
+                with torch.inference_mode():
+                    logits = self.forward(decoder, batch)
+            except Exception as e:  # noqa: BLE001 - those sequences end with it; other models go on
+                with self.lock:
+                    for seq in batch:
+                        self.finish(seq, e)
+                continue
+            self.emit(batch, logits, time.perf_counter())
+
+    @staticmethod
+    def forward(decoder, batch: list[Sequence]) -> torch.Tensor:
+        ids = torch.tensor([s.last for s in batch])
+        if hasattr(decoder, "step"):
+            return decoder.step(ids, [s.cache for s in batch])
+        return torch.cat([decoder.forward(ids[i : i + 1], s.cache) for i, s in enumerate(batch)])
+
+    def emit(self, batch: list[Sequence], logits: torch.Tensor, t: float) -> None:
+        """Each sequence's next token from its row of logits; one that is done leaves."""
+        for seq, row in zip(batch, logits):
+            token = next_token(row, seq.sampling, seq.generator)
+            seq.made += 1
+            seq.last = token
+            seq.out.put(Step(token, t, len(batch)))
+            if token in seq.eos_ids or seq.made >= seq.sampling.max_new_tokens:
+                with self.lock:
+                    self.finish(seq)

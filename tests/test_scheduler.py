@@ -1,0 +1,161 @@
+"""The scheduler (quantize/runtime/scheduler.py) on the default model's BF16 engine: replies decoded together give
+the tokens each gives alone, the slots and the line are kept, a Stop or a failure touches only its own reply."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from quantize.runtime import engine
+from quantize.runtime.generate import Sampling, stream
+from quantize.runtime.scheduler import Scheduler, Sequence
+
+TOKENS = 12
+PROMPTS = [  # of different lengths; the last is longer than a prefill chunk, so it is read over several turns
+    "What is the capital of Japan?",
+    "Write one sentence about the sea.",
+    "List three colours of the rainbow, one per line. " * 12,
+]
+
+
+class OneByOne:
+    """The engine without `step`, as the generic path is, with a record of the rows each forward pass read."""
+
+    def __init__(self, model) -> None:
+        self.model, self.rows = model, []
+
+    def new_cache(self, max_len):
+        return self.model.new_cache(max_len)
+
+    def forward(self, ids, cache):
+        self.rows.append(("prompt" if len(ids) > 1 else "token", len(ids)))
+        return self.model.forward(ids, cache)
+
+
+class Spy(OneByOne):
+    """The engine, batched steps included, with the same record."""
+
+    def step(self, ids, caches):
+        self.rows.append(("step", len(ids)))
+        return self.model.step(ids, caches)
+
+
+@pytest.fixture(scope="module")
+def model(default_dir):
+    return engine.load(default_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    ids = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in PROMPTS
+    ]
+    assert len(ids[-1]) > 64
+    return ids
+
+
+@pytest.fixture(scope="module")
+def alone(model, prompts):
+    """Each prompt's greedy tokens, decoded by itself."""
+    return [
+        [s.token_id for s in stream(model, torch.tensor(p), Sampling(max_new_tokens=TOKENS))] for p in prompts
+    ]
+
+
+def read_all(seqs: list[Sequence], leave_after: dict[int, int] | None = None) -> list[list[int]]:
+    """Every sequence's tokens, each read on its own thread as the app's handlers do; the reader of sequence i
+    leaves after leave_after[i] tokens (closing its steps, as a visitor who leaves)."""
+    got = [[] for _ in seqs]
+
+    def read(i: int) -> None:
+        for step in seqs[i].steps():
+            got[i].append(step.token_id)
+            if len(got[i]) == (leave_after or {}).get(i):
+                break
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(seqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return got
+
+
+@pytest.fixture
+def model_thread():
+    pool = ThreadPoolExecutor(max_workers=1)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+def test_replies_decoded_together_get_the_tokens_each_gets_alone(model, prompts, alone, model_thread):
+    spy = Spy(model)
+    scheduler = Scheduler(slots=4, run_on=model_thread)
+    first = scheduler.submit(Sequence(spy, prompts[0], Sampling(max_new_tokens=TOKENS)))
+    steps = first.steps()
+    early = [next(steps).token_id for _ in range(3)]  # the others join a reply already decoding
+    rest = [scheduler.submit(Sequence(spy, p, Sampling(max_new_tokens=TOKENS))) for p in prompts[1:]]
+    got = read_all(rest)
+    assert [early + [s.token_id for s in steps], *got] == alone
+    # the steps were shared (three sequences in one forward pass), and the long prompt was read in chunks of 64
+    # with the others' steps in between, so it never held them up for more than a chunk
+    assert ("step", 3) in spy.rows
+    chunks = [i for i, row in enumerate(spy.rows) if row == ("prompt", 64)]
+    assert len(chunks) >= 2 and all(spy.rows[i + 1][0] == "step" for i in chunks)
+
+
+def test_a_reply_that_stops_leaves_the_others_as_they_are_alone(model, prompts, alone, model_thread):
+    scheduler = Scheduler(slots=2, run_on=model_thread)
+    spy = Spy(model)
+    budgets = [64, TOKENS, TOKENS]  # the first could go on for 64 tokens; its visitor leaves after 4
+    seqs = [scheduler.submit(Sequence(spy, p, Sampling(max_new_tokens=n))) for p, n in zip(prompts, budgets)]
+    got = read_all(seqs, leave_after={0: 4})
+    assert got[0] == alone[0][:4]
+    assert got[1:] == alone[1:]
+    model_thread.submit(lambda: None).result()  # the scheduler's loop has ended: nothing more is decoded
+    # the third waited for a slot and took the first's when it left: never more than two in a step
+    assert max(n for kind, n in spy.rows if kind == "step") == 2
+    # the first stopped soon after its visitor left: far fewer tokens decoded than its 64
+    assert sum(n for kind, n in spy.rows if kind == "step") <= 2 * (TOKENS - 1) + 32
+
+
+def test_slots_bound_the_batch_and_the_line_keeps_arrival_order(model, prompts, model_thread):
+    hold = threading.Event()
+    model_thread.submit(hold.wait)  # the model thread is busy: every sequence is in line when it starts
+    scheduler = Scheduler(slots=1, run_on=model_thread)
+    spy = Spy(model)
+    seqs = [scheduler.submit(Sequence(spy, p, Sampling(max_new_tokens=4))) for p in prompts]
+    assert [s.place for s in seqs] == [0, 1, 2]  # what a visitor is told: the first has the slot, two wait
+    hold.set()
+    assert [len(g) for g in read_all(seqs)] == [4, 4, 4]
+    # one reply at a time, in arrival order: a prompt is read (the long one in chunks of 64), its first token
+    # comes from that pass, three steps of one row make the rest, and only then is the next prompt read
+    expected = []
+    for p in prompts:
+        expected += [("prompt", min(64, len(p) - i)) for i in range(0, len(p), 64)] + [("step", 1)] * 3
+    assert spy.rows == expected
+
+
+def test_a_failing_reply_ends_alone_and_the_model_goes_on(model, prompts, alone, model_thread):
+    class Failing(Spy):
+        def forward(self, ids, cache):
+            raise RuntimeError("this model is broken")
+
+    scheduler = Scheduler(slots=4, run_on=model_thread)
+    broken = scheduler.submit(Sequence(Failing(model), prompts[2], Sampling(max_new_tokens=TOKENS)))
+    fine = scheduler.submit(Sequence(Spy(model), prompts[0], Sampling(max_new_tokens=TOKENS)))
+    with pytest.raises(RuntimeError, match="broken"):
+        list(broken.steps())
+    assert [s.token_id for s in fine.steps()] == alone[0]
+    later = scheduler.submit(Sequence(Spy(model), prompts[1], Sampling(max_new_tokens=TOKENS)))
+    assert [s.token_id for s in later.steps()] == alone[1]
+
+
+def test_a_decoder_without_batched_steps_runs_its_replies_one_by_one(model, prompts, alone, model_thread):
+    scheduler = Scheduler(slots=4, run_on=model_thread)
+    generic = OneByOne(model)
+    seqs = [scheduler.submit(Sequence(generic, p, Sampling(max_new_tokens=TOKENS))) for p in prompts]
+    assert read_all(seqs) == alone
+    assert ("token", 1) in generic.rows and not any(kind == "step" for kind, _ in generic.rows)
