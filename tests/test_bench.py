@@ -238,3 +238,36 @@ def test_prompt_tokens_prefill_prose_prompts_of_that_length(tmp_path, tokenizer)
         "--int8", str(int8_dir), "--bf16", str(bf16_dir), "--prompt-tokens", "100000", *flags[:-2]
     )
     assert refused.returncode != 0 and "needs 200000 tokens of held-out prose" in refused.stderr
+
+
+def test_concurrency_measures_each_number_of_sequences_at_once(tmp_path, tokenizer):
+    bf16_dir, int8_dir = random_model.build_config_model(
+        tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4
+    )
+    out = tmp_path / "out.json"
+    args = [
+        "--int8",
+        str(int8_dir),
+        "--bf16",
+        str(bf16_dir),
+        "--tokens",
+        "5",
+        "--rounds",
+        "2",
+        "--threads",
+        "1",
+    ]
+    proc = run_bench(*args, "--prompts", "2", "--concurrency", "1", "3", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    levels = report["concurrency"]["1"]
+    assert set(levels) == {"1", "3"}
+    for n in ("1", "3"):
+        for name in ("int8", "bf16"):
+            m = levels[n][name]
+            assert m["median_ms"] > 0 and len(m["round_tokens_per_s"]) == 2 and m["tokens_per_s"] > 0
+    printed = {
+        line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()
+    }
+    assert set(printed) == {"1", "3"} and printed["1"][3] == printed["1"][6] == "1.00"  # N=1 is its own unit
+    assert "transformers BF16" not in proc.stdout  # only the two engines the app batches are opened

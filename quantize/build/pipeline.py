@@ -68,12 +68,13 @@ NOT_THE_BUILD = (
     "runtime/sessions.py",
     "runtime/serving.py",
     "runtime/panel.py",
+    "runtime/scheduler.py",
 )
 
 
 def build_code() -> list[Path]:
     """The modules a stage's result depends on, subfolders included: the build, the runtime it measures with and the
-    shared modules; not the page (chat, sessions, serving, panel) nor the tools."""
+    shared modules; not the page (chat, sessions, serving, panel, scheduler) nor the tools."""
     paths = sorted(PACKAGE.rglob("*.py"))
     return [p for p in paths if not p.relative_to(PACKAGE).as_posix().startswith(NOT_THE_BUILD)]
 

@@ -25,7 +25,7 @@ from quantize.build import evaluate
 from quantize.errors import ModelError
 from quantize.runtime import decoders, latency
 from quantize.runtime.decoders import HFDecoder
-from quantize.tools import bandwidth, footprint, peer, random_model
+from quantize.tools import bandwidth, concurrency, footprint, peer, random_model
 from quantize.tools.app_probe import AppPanel
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 EPILOG = """examples:
   python -m quantize.bench                                   # the app's default INT8 folder vs the embedded BF16
   python -m quantize.bench --threads 1 2 --tokens 64 --json bench.json
+  python -m quantize.bench --concurrency 1 2 4 8 --tokens 64 --rounds 3   # sequences at once (the scheduler)
   python -m quantize.bench --build-config-model /tmp/llama-400m   # random ~0.4B Llama: speed only, not quality
 The peer (llama.cpp, `pip install llama-cpp-python`) runs a Q8_0 GGUF: for the embedded default model it is
 made once from the shipped GGUF with llama.cpp's own quantizer; for any other model pass --peer-gguf."""
@@ -68,6 +69,9 @@ OPTIONS = {
     "--prompt-tokens": dict(type=int, metavar="N", default=0, help="prompts of N tokens cut from the held-out "
                             "prose instead of the chat prompts (as many as --prompts): each engine's time to first "
                             "token is that prompt's prefill, shown with prefill tokens/s"),
+    "--concurrency": dict(type=int, nargs="+", metavar="N", default=None, help="instead of the table above: N "
+                          "greedy sequences at once through the app's scheduler, for each N, INT8 and BF16 engines "
+                          "interleaved: per-sequence ms per token and aggregate tokens/s"),
     "--profile": dict(type=int, metavar="TOKENS", default=0, help="also print where INT8 decode time goes "
                       "(torch.profiler over TOKENS tokens, last thread count)"),
 }  # fmt: skip
@@ -180,7 +184,9 @@ def folders(args: argparse.Namespace) -> tuple[Path, Path, bool]:
     return models.resolve_model(args.bf16), int8_dir, args.bf16 is None
 
 
-def open_decoders(bf16_dir: Path, int8_dir: Path) -> dict:
+def open_decoders(
+    bf16_dir: Path, int8_dir: Path, names: tuple[str, ...] = ("int8", "bf16", "hf_bf16")
+) -> dict:
     """The engines that fit in memory together, by the app's rule (weights x machine.HEADROOM within the room
     there is): INT8, then the BF16 engine, then transformers' BF16, each with every one before it. A 7B model's
     BF16 sides do not fit a 24 GB machine beside its INT8: those are left out, and the bench says so."""
@@ -200,7 +206,7 @@ def open_decoders(bf16_dir: Path, int8_dir: Path) -> dict:
         ),
     }
     opened = {}
-    for name, (open_model, together) in openers.items():
+    for name, (open_model, together) in [(n, openers[n]) for n in names]:
         if name != "int8" and together * machine.HEADROOM > room:
             print(f"{latency.LABELS[name]}: not timed: with the engines before it, {together / 1e9:.2f} GB of "
                   f"weights ({together * machine.HEADROOM / 1e9:.2f} GB with room for caches and activations) need "
@@ -343,7 +349,11 @@ def run(args: argparse.Namespace, command: str) -> int:
     texts = load_prompts(args.prompts)  # before the folders: a bad --prompts fails before any model is built
     bf16_dir, int8_dir, bf16_is_default = folders(args)
     prompts = tokenize_prompts(models.load_tokenizer(bf16_dir), texts, args.prompt_tokens)
-    opened = open_decoders(bf16_dir, int8_dir)
+    opened = open_decoders(
+        bf16_dir, int8_dir, ("int8", "bf16") if args.concurrency else ("int8", "bf16", "hf_bf16")
+    )
+    if args.concurrency:
+        return run_concurrency(args, command, opened, prompts)
     peer_gguf, peer_line = peer.find_peer(args.peer, args.peer_gguf, bf16_dir, bf16_is_default)
     print(peer_line)
 
@@ -366,6 +376,25 @@ def run(args: argparse.Namespace, command: str) -> int:
                   "rounds": args.rounds, "prompts": prompts.texts, "cpu": machine.describe_cpu().asdict(),
                   "peer": peer_line, "memory": memory, "models": sizes,
                   "threads": {str(t): r for t, r in per_threads.items()}}  # fmt: skip
+        write_report(args.json, report)
+    return 0
+
+
+def run_concurrency(args: argparse.Namespace, command: str, opened: dict, prompts: Prompts) -> int:
+    """--concurrency: the engines (INT8, BF16) at each number of sequences at once, per thread count."""
+    engines = {n: d for n, d in opened.items() if n in ("int8", "bf16")}
+    per_threads = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        levels = sorted(set(args.concurrency))
+        per_threads[str(threads)] = concurrency.measure(
+            engines, prompts.ids, levels, args.tokens, args.rounds
+        )
+        print(concurrency.table(threads, per_threads[str(threads)], machine.describe_cpu().line()))
+    if args.json:
+        report = {"command": command, "created": time.strftime("%Y-%m-%d"), "tokens": args.tokens,
+                  "rounds": args.rounds, "prompts": prompts.texts, "cpu": machine.describe_cpu().asdict(),
+                  "labels": {n: d.label for n, d in engines.items()}, "concurrency": per_threads}  # fmt: skip
         write_report(args.json, report)
     return 0
 

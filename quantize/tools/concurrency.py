@@ -1,0 +1,81 @@
+"""Many sequences at once (`python -m quantize.bench --concurrency 1 2 4 8`): the engines decode N greedy sequences
+together through the app's own scheduler, INT8 and BF16 in interleaved rounds, and each N gives the per-sequence
+ms per token and the aggregate tokens/s.
+
+Per-sequence ms per token: the median gap between a sequence's consecutive tokens, over every sequence of every
+round (what each visitor waits per token). Aggregate tokens/s: all new tokens over the time from the first
+submit to the last token, prompts included (what the CPU serves).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from quantize.runtime.generate import Sampling
+from quantize.runtime.scheduler import Scheduler, Sequence
+
+
+def together(decoder, prompts: list[torch.Tensor], n: int, tokens: int, pool: ThreadPoolExecutor) -> dict:
+    """n sequences (the prompts in turn) of exactly `tokens` new tokens each, all submitted at once."""
+    scheduler = Scheduler(slots=n, run_on=pool)
+    start = time.perf_counter()
+    seqs = [
+        scheduler.submit(
+            Sequence(decoder, prompts[i % len(prompts)].reshape(-1).tolist(), Sampling(max_new_tokens=tokens))
+        )
+        for i in range(n)
+    ]
+    stamps = [[step.t for step in seq.steps()] for seq in seqs]  # each sequence's queue keeps its steps
+    gaps = [(b - a) * 1e3 for s in stamps for a, b in zip(s, s[1:])]
+    return {"gaps_ms": gaps, "tokens_per_s": n * tokens / (max(s[-1] for s in stamps) - start)}
+
+
+def measure(decoders: dict, prompts: list[torch.Tensor], levels: list[int], tokens: int, rounds: int) -> dict:
+    """{N: {model: summary}} for each level N; the models' order alternates every round, as latency.interleaved
+    does, and every run shares one model thread (the app's: one OpenMP team)."""
+    got = {n: {name: {"gaps_ms": [], "tokens_per_s": []} for name in decoders} for n in levels}
+    names = list(decoders)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model") as pool:
+        for name in names:  # warm-up: allocations and FBGEMM's first calls, at the largest batch
+            together(decoders[name], prompts, max(levels), min(4, tokens), pool)
+        for r in range(rounds):
+            for n in levels:
+                for name in names if r % 2 == 0 else names[::-1]:
+                    run = together(decoders[name], prompts, n, tokens, pool)
+                    got[n][name]["gaps_ms"] += run["gaps_ms"]
+                    got[n][name]["tokens_per_s"].append(run["tokens_per_s"])
+    return {
+        str(n): {
+            name: {
+                "median_ms": statistics.median(m["gaps_ms"]),
+                "p90_ms": statistics.quantiles(m["gaps_ms"], n=10)[-1],
+                "tokens_per_s": statistics.median(m["tokens_per_s"]),
+                "round_tokens_per_s": m["tokens_per_s"],
+            }
+            for name, m in per.items()
+        }
+        for n, per in got.items()
+    }
+
+
+def table(threads: int, result: dict, cpu: str) -> str:
+    """The printed table: one row per N, per model its ms per token per sequence and its aggregate tokens/s,
+    and how many times its batch-1 tokens/s that is."""
+    names = list(next(iter(result.values())))
+    head = "".join(
+        f"{name.upper() + ' ms/token':>16}{name.upper() + ' tok/s':>13}{'x N=1':>7}" for name in names
+    )
+    lines = [f"== {threads} thread{'s' if threads > 1 else ''}, sequences at once: {cpu}", f"{'N':>4}" + head]
+    first = result[min(result, key=int)]
+    for n, per in result.items():
+        cells = "".join(
+            f"{per[m]['median_ms']:>16.2f}{per[m]['tokens_per_s']:>13.1f}"
+            f"{per[m]['tokens_per_s'] / first[m]['tokens_per_s']:>7.2f}"
+            for m in names
+        )
+        lines.append(f"{n:>4}" + cells)
+    return "\n".join(lines)
