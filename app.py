@@ -96,7 +96,7 @@ def answer(turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, sess
     to the same ids for the comparison, then the panel and the race of the two."""
     history, ids, prefix = turn.history, turn.ids, chat.text_of(turn.history[-1]["content"])
     model = STATE.chat_model()
-    with STATE.lock, SESSIONS.generation(session) as gen:  # one reply at a time: both models share the CPU
+    with STATE.cpu.shared(), SESSIONS.generation(session) as gen:  # the scheduler decodes replies together
         yield {UI.message: "", UI.notice: notice, UI.last_prompt: turn.prompt}
         first = yield from stream_one(model, ids, sampling, gen, history, prefix)
         int8 = first if model is STATE.int8 else None
@@ -272,7 +272,10 @@ def run_benchmark(
     chats = [[{"role": "user", "content": text}] for text in asset("bench_prompts.json")]
     prompts = [torch.tensor([chat.encode_chat(STATE.tokenizer, c)]) for c in chats]
     decoders = {"INT8": STATE.int8.decoder, "BF16": STATE.bf16.decoder}
-    with STATE.lock, tqdm(total=int(rounds) * len(prompts) * 2, desc="INT8 and BF16, interleaved") as bar:
+    with (
+        STATE.cpu.alone(),
+        tqdm(total=int(rounds) * len(prompts) * 2, desc="INT8 and BF16, interleaved") as bar,
+    ):
         run = chat.on_model_thread(latency.interleaved, decoders, prompts, int(new_tokens), int(rounds), bar)
         result = run.result()
     return panel.benchmark_md(result, STATE)
@@ -359,7 +362,10 @@ def wire_events() -> None:
     outputs = parts("chatbot message chart table bf16_text notice live last_prompt race race_int8 race_bf16")
     settings = parts("max_new temperature top_p compare clear_count")
     message = [UI.message, UI.chatbot, UI.system, *settings]
-    cpu = dict(concurrency_id="cpu", concurrency_limit=1)  # one CPU-bound job at a time: they share the cores
+    # replies run together, as many as the scheduler's slots (Gradio's queue holds the rest and tells each visitor
+    # their place); the benchmark and a switch want the models alone, one at a time (serving.CpuUse)
+    cpu = dict(concurrency_id="chat", concurrency_limit=chat.SLOTS)
+    alone = dict(concurrency_id="alone", concurrency_limit=1)
     private = dict(api_visibility="private")
     UI.message.submit(respond, message, outputs, api_name="chat", **cpu)
     UI.send.click(respond, message, outputs, **private, **cpu)
@@ -388,8 +394,8 @@ def wire_events() -> None:
     # the two actions that change the Space for everyone carry the owner's token (owner_refusal); the switch is
     # hidden from the API, the benchmark listed for the owner's scripts
     bench = parts("bench_tokens bench_rounds admin"), parts("bench_chart bench_table")
-    UI.bench_run.click(run_benchmark, *bench, api_name="benchmark", **cpu)
-    UI.model.change(switch_pair, parts("model admin"), UI.model, api_name="switch_model", **private, **cpu)
+    UI.bench_run.click(run_benchmark, *bench, api_name="benchmark", **alone)
+    UI.model.change(switch_pair, parts("model admin"), UI.model, api_name="switch_model", **private, **alone)
 
 
 # ---------------------------------------------------------------- a fair queue

@@ -128,6 +128,66 @@ def test_eight_concurrent_sessions(app_server):
     )  # no KV caches, histories or timings kept per reply
 
 
+# Eight visitors' questions, each with a short, confident greedy answer from the default model
+COUNTRIES = ("Japan", "France", "Italy", "Spain", "Germany", "Egypt", "Canada", "Peru")
+EIGHT = [f"What is the capital of {c}? Answer in one word." for c in COUNTRIES]
+
+
+def ask(url: str, question: str, tokens: int = 16) -> tuple[str, str]:
+    """One visitor's question (INT8, no comparison): the answer and the panel's table."""
+    from gradio_client import Client
+
+    h, _box, _chart, table, *_ = Client(url, verbose=False).predict(
+        question, [], DEFAULT_SYSTEM, tokens, 0.0, 0.95, False, api_name="/chat"
+    )
+    return text_of(h[-1]["content"]), table
+
+
+def others_in_steps(table: str) -> str:
+    """What the panel's table says of the replies that shared this one's steps (INT8's column)."""
+    row = next(line for line in table.splitlines() if line.startswith("| Other replies in its steps"))
+    return row.split("|")[2].strip()
+
+
+def test_eight_visitors_at_once_get_their_own_answers(app_server):
+    """Eight API clients ask at the same moment; each gets the answer to its own question: its country named,
+    no other visitor's. Most are word for word what the question gets alone (greedy), but not all need be: in a
+    batch each row's activation codes are the ones it gets alone, while the float rescale around the integer GEMM
+    rounds differently in the last bits, and this model is chaotic under INT8 noise (see
+    test_a_prompt_in_one_pass_gives_its_token_by_token_logits). Stated tolerance: at least half word for word
+    (measured on an Intel Xeon: 7 and 6 of 8; the others took another turn at a near tie). The panel says the
+    replies shared their steps, and the app holds no more memory after them than before (within 5%)."""
+    url = app_server["url"]
+    alone = [ask(url, q) for q in EIGHT]
+    assert all(others_in_steps(t) == "0" for _, t in alone)
+    before = settled_rss(app_server)
+    together: list = [None] * len(EIGHT)
+    start = threading.Barrier(len(EIGHT))
+
+    def one(i: int) -> None:
+        start.wait()
+        try:
+            together[i] = ask(url, EIGHT[i])
+        except Exception as e:  # noqa: BLE001 - shown by the assertion below
+            together[i] = (repr(e), "")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(EIGHT))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    after = settled_rss(app_server)
+    answers = [a for a, _ in together]
+    named = [{c for c in COUNTRIES if c in a} for a in answers]
+    assert named == [{c} for c in COUNTRIES], answers  # each its own question's, none another's
+    same = sum(a == b for a, (b, _) in zip(answers, alone))
+    print(f"{same} of 8 answers word for word as alone: {list(zip(answers, [b for b, _ in alone]))}")
+    assert same >= 4, list(zip(answers, [b for b, _ in alone]))
+    shared = [int(others_in_steps(t)) for _, t in together]
+    assert max(shared) >= 1, shared  # decoded together: the panel counts the others in its steps
+    assert after <= 1.05 * before, (before, after)
+
+
 def test_one_client_flooding_the_queue_leaves_room_for_others(app_url):
     """One client starts a long reply and sends 20 more requests at once: beyond the few one visitor may have
     waiting or running, its requests are refused at once (HTTP 429, with a sentence), not queued, so a second

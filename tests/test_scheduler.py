@@ -131,10 +131,11 @@ def test_slots_bound_the_batch_and_the_line_keeps_arrival_order(model, prompts, 
     hold.set()
     assert [len(g) for g in read_all(seqs)] == [4, 4, 4]
     # one reply at a time, in arrival order: a prompt is read (the long one in chunks of 64), its first token
-    # comes from that pass, three steps of one row make the rest, and only then is the next prompt read
+    # comes from that pass, three passes of one token (alone, the path generate.stream runs) make the rest, and
+    # only then is the next prompt read
     expected = []
     for p in prompts:
-        expected += [("prompt", min(64, len(p) - i)) for i in range(0, len(p), 64)] + [("step", 1)] * 3
+        expected += [("prompt", min(64, len(p) - i)) for i in range(0, len(p), 64)] + [("token", 1)] * 3
     assert spy.rows == expected
 
 

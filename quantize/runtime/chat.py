@@ -8,6 +8,7 @@ INT8-vs-BF16 race afterwards from what was measured.
 from __future__ import annotations
 
 import contextvars
+import os
 import queue
 import re
 import threading
@@ -16,10 +17,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
 from quantize.runtime import latency
-from quantize.runtime.generate import Sampling, stream
+from quantize.runtime.generate import Sampling, Step
+from quantize.runtime.scheduler import Scheduler, Sequence
 
 # One bound for everything the model reads of a request: system prompt + history + new message, or the prompt
 # of a stopped answer + what it said (Continue). Older turns are dropped first; a Continue past it is refused.
@@ -44,6 +44,10 @@ SETTINGS = {"max_new_tokens": (8, 256), "temperature": (0.0, 1.5), "top_p": (0.0
 # gets its own OpenMP team; with more team threads alive than cores, libgomp stops spin-waiting between parallel
 # regions, and a 2-thread decode of the default model took 2.3x as long per token as the bench's.
 MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="q8chat-model")
+# Replies decoded at once, each model's in one batch (runtime/scheduler.py); more wait in Gradio's queue, which
+# tells each visitor their place. See README, "Many visitors".
+SLOTS = int(os.environ.get("Q8CHAT_SLOTS", "8"))
+SCHEDULER = Scheduler(SLOTS, MODEL_THREAD)
 
 
 def on_model_thread(fn: Callable, *args, **kwargs):
@@ -277,40 +281,27 @@ def replay_clock(ends: list[float], interval: float = UI_INTERVAL_S) -> Iterator
 def decode_live(
     decoder, tokenizer, ids: list[int], sampling: Sampling, stop: threading.Event
 ) -> Iterator[Reply]:
-    """The one decode-and-time loop of the app. The model runs on MODEL_THREAD, which only stamps tokens, so
-    the per-token times measure the model, not the page; this generator yields the reply so far at most every
-    UI_INTERVAL_S. A Stop ends the worker at its next token and waits for it, so the CPU is free; closing it (the
-    visitor left) stops the worker without waiting for its forward pass to end, since the server may close it on
-    its event loop. The next reply queues behind that pass on MODEL_THREAD, so the two never share the cores."""
-    steps: queue.SimpleQueue = queue.SimpleQueue()
-    halt = threading.Event()  # ours, so that a normal end is not mistaken for the visitor's Stop
+    """The one decode-and-time loop of the app. The reply is a sequence of the scheduler, which stamps each token
+    on MODEL_THREAD as its step ends, so the per-token times measure the model (and the replies it shared the
+    steps with), not the page; this generator yields the reply so far at most every UI_INTERVAL_S. A Stop ends
+    the sequence at the scheduler's next turn and waits for that, so its slot is free; closing it (the visitor
+    left) stops it without waiting, since the server may close it on its event loop."""
+    seq = SCHEDULER.submit(Sequence(decoder, ids, sampling, frozenset({tokenizer.eos_token_id})))
     reply = Reply(len(ids), latency.Timing(time.perf_counter()))
-
-    def work() -> None:
-        try:
-            for step in stream(
-                decoder, torch.tensor([ids]), sampling, eos_ids={tokenizer.eos_token_id}, stop=halt
-            ):
-                if step.token_id != tokenizer.eos_token_id:
-                    reply.timing.stamps.append(step.t)
-                    steps.put(step.token_id)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            steps.put(e)
-        finally:
-            steps.put(None)
-
-    worker, closed = on_model_thread(work), False
     try:
         finished = False
         while not finished:
-            item = steps.get()
+            item = seq.out.get()
             if stop.is_set():
-                halt.set()
+                seq.stop.set()
             time.sleep(UI_INTERVAL_S)  # let tokens accumulate: one page update for all of them
-            while item is not None and not isinstance(item, BaseException):
-                reply.token_ids.append(item)
+            while isinstance(item, Step):
+                if item.token_id != tokenizer.eos_token_id:
+                    reply.timing.stamps.append(item.t)
+                    reply.timing.shared.append(item.batch)
+                    reply.token_ids.append(item.token_id)
                 try:
-                    item = steps.get_nowait()
+                    item = seq.out.get_nowait()
                 except queue.Empty:
                     break
             if isinstance(item, BaseException):
@@ -318,10 +309,5 @@ def decode_live(
             finished = item is None
             reply.text = tokenizer.decode(reply.token_ids, skip_special_tokens=True)
             yield reply
-    except GeneratorExit:
-        closed = True
-        raise
     finally:
-        halt.set()
-        if not closed:
-            worker.result()
+        seq.stop.set()

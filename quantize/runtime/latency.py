@@ -23,10 +23,12 @@ LABELS = {
 
 @dataclass
 class Timing:
-    """One generation: start time and a time stamp per token."""
+    """One generation: start time and a time stamp per token; in the app, also how many replies of its model
+    shared the forward pass that made each token (runtime/scheduler.py batches them)."""
 
     start: float
     stamps: list[float] = field(default_factory=list)
+    shared: list[int] = field(default_factory=list)
 
     @property
     def ttft_ms(self) -> float | None:
@@ -38,7 +40,8 @@ class Timing:
         return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
 
     def summary(self) -> dict:
-        return summarize(self.decode_ms, self.ttft_ms, len(self.stamps))
+        others = statistics.median(self.shared[1:]) - 1 if len(self.shared) > 1 else None
+        return summarize(self.decode_ms, self.ttft_ms, len(self.stamps)) | {"others_median": others}
 
 
 def summarize(decode_ms: list[float], ttft_ms: float | None, tokens: int) -> dict:

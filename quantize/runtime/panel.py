@@ -96,6 +96,8 @@ def table_md(a: dict | None, b: dict | None, state: Serving, rounds: list[float]
         ("Tokens / s", "tokens_per_s", ".1f"),
         ("Tokens generated", "tokens", "d"),
     ]
+    if "others_median" in a or "others_median" in b:  # a reply's (not a benchmark's): its token times are its
+        rows.append(("Other replies in its steps (median)", "others_median", ".0f"))  # batch's steps
     if rounds:
         rows.insert(2, ("p10 ms / token", "p10_ms", ".1f"))
     cells = [(name, fmt(a.get(key), spec), fmt(b.get(key), spec)) for name, key, spec in rows]

@@ -128,7 +128,7 @@ class Scheduler:
 
     def prefill_one(self) -> None:
         """One chunk of the oldest sequence still reading its prompt; at the prompt's end, its first token."""
-        seq = next((s for s in self.active if s.read < len(s.prompt)), None)
+        seq = next((s for s in self.active if s.read < len(s.prompt) and not s.stop.is_set()), None)
         if seq is None:
             return
         ids = torch.tensor(seq.prompt[seq.read : seq.read + self.chunk])
@@ -145,7 +145,9 @@ class Scheduler:
 
     def decode_all(self) -> None:
         """One step for every decoding sequence, a batch per model."""
-        decoding = [s for s in self.active if s.last is not None]
+        decoding = [
+            s for s in self.active if s.last is not None and not s.stop.is_set()
+        ]  # stopped: leaves next
         for decoder in {id(s.decoder): s.decoder for s in decoding}.values():
             batch = [s for s in decoding if s.decoder is decoder]
             try:
@@ -160,8 +162,10 @@ class Scheduler:
 
     @staticmethod
     def forward(decoder, batch: list[Sequence]) -> torch.Tensor:
+        """A batch of several runs `step`; one alone runs `forward`, the path generate.stream and the bench time,
+        so a reply alone gets exactly the numbers it got before there was a scheduler."""
         ids = torch.tensor([s.last for s in batch])
-        if hasattr(decoder, "step"):
+        if len(batch) > 1 and hasattr(decoder, "step"):
             return decoder.step(ids, [s.cache for s in batch])
         return torch.cat([decoder.forward(ids[i : i + 1], s.cache) for i, s in enumerate(batch)])
 

@@ -17,7 +17,8 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,10 +56,70 @@ class LoadedModel:
     error: str | None = None
 
 
+class OneAtATime:
+    """The tokenizer for the handlers of many replies at once: a fast tokenizer is not thread-safe (a call that
+    sets split_special_tokens while another encodes raised "RuntimeError: Already borrowed" with 8 visitors), so
+    its calls take turns. Each is short next to a reply."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.turn = tokenizer, threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self.turn:
+            return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.tokenizer, name)
+        if not callable(attr):
+            return attr
+
+        def in_turn(*args, **kwargs):
+            with self.turn:
+                return attr(*args, **kwargs)
+
+        return in_turn
+
+
+class CpuUse:
+    """Replies share the models (the scheduler batches them); switching the pair and the benchmark need them
+    alone: they wait for the replies in progress, and replies asked for meanwhile wait for them."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.replies, self.alone_now = 0, False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self.changed:
+            self.changed.wait_for(lambda: not self.alone_now)
+            self.replies += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.replies -= 1
+                self.changed.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self.changed:
+            self.changed.wait_for(lambda: not self.alone_now)
+            self.alone_now = True
+            self.changed.wait_for(lambda: self.replies == 0)
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.alone_now = False
+                self.changed.notify_all()
+
+    def busy(self) -> bool:
+        return self.replies > 0 or self.alone_now
+
+
 @dataclass
 class Serving:
-    """The app's state: which pair serves, how far loading has come, and the lock that gives the CPU to one
-    generation at a time (both models share the cores)."""
+    """The app's state: which pair serves, how far loading has come, and who may use the models now (`cpu`)."""
 
     pairs: list[Pair]
     pair: Pair | None = None
@@ -73,7 +134,7 @@ class Serving:
     # the maintainer command (`python -m quantize`'s main(argv, stage_bar)), handed in by the app: the runtime never
     # imports the build; None: INT8 models come from Q8CHAT_INT8_MODEL only
     build: Callable[..., int] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    cpu: CpuUse = field(default_factory=lambda: CpuUse())
 
     @property
     def compare_available(self) -> bool:
@@ -143,9 +204,9 @@ def loading() -> bool:
 
 
 def switch(state: Serving, name: str) -> None:
-    """Unload the current pair (after the reply in progress: the lock) and load the pair called `name`."""
+    """Unload the current pair (after the replies in progress) and load the pair called `name`."""
     pair = next(p for p in state.pairs if p.name == name)
-    with state.lock:
+    with state.cpu.alone():
         unload(state)
         state.status = f"Switching to {name}…"
     start_loading(state, pair)
@@ -164,7 +225,7 @@ def status(state: Serving) -> dict:
         "int8_error": state.int8.error,
         "bf16_error": state.bf16.error,
         "compare": state.compare_available,
-        "busy": state.lock.locked(),
+        "busy": state.cpu.busy(),
         "chat_model": state.chat_model().label if state.ready else None,
         "pair": state.pair.name if state.pair else None,
         "loading": loading(),
@@ -184,7 +245,7 @@ def load_pair(state: Serving, pair: Pair) -> None:
         state.status = f"Loading the BF16 model of {pair.name}…"
         src = models.resolve_model(pair.bf16)
         models.refuse_downloaded_pickles(src)
-        state.tokenizer = models.load_tokenizer(src)
+        state.tokenizer = OneAtATime(models.load_tokenizer(src))
         state.window = int(
             json.loads((Path(src) / "config.json").read_text()).get("max_position_embeddings", 0)
         )
@@ -246,7 +307,7 @@ def serve_int8(state: Serving, pair: Pair) -> None:
     report = Path(int8_dir) / "quantize_report.json"
     state.report = json.loads(report.read_text()) if report.is_file() else None
     if state.tokenizer is None:
-        state.tokenizer = models.load_tokenizer(int8_dir)
+        state.tokenizer = OneAtATime(models.load_tokenizer(int8_dir))
     state.int8 = int8  # one assignment: the next reply runs on INT8
 
 

@@ -19,7 +19,8 @@ class Generation:
 
 class Sessions:
     def __init__(self, remembered: int = 10_000) -> None:
-        self.running: dict[str, Generation] = {}
+        self.running: dict[str, list[Generation]] = {}  # a session may have a few replies at once
+        self.lock = threading.Lock()  # replies of one session start and end on different threads
         self.clear_counts: dict[str, int] = {}  # per session, how many times Clear was pressed
         self.remembered = (
             remembered  # bounded: demo.unload would forget sessions, but breaks Gradio 6's Examples
@@ -28,17 +29,22 @@ class Sessions:
     @contextmanager
     def generation(self, session: str) -> Iterator[Generation]:
         """Register a reply for the length of the block, so that Stop and Clear find it."""
-        gen = self.running[session] = Generation()
+        gen = Generation()
+        with self.lock:
+            self.running.setdefault(session, []).append(gen)
         try:
             yield gen
         finally:
-            if self.running.get(session) is gen:
-                del self.running[session]
+            with self.lock:
+                mine = self.running.get(session, [])
+                if gen in mine:
+                    mine.remove(gen)
+                if not mine:
+                    self.running.pop(session, None)
 
     def stop(self, session: str) -> None:
-        """The reply stops at its next token; what was written stays."""
-        gen = self.running.get(session)
-        if gen is not None:
+        """The session's replies stop at their next token; what was written stays."""
+        for gen in self.running.get(session, []):
             gen.stop.set()
 
     def clear(self, session: str) -> int:
@@ -47,8 +53,7 @@ class Sessions:
         self.clear_counts[session] = self.clear_counts.get(session, 0) + 1
         if len(self.clear_counts) > self.remembered:
             self.clear_counts.pop(next(iter(self.clear_counts)))
-        gen = self.running.get(session)
-        if gen is not None:
+        for gen in self.running.get(session, []):
             gen.abandoned = True
             gen.stop.set()
         return self.clear_counts[session]
