@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor
 
 import torch
 
@@ -19,9 +20,27 @@ from quantize.runtime.generate import Sampling
 from quantize.runtime.scheduler import Scheduler, Sequence
 
 
-def together(decoder, prompts: list[torch.Tensor], n: int, tokens: int, pool: ThreadPoolExecutor) -> dict:
+class OnThisThread(Executor):
+    """Holds the scheduler's loop until `run`, which runs it on the calling thread: all torch work of the bench
+    stays on the one thread that loaded the models. A second thread running torch brings a second OpenMP team,
+    and with more team threads than cores libgomp stops spin-waiting (see chat.MODEL_THREAD): measured, INT8 at one
+    sequence took 15.1 ms per token on a pool thread against 10.8 on the loading thread."""
+
+    def __init__(self) -> None:
+        self.held: list[Callable[[], None]] = []
+
+    def submit(self, fn, /, *args, **kwargs) -> None:
+        self.held.append(lambda: fn(*args, **kwargs))
+
+    def run(self) -> None:
+        while self.held:
+            self.held.pop(0)()
+
+
+def together(decoder, prompts: list[torch.Tensor], n: int, tokens: int) -> dict:
     """n sequences (the prompts in turn) of exactly `tokens` new tokens each, all submitted at once."""
-    scheduler = Scheduler(slots=n, run_on=pool)
+    here = OnThisThread()
+    scheduler = Scheduler(slots=n, run_on=here)
     start = time.perf_counter()
     seqs = [
         scheduler.submit(
@@ -29,25 +48,25 @@ def together(decoder, prompts: list[torch.Tensor], n: int, tokens: int, pool: Th
         )
         for i in range(n)
     ]
-    stamps = [[step.t for step in seq.steps()] for seq in seqs]  # each sequence's queue keeps its steps
+    here.run()  # to the last token of the last sequence
+    stamps = [[step.t for step in seq.steps()] for seq in seqs]  # each sequence's queue kept its steps
     gaps = [(b - a) * 1e3 for s in stamps for a, b in zip(s, s[1:])]
     return {"gaps_ms": gaps, "tokens_per_s": n * tokens / (max(s[-1] for s in stamps) - start)}
 
 
 def measure(decoders: dict, prompts: list[torch.Tensor], levels: list[int], tokens: int, rounds: int) -> dict:
     """{N: {model: summary}} for each level N; the models' order alternates every round, as latency.interleaved
-    does, and every run shares one model thread (the app's: one OpenMP team)."""
+    does; every run is on this thread (OnThisThread)."""
     got = {n: {name: {"gaps_ms": [], "tokens_per_s": []} for name in decoders} for n in levels}
     names = list(decoders)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model") as pool:
-        for name in names:  # warm-up: allocations and FBGEMM's first calls, at the largest batch
-            together(decoders[name], prompts, max(levels), min(4, tokens), pool)
-        for r in range(rounds):
-            for n in levels:
-                for name in names if r % 2 == 0 else names[::-1]:
-                    run = together(decoders[name], prompts, n, tokens, pool)
-                    got[n][name]["gaps_ms"] += run["gaps_ms"]
-                    got[n][name]["tokens_per_s"].append(run["tokens_per_s"])
+    for name in names:  # warm-up: allocations and FBGEMM's first calls, at the largest batch
+        together(decoders[name], prompts, max(levels), min(4, tokens))
+    for r in range(rounds):
+        for n in levels:
+            for name in names if r % 2 == 0 else names[::-1]:
+                run = together(decoders[name], prompts, n, tokens)
+                got[n][name]["gaps_ms"] += run["gaps_ms"]
+                got[n][name]["tokens_per_s"].append(run["tokens_per_s"])
     return {
         str(n): {
             name: {
