@@ -95,8 +95,13 @@ def answer(turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, sess
     """Streams the chat model's answer into the last message (after what it already says), then BF16's answer
     to the same ids for the comparison, then the panel and the race of the two."""
     history, ids, prefix = turn.history, turn.ids, chat.text_of(turn.history[-1]["content"])
-    model = STATE.chat_model()
-    with STATE.cpu.shared(), SESSIONS.generation(session) as gen:  # the scheduler decodes replies together
+    # registered first, so Stop and Clear reach a reply that waits for a switch or the benchmark to end
+    with SESSIONS.generation(session) as gen, STATE.cpu.shared():  # the scheduler decodes replies together
+        model = STATE.chat_model()  # read once the models are ours: a switch may have happened meanwhile
+        if model.decoder is None or not STATE.ready:  # it did, and the next pair is still loading
+            gr.Warning("The models were switched while your message waited; send it again in a moment.")
+            yield {UI.notice: "Not sent: the models were switched while it waited."}
+            return
         yield {UI.message: "", UI.notice: notice, UI.last_prompt: turn.prompt}
         first = yield from stream_one(model, ids, sampling, gen, history, prefix)
         int8 = first if model is STATE.int8 else None
@@ -108,7 +113,10 @@ def answer(turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, sess
         if gen.abandoned:  # Clear: our last word agrees with Clear's, whichever reaches the page last
             yield dict(zip(UI.emptied, empty_chat()))
             return
-        machine.release_memory()  # the reply's temporaries go back to the OS, once per reply (not per /status)
+        if (
+            STATE.cpu.replies == 1
+        ):  # the last reply running: its temporaries go back to the OS (not per /status;
+            machine.release_memory()  # a full collection under load would stall the others' steps)
         out = panel_outputs(int8, bf16) | {
             UI.chatbot: history,
             UI.message: "",

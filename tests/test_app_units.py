@@ -69,6 +69,18 @@ def test_verdict_gives_the_speed_up_the_bytes_predict():
     assert "| Read per token (MB) | 150 | 270 |" in md
 
 
+def test_a_reply_shared_with_others_says_so_and_what_load_each_model_met():
+    """Replies decoded together: each token's time is its batch's step. The table says how many other replies
+    shared the steps, counted from the stamps' batch sizes (the first token, a prompt's pass, not counted), and the
+    verdict says the ratio is of those loads; alone, it says 0 and the verdict is as before."""
+    together = latency.Timing(start=0.0, stamps=[0.1, 0.2, 0.3, 0.4], shared=[1, 4, 4, 2]).summary()
+    alone = latency.Timing(start=0.0, stamps=[0.1, 0.15, 0.2], shared=[1, 1, 1]).summary()
+    md = panel.table_md(together, alone, _state())
+    assert "| Other replies in its steps (median) | 3 | 0 |" in md
+    assert "under load: INT8's steps were shared with 3 other replies (median), BF16's with 0" in md
+    assert "under load" not in panel.table_md(alone, alone, _state())
+
+
 @pytest.mark.parametrize(
     "state,verdict",
     [

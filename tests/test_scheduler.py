@@ -130,12 +130,12 @@ def test_slots_bound_the_batch_and_the_line_keeps_arrival_order(model, prompts, 
     assert [s.place for s in seqs] == [0, 1, 2]  # what a visitor is told: the first has the slot, two wait
     hold.set()
     assert [len(g) for g in read_all(seqs)] == [4, 4, 4]
-    # one reply at a time, in arrival order: a prompt is read (the long one in chunks of 64), its first token
-    # comes from that pass, three passes of one token (alone, the path generate.stream runs) make the rest, and
-    # only then is the next prompt read
+    # one reply at a time, in arrival order: a prompt is read in one pass (nobody else waits on it), its first
+    # token comes from that pass, three passes of one token make the rest (alone: the path generate.stream
+    # runs), and only then is the next prompt read
     expected = []
     for p in prompts:
-        expected += [("prompt", min(64, len(p) - i)) for i in range(0, len(p), 64)] + [("token", 1)] * 3
+        expected += [("prompt", len(p))] + [("token", 1)] * 3
     assert spy.rows == expected
 
 
@@ -160,3 +160,39 @@ def test_a_decoder_without_batched_steps_runs_its_replies_one_by_one(model, prom
     seqs = [scheduler.submit(Sequence(generic, p, Sampling(max_new_tokens=TOKENS))) for p in prompts]
     assert read_all(seqs) == alone
     assert ("token", 1) in generic.rows and not any(kind == "step" for kind, _ in generic.rows)
+
+
+def test_a_reply_that_fails_inside_a_batch_ends_alone(model, prompts, alone, model_thread):
+    """One reply's pass fails after three of its tokens (as a full cache would): the batch is run again one
+    reply at a time, that reply ends with the error, the other goes on to the tokens it gets alone."""
+    doomed_size = len(prompts[1]) + TOKENS + 1  # the doomed reply's cache, told apart by its size
+
+    def full(cache) -> bool:
+        return cache.k.shape[2] == doomed_size and cache.length >= len(prompts[1]) + 3
+
+    class BreaksOneCache(Spy):
+        def forward(self, ids, cache):
+            if full(cache):
+                raise ValueError("this conversation's cache is full")
+            return super().forward(ids, cache)
+
+        def step(self, ids, caches):
+            if any(full(c) for c in caches):
+                raise ValueError("this conversation's cache is full")
+            return super().step(ids, caches)
+
+    spy = BreaksOneCache(model)
+    scheduler = Scheduler(slots=4, run_on=model_thread)
+    fine = scheduler.submit(Sequence(spy, prompts[0], Sampling(max_new_tokens=TOKENS)))
+    doomed = scheduler.submit(Sequence(spy, prompts[1], Sampling(max_new_tokens=TOKENS + 1)))
+    got = read_all([fine])
+    with pytest.raises(ValueError, match="cache is full"):
+        list(doomed.steps())
+    assert got == [alone[0]]
+    assert ("step", 2) in spy.rows  # they were in one batch before it failed
+
+
+def test_an_empty_prompt_ends_at_once_with_a_sentence(model, model_thread):
+    seq = Scheduler(slots=1, run_on=model_thread).submit(Sequence(model, [], Sampling(max_new_tokens=4)))
+    with pytest.raises(ValueError, match="empty prompt"):
+        list(seq.steps())

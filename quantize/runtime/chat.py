@@ -46,7 +46,8 @@ SETTINGS = {"max_new_tokens": (8, 256), "temperature": (0.0, 1.5), "top_p": (0.0
 MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="q8chat-model")
 # Replies decoded at once, each model's in one batch (runtime/scheduler.py); more wait in Gradio's queue, which
 # tells each visitor their place. See README, "Many visitors".
-SLOTS = int(os.environ.get("Q8CHAT_SLOTS", "8"))
+# Each reply in a slot holds one of Gradio's worker threads (40), which Stop, Clear and the page's polls need too.
+SLOTS = min(max(int(os.environ.get("Q8CHAT_SLOTS", "8")), 1), 16)
 SCHEDULER = Scheduler(SLOTS, MODEL_THREAD)
 
 
@@ -286,12 +287,17 @@ def decode_live(
     steps with), not the page; this generator yields the reply so far at most every UI_INTERVAL_S. A Stop ends
     the sequence at the scheduler's next turn and waits for that, so its slot is free; closing it (the visitor
     left) stops it without waiting, since the server may close it on its event loop."""
-    seq = SCHEDULER.submit(Sequence(decoder, ids, sampling, frozenset({tokenizer.eos_token_id})))
     reply = Reply(len(ids), latency.Timing(time.perf_counter()))
+    seq = SCHEDULER.submit(Sequence(decoder, ids, sampling, frozenset({tokenizer.eos_token_id})))
     try:
         finished = False
         while not finished:
-            item = seq.out.get()
+            try:  # a reply in line or reading its prompt has no token yet: Stop must reach it all the same
+                item = seq.out.get(timeout=UI_INTERVAL_S)
+            except queue.Empty:
+                if stop.is_set():
+                    seq.stop.set()
+                continue
             if stop.is_set():
                 seq.stop.set()
             time.sleep(UI_INTERVAL_S)  # let tokens accumulate: one page update for all of them

@@ -126,7 +126,12 @@ def verdict(a: dict, b: dict, state: Serving, rounds: list[float] | None = None)
     if a.get("median_ms") and b.get("median_ms"):
         int8_read, bf16_read = state.int8.bytes_per_token, state.bf16.bytes_per_token
         predicted = bf16_read / int8_read if int8_read and bf16_read else None
-        return speedup_line(rounds or [b["median_ms"] / a["median_ms"]], predicted=predicted)
+        line = speedup_line(rounds or [b["median_ms"] / a["median_ms"]], predicted=predicted)
+        loads = (a.get("others_median") or 0, b.get("others_median") or 0)
+        if any(loads):  # each side's token times are its batches' steps: say what load each met
+            line += (f" — under load: INT8's steps were shared with {loads[0]:.0f} other replies (median), "
+                     f"BF16's with {loads[1]:.0f}")  # fmt: skip
+        return line
     return "Speed-up appears once both models have answered."
 
 

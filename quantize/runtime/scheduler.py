@@ -1,18 +1,19 @@
 """The scheduler: the app's replies decoded many at once on the one model thread (continuous batching).
 
 A reply is a `Sequence`. It waits in line (in order of arrival, so none is starved) until one of `slots` is free.
-Then its prompt is prefilled, at most PREFILL_CHUNK tokens a turn, between the others' decode steps, so a
+Then its prompt is prefilled, at most PREFILL_CHUNK tokens a turn while others decode, between their steps, so a
 newcomer's long prompt holds them up for one chunk at a time. Then it joins its model's batch: each turn, every
 model with decoding sequences runs one `Engine.step` for all of them (a decoder without `step`, the generic
 path, runs them one by one). A sequence leaves at its last token, at Stop, or when its visitor leaves; its slot is
 free for the next turn.
 
-Memory: a sequence's KV cache holds its prompt and its new tokens and nothing more, so the caches of the app take
-at most slots x (chat.MAX_INPUT_TOKENS + the largest max_new_tokens) positions per model.
+Memory: a sequence's KV cache holds its prompt and its new tokens and nothing more, and goes with it, so the
+caches of the app hold at most slots x (chat.MAX_INPUT_TOKENS + the largest max_new_tokens) positions.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from quantize.runtime.generate import Sampling, Step, next_token
+
+log = logging.getLogger(__name__)
 
 # A newcomer's prompt is prefilled this many tokens per turn: at the default model's ~1 ms per prompt token (2
 # threads), the others wait ~64 ms at most for a token while it is read. A multiple of the engine's PREFILL_STEP.
@@ -73,22 +76,28 @@ class Scheduler:
         self.running = False  # a loop is on run_on, or about to be
 
     def submit(self, seq: Sequence) -> Sequence:
+        """Put a reply in line; it ends at once with a ValueError if there is nothing to read."""
+        if not seq.prompt:
+            seq.out.put(ValueError("An empty prompt has nothing to answer."))
+            seq.out.put(None)
+            return seq
         with self.lock:
             self.waiting.append(seq)
             seq.place = max(0, len(self.waiting) - (self.slots - len(self.active)))
             if not self.running:
+                self.run_on.submit(self.loop)  # raises (a shut-down pool) before the flag says a loop runs
                 self.running = True
-                self.run_on.submit(self.loop)
         return seq
 
     def loop(self) -> None:
         """Turns until no sequence is left; then run_on is free for other work (the benchmark). What fails outside
-        a model's forward (sampling) ends the sequences in slots with it; those in line get a new loop."""
+        a model's forward ends the sequences in slots with it; those in line get a new loop."""
         try:
             while self.admit():
                 self.prefill_one()
                 self.decode_all()
         except BaseException as e:
+            log.exception("the scheduler's loop failed; the replies in slots end with it")
             with self.lock:
                 for seq in list(self.active):
                     self.finish(seq, e)
@@ -105,9 +114,13 @@ class Scheduler:
                 self.finish(seq)
             while self.waiting and len(self.active) < self.slots:
                 seq = self.waiting.popleft()
-                seq.cache = seq.decoder.new_cache(len(seq.prompt) + seq.sampling.max_new_tokens)
-                if seq.sampling.temperature > 0:
-                    seq.generator = torch.Generator().manual_seed(seq.sampling.seed)
+                try:  # its cache may not fit in memory: that reply ends, the others go on
+                    seq.cache = seq.decoder.new_cache(len(seq.prompt) + seq.sampling.max_new_tokens)
+                    if seq.sampling.temperature > 0:
+                        seq.generator = torch.Generator().manual_seed(seq.sampling.seed)
+                except Exception as e:  # noqa: BLE001 - handed to its reader
+                    self.finish(seq, e)
+                    continue
                 seq.place = 0
                 self.active.append(seq)
             for place, seq in enumerate(self.waiting):
@@ -127,11 +140,14 @@ class Scheduler:
         seq.out.put(None)
 
     def prefill_one(self) -> None:
-        """One chunk of the oldest sequence still reading its prompt; at the prompt's end, its first token."""
+        """The oldest sequence still reading its prompt reads some more: one chunk while others are decoding (so
+        they wait one chunk at most), the rest of it when none is (as generate.stream reads a prompt). At the
+        prompt's end, its first token."""
         seq = next((s for s in self.active if s.read < len(s.prompt) and not s.stop.is_set()), None)
         if seq is None:
             return
-        ids = torch.tensor(seq.prompt[seq.read : seq.read + self.chunk])
+        others = any(s.last is not None for s in self.active)
+        ids = torch.tensor(seq.prompt[seq.read : seq.read + self.chunk] if others else seq.prompt[seq.read :])
         try:
             with torch.inference_mode():
                 logits = seq.decoder.forward(ids, seq.cache)
@@ -144,21 +160,35 @@ class Scheduler:
             self.emit([seq], logits, time.perf_counter())
 
     def decode_all(self) -> None:
-        """One step for every decoding sequence, a batch per model."""
+        """One step for every decoding sequence, a batch per model. A batch that fails is run again one sequence
+        at a time, so a failure (a full cache) ends only the replies it belongs to."""
         decoding = [
             s for s in self.active if s.last is not None and not s.stop.is_set()
-        ]  # stopped: leaves next
+        ]  # stopped: leave next
         for decoder in {id(s.decoder): s.decoder for s in decoding}.values():
             batch = [s for s in decoding if s.decoder is decoder]
             try:
                 with torch.inference_mode():
                     logits = self.forward(decoder, batch)
-            except Exception as e:  # noqa: BLE001 - those sequences end with it; other models go on
-                with self.lock:
+            except Exception as e:  # noqa: BLE001 - ends that reply alone, or the batch is run one by one
+                if len(batch) == 1:
+                    with self.lock:
+                        self.finish(batch[0], e)
+                else:
                     for seq in batch:
-                        self.finish(seq, e)
+                        self.decode_one(seq)
                 continue
             self.emit(batch, logits, time.perf_counter())
+
+    def decode_one(self, seq: Sequence) -> None:
+        try:
+            with torch.inference_mode():
+                logits = self.forward(seq.decoder, [seq])
+        except Exception as e:  # noqa: BLE001 - handed to its reader
+            with self.lock:
+                self.finish(seq, e)
+            return
+        self.emit([seq], logits, time.perf_counter())
 
     @staticmethod
     def forward(decoder, batch: list[Sequence]) -> torch.Tensor:
@@ -170,9 +200,14 @@ class Scheduler:
         return torch.cat([decoder.forward(ids[i : i + 1], s.cache) for i, s in enumerate(batch)])
 
     def emit(self, batch: list[Sequence], logits: torch.Tensor, t: float) -> None:
-        """Each sequence's next token from its row of logits; one that is done leaves."""
+        """Each sequence's next token from its row of logits; one that is done, or whose sampling fails, leaves."""
         for seq, row in zip(batch, logits):
-            token = next_token(row, seq.sampling, seq.generator)
+            try:
+                token = next_token(row, seq.sampling, seq.generator)
+            except Exception as e:  # noqa: BLE001 - handed to its reader
+                with self.lock:
+                    self.finish(seq, e)
+                continue
             seq.made += 1
             seq.last = token
             seq.out.put(Step(token, t, len(batch)))

@@ -44,8 +44,9 @@ class Sessions:
 
     def stop(self, session: str) -> None:
         """The session's replies stop at their next token; what was written stays."""
-        for gen in self.running.get(session, []):
-            gen.stop.set()
+        with self.lock:
+            for gen in self.running.get(session, []):
+                gen.stop.set()
 
     def clear(self, session: str) -> int:
         """Stop and abandon the running reply; replies asked for before now are dropped. Returns the session's
@@ -53,9 +54,10 @@ class Sessions:
         self.clear_counts[session] = self.clear_counts.get(session, 0) + 1
         if len(self.clear_counts) > self.remembered:
             self.clear_counts.pop(next(iter(self.clear_counts)))
-        for gen in self.running.get(session, []):
-            gen.abandoned = True
-            gen.stop.set()
+        with self.lock:
+            for gen in self.running.get(session, []):
+                gen.abandoned = True
+                gen.stop.set()
         return self.clear_counts[session]
 
     def cleared_since(self, session: str | None, seen: int) -> bool:
