@@ -167,28 +167,23 @@ class Scheduler:
         ]  # stopped: leave next
         for decoder in {id(s.decoder): s.decoder for s in decoding}.values():
             batch = [s for s in decoding if s.decoder is decoder]
-            try:
-                with torch.inference_mode():
-                    logits = self.forward(decoder, batch)
-            except Exception as e:  # noqa: BLE001 - ends that reply alone, or the batch is run one by one
-                if len(batch) == 1:
-                    with self.lock:
-                        self.finish(batch[0], e)
-                else:
-                    for seq in batch:
-                        self.decode_one(seq)
-                continue
-            self.emit(batch, logits, time.perf_counter())
+            if not self.decode(batch) and len(batch) > 1:
+                for seq in batch:
+                    self.decode([seq])
 
-    def decode_one(self, seq: Sequence) -> None:
+    def decode(self, batch: list[Sequence]) -> bool:
+        """One pass for the batch (one model's) and its tokens; False when the pass failed, and a sequence alone
+        then ends with the error."""
         try:
             with torch.inference_mode():
-                logits = self.forward(seq.decoder, [seq])
-        except Exception as e:  # noqa: BLE001 - handed to its reader
-            with self.lock:
-                self.finish(seq, e)
-            return
-        self.emit([seq], logits, time.perf_counter())
+                logits = self.forward(batch[0].decoder, batch)
+        except Exception as e:  # noqa: BLE001 - handed to its reader, or the batch is run one by one
+            if len(batch) == 1:
+                with self.lock:
+                    self.finish(batch[0], e)
+            return False
+        self.emit(batch, logits, time.perf_counter())
+        return True
 
     @staticmethod
     def forward(decoder, batch: list[Sequence]) -> torch.Tensor:
