@@ -292,14 +292,12 @@ def decode_live(
     try:
         finished = False
         while not finished:
+            if stop.is_set():
+                seq.stop.set()
             try:  # a reply in line or reading its prompt has no token yet: Stop must reach it all the same
                 item = seq.out.get(timeout=UI_INTERVAL_S)
             except queue.Empty:
-                if stop.is_set():
-                    seq.stop.set()
                 continue
-            if stop.is_set():
-                seq.stop.set()
             time.sleep(UI_INTERVAL_S)  # let tokens accumulate: one page update for all of them
             while isinstance(item, Step):
                 if item.token_id != tokenizer.eos_token_id:
