@@ -113,10 +113,10 @@ def answer(turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, sess
         if gen.abandoned:  # Clear: our last word agrees with Clear's, whichever reaches the page last
             yield dict(zip(UI.emptied, empty_chat()))
             return
-        if (
-            STATE.cpu.replies == 1
-        ):  # the last reply running: its temporaries go back to the OS (not per /status;
-            machine.release_memory()  # a full collection under load would stall the others' steps)
+        # the last reply running gives the temporaries back to the OS (not per /status; under load a full
+        # collection would stall the others' steps)
+        if STATE.cpu.replies == 1:
+            machine.release_memory()
         out = panel_outputs(int8, bf16) | {
             UI.chatbot: history,
             UI.message: "",
