@@ -57,9 +57,8 @@ def asset(name: str):
 def reply(prepare, history, settings: tuple, compare: bool, clear_count: int, request, typed=gr.skip()):
     """The one path of Send, Retry, an example and Continue: checks, then `answer`. `prepare(history)` makes
     the Turn from the checked history; a refusal keeps the history and the `typed` text as they were."""
-    session = (
-        getattr(request, "session_hash", None) or f"anon-{time.monotonic_ns()}"
-    )  # API calls have one too
+    visitor = getattr(request, "session_hash", None)  # API calls have one too
+    session = visitor or f"anon-{time.monotonic_ns()}"
     if SESSIONS.cleared_since(session, clear_count):  # asked for before the visitor pressed Clear
         yield {}
         return
@@ -74,7 +73,7 @@ def reply(prepare, history, settings: tuple, compare: bool, clear_count: int, re
         yield {UI.chatbot: kept, UI.message: typed, UI.notice: f"Not sent: {e}"}
         return
     notice = " ".join(f"Note: {n}" for n in [*notes, turn.note] if n)
-    yield from answer(turn, sampling, compare, notice, session)
+    yield from answer(turn, sampling, compare, notice, session, visitor)
 
 
 def respond(message, history, system, max_new, temperature, top_p, compare, clear_count, request: gr.Request):
@@ -91,9 +90,12 @@ def continue_reply(
     yield from reply(prepare, history, (max_new, temperature, top_p), compare, clear_count, request)
 
 
-def answer(turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, session: str):
+def answer(
+    turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, session: str, visitor: str | None = None
+):
     """Streams the chat model's answer into the last message (after what it already says), then BF16's answer
-    to the same ids for the comparison, then the panel and the race of the two."""
+    to the same ids for the comparison, then the panel and the race of the two. Each model keeps the `visitor`'s
+    conversation for their next turn."""
     history, ids, prefix = turn.history, turn.ids, chat.text_of(turn.history[-1]["content"])
     # registered first, so Stop and Clear reach a reply that waits for a switch or the benchmark to end
     with SESSIONS.generation(session) as gen, STATE.cpu.shared():  # the scheduler decodes replies together
@@ -103,13 +105,13 @@ def answer(turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, sess
             yield {UI.notice: "Not sent: the models were switched while it waited."}
             return
         yield {UI.message: "", UI.notice: notice, UI.last_prompt: turn.prompt}
-        first = yield from stream_one(model, ids, sampling, gen, history, prefix)
+        first = yield from stream_one(model, ids, sampling, gen, visitor, history, prefix)
         int8 = first if model is STATE.int8 else None
         bf16, compared = (None if int8 else first), False
         if not gen.stop.is_set() and compare and STATE.compare_available and int8:
             table = panel.table_md(int8.timing.summary(), None, STATE)
             yield panel_outputs(int8, None) | {UI.table: "Running the same prompt on BF16…\n\n" + table}
-            bf16, compared = (yield from stream_one(STATE.bf16, ids, sampling, gen)), True
+            bf16, compared = (yield from stream_one(STATE.bf16, ids, sampling, gen, visitor)), True
         if gen.abandoned:  # Clear: our last word agrees with Clear's, whichever reaches the page last
             yield dict(zip(UI.emptied, empty_chat()))
             return
@@ -133,13 +135,19 @@ def answer(turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, sess
 
 
 def stream_one(
-    model: serving.LoadedModel, ids: list[int], sampling: Sampling, gen: Generation, history=None, prefix=""
+    model: serving.LoadedModel,
+    ids: list[int],
+    sampling: Sampling,
+    gen: Generation,
+    visitor: str | None,
+    history=None,
+    prefix="",
 ):
     """Streams one model's reply: into the chat's last message (`history`), or into the BF16 answer box.
     Returns the Reply; the live counters follow it."""
     so_far, why = None, ""
     try:
-        for so_far in chat.decode_live(model.decoder, STATE.tokenizer, ids, sampling, gen.stop):
+        for so_far in chat.decode_live(model.decoder, STATE.tokenizer, ids, sampling, gen.stop, visitor):
             if gen.abandoned:
                 break
             out = {UI.live: panel.live_line(model.label, so_far, STATE.window)}
@@ -196,6 +204,7 @@ def clear_chat(request: gr.Request):
     """Stop this visitor's reply and empty the chat at once; replies still waiting in the queue are dropped. A
     second, queued step (`empty_chat`) repeats the emptying after the stopped reply's last update, so a late
     streamed update cannot bring the old chat back."""
+    chat.PREFIXES.forget(request.session_hash)  # the conversation is gone: what the models kept of it too
     return (*empty_chat(), "", SESSIONS.clear(request.session_hash))
 
 

@@ -191,11 +191,16 @@ def running_app(log: Path, loaded: bool = True, **env: str):
         (ARTIFACTS / log.name).write_text(log.read_text())
 
 
+# The test app's budget for visitors' kept conversations (quantize/runtime/prefixes.py): small, so that the load
+# tests fill it in their first round and then see what the app holds beyond it.
+PREFIX_MB = 24
+
+
 @pytest.fixture(scope="session")
 def app_server(int8_run, tmp_path_factory):
     """The app on the embedded default model and the INT8 folder the maintainer command wrote."""
     log = tmp_path_factory.mktemp("app") / "app.log"
-    with running_app(log) as (url, proc):
+    with running_app(log, Q8CHAT_PREFIX_MB=str(PREFIX_MB)) as (url, proc):
         yield {"url": url, "proc": proc, "log": log}
 
 

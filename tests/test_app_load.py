@@ -2,6 +2,7 @@
 gradio_client sessions, a burst beyond the queue, and a client that disconnects mid-stream."""
 
 import json
+import re
 import statistics
 import threading
 import time
@@ -68,7 +69,10 @@ def settled_rss(server: dict) -> int:
 
 # A leak of what a reply builds (its KV cache: at least 100 positions x 69 KB for the two default models, 4.6 MB
 # for the INT8 one alone) grows the app by more than this per reply; the allocator's own drift, seen at 1-2 MB a
-# reply over the first rounds, settles below it.
+# reply over the first rounds, settles below it. What the app keeps on purpose, each visitor's conversation for
+# their next turn, is bounded by its own budget (the test app's Q8CHAT_PREFIX_MB, conftest.PREFIX_MB), which
+# every round of 8 visitors fills (8 replies x ~50 positions x 46 KB for INT8 alone): from the third round on,
+# a kept cache comes in only as another goes, and the app must not grow.
 LEAK_BYTES_PER_REPLY = 3e6
 
 
@@ -123,9 +127,40 @@ def test_eight_concurrent_sessions(app_server):
     # 8 visitors are fewer than the queue holds: every request is answered, none turned away
     assert figures["answers"] == visitors * turns, figures
     assert all(len(h) == 2 * turns for h in histories)
-    assert slope / visitors < LEAK_BYTES_PER_REPLY, (
-        figures
-    )  # no KV caches, histories or timings kept per reply
+    # no KV caches, histories or timings kept per reply beyond the kept conversations' budget
+    assert slope / visitors < LEAK_BYTES_PER_REPLY, figures
+
+
+def ttft_cells(table: str) -> list[str]:
+    """The panel's time to first token, INT8's and BF16's."""
+    row = next(line for line in table.splitlines() if line.startswith("| Time to first token"))
+    return [c.strip() for c in row.split("|")[2:4]]
+
+
+def test_a_visitors_next_turn_reads_only_what_is_new(app_url):
+    """A visitor's second turn starts with their first exchange: both models keep its K and V, so the panel's
+    time to first token says how many prompt tokens were kept. Another visitor sending the same conversation
+    has nothing kept, and gets the same BF16 answer; the INT8 one names the same city."""
+    from gradio_client import Client
+
+    def turn(client, message: str, history: list) -> tuple[list, str, str]:
+        h, _box, _chart, table, bf16, *_ = client.predict(
+            message, history, DEFAULT_SYSTEM, 16, 0.0, 0.95, True, api_name="/chat"
+        )
+        return h, table, bf16
+
+    visitor = Client(app_url, verbose=False)
+    first, table, _ = turn(visitor, "Hello! Who are you?", [])
+    assert not any("kept" in c for c in ttft_cells(table)), table
+    second, table, bf16 = turn(visitor, QUESTION, first)
+    kept = [re.fullmatch(r"\d+ \((\d+) kept\)", c) for c in ttft_cells(table)]
+    assert all(kept), table  # INT8 and BF16 both read only the new part
+    assert all(int(k.group(1)) > 20 for k in kept), table  # at least the system prompt and the first message
+    assert "prefix reuse" in table
+    _h, afresh_table, afresh_bf16 = turn(Client(app_url, verbose=False), QUESTION, first)
+    assert not any("kept" in c for c in ttft_cells(afresh_table)), afresh_table
+    assert bf16 == afresh_bf16
+    assert ANSWER in text_of(second[-1]["content"]) and ANSWER in text_of(_h[-1]["content"])
 
 
 # Eight visitors' questions, each with a short, confident greedy answer from the default model

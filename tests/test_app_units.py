@@ -81,6 +81,17 @@ def test_a_reply_shared_with_others_says_so_and_what_load_each_model_met():
     assert "under load" not in panel.table_md(alone, alone, _state())
 
 
+def test_a_reply_whose_prompt_was_kept_says_so_by_its_time_to_first_token():
+    """A visitor's next turn reads only what is new: the TTFT cell says how many prompt tokens were kept, and a
+    line under the table says what that means; a reply that read its whole prompt says nothing of it."""
+    kept = latency.Timing(start=0.0, stamps=[0.05, 0.1], shared=[1, 1], kept=230).summary()
+    fresh = latency.Timing(start=0.0, stamps=[0.4, 0.45], shared=[1, 1]).summary()
+    md = panel.table_md(kept, fresh, _state())
+    assert "| Time to first token (ms) | 50 (230 kept) | 400 |" in md
+    assert "prefix reuse" in md
+    assert "kept" not in panel.table_md(fresh, fresh, _state())
+
+
 @pytest.mark.parametrize(
     "state,verdict",
     [

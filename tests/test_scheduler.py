@@ -1,5 +1,6 @@
 """The scheduler (quantize/runtime/scheduler.py) on the default model's BF16 engine: replies decoded together give
-the tokens each gives alone, the slots and the line are kept, a Stop or a failure touches only its own reply."""
+the tokens each gives alone, the slots and the line are kept, a Stop or a failure touches only its own reply, and a
+visitor's next turn reads only its new tokens (prefix reuse, quantize/runtime/prefixes.py)."""
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +10,7 @@ import torch
 
 from quantize.runtime import engine
 from quantize.runtime.generate import Sampling, stream
+from quantize.runtime.prefixes import Prefixes
 from quantize.runtime.scheduler import Scheduler, Sequence
 
 TOKENS = 12
@@ -196,3 +198,74 @@ def test_an_empty_prompt_ends_at_once_with_a_sentence(model, model_thread):
     seq = Scheduler(slots=1, run_on=model_thread).submit(Sequence(model, [], Sampling(max_new_tokens=4)))
     with pytest.raises(ValueError, match="empty prompt"):
         list(seq.steps())
+
+
+def shared_start(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def two_turns(tokenizer, said: list[int]) -> list[int]:
+    """The second turn's prompt, as the app builds it: the first exchange as the chat template renders its text,
+    then a new message."""
+    chat = [
+        {"role": "user", "content": PROMPTS[0]},
+        {"role": "assistant", "content": tokenizer.decode(said, skip_special_tokens=True)},
+        {"role": "user", "content": PROMPTS[1]},
+    ]
+    return tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+
+
+def reply(scheduler, decoder, prompt, visitor) -> list[int]:
+    seq = scheduler.submit(Sequence(decoder, prompt, Sampling(max_new_tokens=TOKENS), keep=visitor))
+    return [s.token_id for s in seq.steps()]
+
+
+def test_a_visitors_next_turn_reads_only_what_is_new(model, tokenizer, prompts, alone, model_thread):
+    """The first turn's cache (its prompt and its answer but the last token, which was never read) is kept; the
+    second turn's prompt starts with most of it, so only the rest is read, and the answer is the one the whole
+    prompt read afresh gives. Another visitor, or the same one after forgetting, reads it all."""
+    spy = Spy(model)
+    prefixes = Prefixes(budget=10**9)
+    scheduler = Scheduler(slots=2, run_on=model_thread, prefixes=prefixes)
+    said = reply(scheduler, spy, prompts[0], "visitor")
+    assert said == alone[0]  # keeping changes nothing of the turn that keeps
+    second = two_turns(tokenizer, said)
+    kept = shared_start(prompts[0] + said[:-1], second)
+    assert kept > len(prompts[0])  # the answer's tokens come back as they were said
+
+    spy.rows.clear()
+    again = reply(scheduler, spy, second, "visitor")
+    assert spy.rows[0] == ("prompt", len(second) - kept)
+    spy.rows.clear()
+    afresh = reply(scheduler, spy, second, "another visitor")
+    assert spy.rows[0] == ("prompt", len(second))
+    assert again == afresh
+
+    prefixes.forget("visitor")  # Clear
+    spy.rows.clear()
+    reply(scheduler, spy, second, "visitor")
+    assert spy.rows[0] == ("prompt", len(second))
+    spy.rows.clear()  # what one model kept is not another's: the same visitor on a second decoder reads it all
+    other = Spy(model)
+    reply(scheduler, other, second, "another visitor")
+    assert other.rows[0] == ("prompt", len(second))
+
+
+def test_kept_caches_stay_within_their_budget_least_recently_used_first(model, prompts, model_thread):
+    """A budget with room for one conversation: a second visitor's reply pushes the first's out, so the second's
+    next turn reads only its prompt's last token and the first's reads its prompt again; a budget of 0 keeps
+    nothing."""
+    one = model.new_cache(len(prompts[2]) + TOKENS)
+    room = 2 * one.k.numel() * one.k.element_size()  # a whole cache, as it holds it in memory
+    whole = len(prompts[2])
+    for budget, reads in ((room, [whole, whole, 1, whole]), (0, [whole] * 4)):
+        spy = Spy(model)
+        prefixes = Prefixes(budget=budget)
+        scheduler = Scheduler(slots=2, run_on=model_thread, prefixes=prefixes)
+        first_reads = []
+        for visitor in ("a", "b", "b", "a"):
+            spy.rows.clear()
+            reply(scheduler, spy, prompts[2], visitor)
+            first_reads.append(spy.rows[0][1])  # the tokens its first pass read
+            assert prefixes.nbytes <= budget
+        assert first_reads == reads, budget

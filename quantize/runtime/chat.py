@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from quantize.runtime import latency
 from quantize.runtime.generate import Sampling, Step
+from quantize.runtime.prefixes import Prefixes
 from quantize.runtime.scheduler import Scheduler, Sequence
 
 # One bound for everything the model reads of a request: system prompt + history + new message, or the prompt
@@ -48,7 +49,9 @@ MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="q8chat-mode
 # tells each visitor their place. See README, "Many visitors".
 # Each reply in a slot holds one of Gradio's worker threads (40), which Stop, Clear and the page's polls need too.
 SLOTS = min(max(int(os.environ.get("Q8CHAT_SLOTS", "8")), 1), 16)
-SCHEDULER = Scheduler(SLOTS, MODEL_THREAD)
+# Each visitor's conversation so far, kept between turns (runtime/prefixes.py; Q8CHAT_PREFIX_MB).
+PREFIXES = Prefixes()
+SCHEDULER = Scheduler(SLOTS, MODEL_THREAD, prefixes=PREFIXES)
 
 
 def on_model_thread(fn: Callable, *args, **kwargs):
@@ -280,15 +283,18 @@ def replay_clock(ends: list[float], interval: float = UI_INTERVAL_S) -> Iterator
 
 
 def decode_live(
-    decoder, tokenizer, ids: list[int], sampling: Sampling, stop: threading.Event
+    decoder, tokenizer, ids: list[int], sampling: Sampling, stop: threading.Event, visitor: str | None = None
 ) -> Iterator[Reply]:
     """The one decode-and-time loop of the app. The reply is a sequence of the scheduler, which stamps each token
     on MODEL_THREAD as its step ends, so the per-token times measure the model (and the replies it shared the
     steps with), not the page; this generator yields the reply so far at most every UI_INTERVAL_S. A Stop ends
     the sequence at the scheduler's next turn and waits for that, so its slot is free; closing it (the visitor
-    left) stops it without waiting, since the server may close it on its event loop."""
+    left) stops it without waiting, since the server may close it on its event loop. With a `visitor`, the reply's
+    cache is kept for their next turn, and this one starts from what their last one kept."""
     reply = Reply(len(ids), latency.Timing(time.perf_counter()))
-    seq = SCHEDULER.submit(Sequence(decoder, ids, sampling, frozenset({tokenizer.eos_token_id})))
+    seq = SCHEDULER.submit(
+        Sequence(decoder, ids, sampling, frozenset({tokenizer.eos_token_id}), keep=visitor)
+    )
     try:
         finished = False
         while not finished:
@@ -299,6 +305,7 @@ def decode_live(
             except queue.Empty:
                 continue
             time.sleep(UI_INTERVAL_S)  # let tokens accumulate: one page update for all of them
+            reply.timing.kept = seq.reused  # known before its first token
             while isinstance(item, Step):
                 if item.token_id != tokenizer.eos_token_id:
                     reply.timing.stamps.append(item.t)

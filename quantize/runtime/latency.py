@@ -24,11 +24,13 @@ LABELS = {
 @dataclass
 class Timing:
     """One generation: start time and a time stamp per token; in the app, also how many replies of its model
-    shared the forward pass that made each token (runtime/scheduler.py batches them)."""
+    shared the forward pass that made each token (runtime/scheduler.py batches them), and how many of its prompt's
+    tokens were kept from the visitor's last turn rather than read (runtime/prefixes.py), which its TTFT shows."""
 
     start: float
     stamps: list[float] = field(default_factory=list)
     shared: list[int] = field(default_factory=list)
+    kept: int = 0
 
     @property
     def ttft_ms(self) -> float | None:
@@ -41,7 +43,10 @@ class Timing:
 
     def summary(self) -> dict:
         others = statistics.median(self.shared[1:]) - 1 if len(self.shared) > 1 else None
-        return summarize(self.decode_ms, self.ttft_ms, len(self.stamps)) | {"others_median": others}
+        return summarize(self.decode_ms, self.ttft_ms, len(self.stamps)) | {
+            "others_median": others,
+            "kept_tokens": self.kept,
+        }
 
 
 def summarize(decode_ms: list[float], ttft_ms: float | None, tokens: int) -> dict:

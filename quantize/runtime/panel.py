@@ -20,6 +20,10 @@ STOPPED = {  # on top of the table, by whether BF16 had started
     False: "Stopped: BF16 was not run for this reply.\n\n",
     True: "Stopped during the BF16 run: its numbers cover the tokens it produced.\n\n",
 }
+KEPT = (
+    "*kept*: the prompt's first tokens were already in memory from your last turn, so the model read only the "
+    "tokens after them: its time to first token is shorter for it (prefix reuse)."
+)
 
 
 @functools.cache
@@ -101,6 +105,10 @@ def table_md(a: dict | None, b: dict | None, state: Serving, rounds: list[float]
     if rounds:
         rows.insert(2, ("p10 ms / token", "p10_ms", ".1f"))
     cells = [(name, fmt(a.get(key), spec), fmt(b.get(key), spec)) for name, key, spec in rows]
+    kept = (a.get("kept_tokens") or 0, b.get("kept_tokens") or 0)
+    if any(kept):  # the TTFT row: how much of the prompt was not read
+        name, *ttft = cells[0]
+        cells[0] = (name, *(f"{t} ({k} kept)" if k else t for t, k in zip(ttft, kept)))
     cells += [
         ("Weights (MB)", fmt(_mb(state.int8.weight_bytes), ".0f"), fmt(_mb(state.bf16.weight_bytes), ".0f")),
         (
@@ -115,6 +123,7 @@ def table_md(a: dict | None, b: dict | None, state: Serving, rounds: list[float]
         ),
     ]
     lines = ["| | INT8 | BF16 |", "|---|---:|---:|"] + [f"| {r} | {x} | {y} |" for r, x, y in cells]
+    lines += ["", KEPT] if any(kept) else []
     return verdict(a, b, state, rounds) + "\n\n" + "\n".join(lines)
 
 

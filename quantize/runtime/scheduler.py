@@ -7,8 +7,10 @@ model with decoding sequences runs one `Engine.step` for all of them (a decoder 
 path, runs them one by one). A sequence leaves at its last token, at Stop, or when its visitor leaves; its slot is
 free for the next turn.
 
-Memory: a sequence's KV cache holds its prompt and its new tokens and nothing more, and goes with it, so the
-caches of the app hold at most slots x (chat.MAX_INPUT_TOKENS + the largest max_new_tokens) positions.
+Memory: a sequence's KV cache holds its prompt and its new tokens and nothing more, so the caches in slots hold
+at most slots x (chat.MAX_INPUT_TOKENS + the largest max_new_tokens) positions. A sequence that names its visitor
+(`keep`) leaves its cache to `prefixes` (runtime/prefixes.py, a byte budget of its own) for the visitor's next
+turn, which then reads only the tokens after what it shares with it.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
 
 from quantize.runtime.generate import Sampling, Step, next_token
+from quantize.runtime.prefixes import Prefixes
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,11 @@ class Sequence:
     eos_ids: frozenset[int] = frozenset()
     stop: threading.Event = field(default_factory=threading.Event)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    keep: Hashable | None = None  # its visitor, whose next turn may reuse its cache (None: not kept)
     place: int = 0  # its place in line: 1 for the next to get a slot, 0 once it has one
-    read: int = 0  # prompt tokens prefilled so far
-    made: int = 0  # tokens produced so far
+    read: int = 0  # prompt tokens in its cache so far
+    reused: int = 0  # of which were kept from the visitor's last reply, not read
+    said: list[int] = field(default_factory=list)  # the tokens produced so far
     last: int | None = None  # the newest token, the next step's input
     cache: object = None
     generator: torch.Generator | None = None
@@ -66,8 +71,11 @@ class Sequence:
 class Scheduler:
     """Sequences in line, in prefill and in decode, turned over on `run_on` (one thread) while any are left."""
 
-    def __init__(self, slots: int, run_on: Executor, chunk: int = PREFILL_CHUNK) -> None:
+    def __init__(
+        self, slots: int, run_on: Executor, chunk: int = PREFILL_CHUNK, prefixes: Prefixes | None = None
+    ) -> None:
         self.slots, self.run_on, self.chunk = slots, run_on, chunk
+        self.prefixes = prefixes or Prefixes(budget=0)
         self.lock = threading.Lock()
         self.waiting: deque[Sequence] = deque()
         self.active: list[
@@ -115,7 +123,7 @@ class Scheduler:
             while self.waiting and len(self.active) < self.slots:
                 seq = self.waiting.popleft()
                 try:  # its cache may not fit in memory: that reply ends, the others go on
-                    seq.cache = seq.decoder.new_cache(len(seq.prompt) + seq.sampling.max_new_tokens)
+                    self.give_cache(seq)
                     if seq.sampling.temperature > 0:
                         seq.generator = torch.Generator().manual_seed(seq.sampling.seed)
                 except Exception as e:  # noqa: BLE001 - handed to its reader
@@ -128,13 +136,25 @@ class Scheduler:
             self.running = bool(self.active)
             return self.running
 
+    def give_cache(self, seq: Sequence) -> None:
+        """A cache for the sequence's prompt and new tokens: with its visitor's kept prefix where there is one, so
+        its prompt is read from the end of that on."""
+        capacity = len(seq.prompt) + seq.sampling.max_new_tokens
+        if seq.keep is not None:
+            seq.cache, seq.reused = self.prefixes.take(seq.keep, seq.decoder, seq.prompt, capacity)
+        seq.cache = seq.cache or seq.decoder.new_cache(capacity)
+        seq.read = seq.reused
+
     def finish(self, seq: Sequence, error: BaseException | None = None) -> None:
-        """The sequence leaves its slot or the line; its reader gets the error, or the end. Under self.lock."""
+        """The sequence leaves its slot or the line; its reader gets the error, or the end. Its cache is kept for
+        its visitor's next turn, unless it failed; else its memory goes with it. Under self.lock."""
         if seq in self.active:
             self.active.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        seq.cache = None  # its memory goes with it, not with the next turn
+        if error is None and seq.keep is not None and seq.cache is not None:
+            self.prefixes.keep(seq.keep, seq.decoder, seq.prompt + seq.said, seq.cache)
+        seq.cache = None
         if error is not None:
             seq.out.put(error)
         seq.out.put(None)
@@ -203,9 +223,9 @@ class Scheduler:
                 with self.lock:
                     self.finish(seq, e)
                 continue
-            seq.made += 1
+            seq.said.append(token)
             seq.last = token
             seq.out.put(Step(token, t, len(batch)))
-            if token in seq.eos_ids or seq.made >= seq.sampling.max_new_tokens:
+            if token in seq.eos_ids or len(seq.said) >= seq.sampling.max_new_tokens:
                 with self.lock:
                     self.finish(seq)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from quantize import machine, models
 from quantize.errors import ModelError
 from quantize.machine import settled_rss, why_pair_does_not_fit
-from quantize.runtime import decoders
+from quantize.runtime import chat, decoders
 
 log = logging.getLogger("q8chat")
 
@@ -333,6 +333,7 @@ def build_int8(state: Serving, bf16_arg: str | None, out: Path) -> None:
 def unload(state: Serving) -> None:
     """Drop both models and give their memory back before another pair loads."""
     state.ready = False
+    chat.PREFIXES.clear()  # K and V of the models that go
     state.int8, state.bf16, state.tokenizer, state.report = (
         LoadedModel("INT8"),
         LoadedModel("BF16"),
