@@ -71,12 +71,20 @@ def test_verdict_gives_the_speed_up_the_bytes_predict():
 
 def test_a_reply_shared_with_others_says_so_and_what_load_each_model_met():
     """Replies decoded together: each token's time is its batch's step. The table says how many other replies
-    shared the steps, counted from the stamps' batch sizes (the first token, a prompt's pass, not counted), and the
-    verdict says the ratio is of those loads; alone, it says 0 and the verdict is as before."""
-    together = latency.Timing(start=0.0, stamps=[0.1, 0.2, 0.3, 0.4], shared=[1, 4, 4, 2]).summary()
-    alone = latency.Timing(start=0.0, stamps=[0.1, 0.15, 0.2], shared=[1, 1, 1]).summary()
+    shared the steps, counted from the stamps' batch sizes (the first token, a prompt's pass, not counted), and
+    what its own model's passes took, and the verdict says the ratio is of those loads; alone, it says 0 and the
+    verdict is as before."""
+    together = latency.Timing(
+        start=0.0, stamps=[0.1, 0.2, 0.3, 0.4], shared=[1, 4, 4, 2], took=[0.1, 0.03, 0.02, 0.01]
+    ).summary()
+    alone = latency.Timing(
+        start=0.0, stamps=[0.1, 0.15, 0.2], shared=[1, 1, 1], took=[0.1, 0.05, 0.05]
+    ).summary()
     md = panel.table_md(together, alone, _state())
     assert "| Other replies in its steps (median) | 3 | 0 |" in md
+    # what its own model's passes took (the first token's, the prompt's, not counted): 100 ms between its tokens,
+    # of which 20 were its model's
+    assert "| Its model's own pass (median ms) | 20.0 | 50.0 |" in md
     assert "under load: INT8's steps were shared with 3 other replies (median), BF16's with 0" in md
     assert "under load" not in panel.table_md(alone, alone, _state())
 

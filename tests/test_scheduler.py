@@ -99,8 +99,11 @@ def test_replies_decoded_together_get_the_tokens_each_gets_alone(model, prompts,
     steps = first.steps()
     early = [next(steps).token_id for _ in range(3)]  # the others join a reply already decoding
     rest = [scheduler.submit(Sequence(spy, p, Sampling(max_new_tokens=TOKENS))) for p in prompts[1:]]
+    stamped = [s for s in steps]
     got = read_all(rest)
-    assert [early + [s.token_id for s in steps], *got] == alone
+    assert [early + [s.token_id for s in stamped], *got] == alone
+    # each token says how long its model's pass took: never more than the wait since the token before it
+    assert all(0 < b.took <= b.t - a.t for a, b in zip(stamped, stamped[1:]))
     # the steps were shared (three sequences in one forward pass), and the long prompt was read in chunks of 64
     # with the others' steps in between, so it never held them up for more than a chunk
     assert ("step", 3) in spy.rows

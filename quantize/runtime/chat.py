@@ -310,6 +310,7 @@ def decode_live(
                 if item.token_id != tokenizer.eos_token_id:
                     reply.timing.stamps.append(item.t)
                     reply.timing.shared.append(item.batch)
+                    reply.timing.took.append(item.took)
                     reply.token_ids.append(item.token_id)
                 try:
                     item = seq.out.get_nowait()

@@ -21,6 +21,9 @@ class Step:
     token_id: int
     t: float  # time.perf_counter() when this token was known
     batch: int = 1  # how many sequences shared the forward pass that made it (runtime/scheduler.py)
+    took: float | None = (
+        None  # seconds that pass took: its model's own work, without the other models' passes
+    )
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,14 @@ LABELS = {
 @dataclass
 class Timing:
     """One generation: start time and a time stamp per token; in the app, also how many replies of its model
-    shared the forward pass that made each token (runtime/scheduler.py batches them), and how many of its prompt's
+    shared the forward pass that made each token (runtime/scheduler.py batches them) and how long that pass took
+    (between two tokens of a reply the other models' passes run too), and how many of its prompt's
     tokens were kept from the visitor's last turn rather than read (runtime/prefixes.py), which its TTFT shows."""
 
     start: float
     stamps: list[float] = field(default_factory=list)
     shared: list[int] = field(default_factory=list)
+    took: list[float] = field(default_factory=list)  # seconds of its model's own pass that made each token
     kept: int = 0
 
     @property
@@ -43,8 +45,10 @@ class Timing:
 
     def summary(self) -> dict:
         others = statistics.median(self.shared[1:]) - 1 if len(self.shared) > 1 else None
+        own = [s * 1e3 for s in self.took[1:] if s is not None]  # the first token's is the prompt's pass
         return summarize(self.decode_ms, self.ttft_ms, len(self.stamps)) | {
             "others_median": others,
+            "own_pass_ms": statistics.median(own) if own else None,
             "kept_tokens": self.kept,
         }
 

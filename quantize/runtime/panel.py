@@ -102,6 +102,7 @@ def table_md(a: dict | None, b: dict | None, state: Serving, rounds: list[float]
     ]
     if "others_median" in a or "others_median" in b:  # a reply's (not a benchmark's): its token times are its
         rows.append(("Other replies in its steps (median)", "others_median", ".0f"))  # batch's steps
+        rows.append(("Its model's own pass (median ms)", "own_pass_ms", ".1f"))  # without the other models'
     if rounds:
         rows.insert(2, ("p10 ms / token", "p10_ms", ".1f"))
     cells = [(name, fmt(a.get(key), spec), fmt(b.get(key), spec)) for name, key, spec in rows]

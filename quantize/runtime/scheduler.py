@@ -168,6 +168,7 @@ class Scheduler:
             return
         others = any(s.last is not None for s in self.active)
         ids = torch.tensor(seq.prompt[seq.read : seq.read + self.chunk] if others else seq.prompt[seq.read :])
+        start = time.perf_counter()
         try:
             with torch.inference_mode():
                 logits = seq.decoder.forward(ids, seq.cache)
@@ -177,7 +178,7 @@ class Scheduler:
             return
         seq.read += len(ids)
         if seq.read == len(seq.prompt):
-            self.emit([seq], logits, time.perf_counter())
+            self.emit([seq], logits, start)
 
     def decode_all(self) -> None:
         """One step for every decoding sequence, a batch per model. A batch that fails is run again one sequence
@@ -194,6 +195,7 @@ class Scheduler:
     def decode(self, batch: list[Sequence]) -> bool:
         """One pass for the batch (one model's) and its tokens; False when the pass failed, and a sequence alone
         then ends with the error."""
+        start = time.perf_counter()
         try:
             with torch.inference_mode():
                 logits = self.forward(batch[0].decoder, batch)
@@ -202,7 +204,7 @@ class Scheduler:
                 with self.lock:
                     self.finish(batch[0], e)
             return False
-        self.emit(batch, logits, time.perf_counter())
+        self.emit(batch, logits, start)
         return True
 
     @staticmethod
@@ -214,8 +216,10 @@ class Scheduler:
             return decoder.step(ids, [s.cache for s in batch])
         return torch.cat([decoder.forward(ids[i : i + 1], s.cache) for i, s in enumerate(batch)])
 
-    def emit(self, batch: list[Sequence], logits: torch.Tensor, t: float) -> None:
-        """Each sequence's next token from its row of logits; one that is done, or whose sampling fails, leaves."""
+    def emit(self, batch: list[Sequence], logits: torch.Tensor, start: float) -> None:
+        """Each sequence's next token from its row of logits (the pass began at `start`); one that is done, or whose
+        sampling fails, leaves."""
+        t = time.perf_counter()
         for seq, row in zip(batch, logits):
             try:
                 token = next_token(row, seq.sampling, seq.generator)
@@ -225,7 +229,7 @@ class Scheduler:
                 continue
             seq.said.append(token)
             seq.last = token
-            seq.out.put(Step(token, t, len(batch)))
+            seq.out.put(Step(token, t, len(batch), t - start))
             if token in seq.eos_ids or len(seq.said) >= seq.sampling.max_new_tokens:
                 with self.lock:
                     self.finish(seq)
