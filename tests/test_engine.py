@@ -217,23 +217,55 @@ def decode_alone(e, prompt: torch.Tensor, fed: list[int]) -> torch.Tensor:
     return torch.cat([e.forward(prompt, cache)] + [e.forward(torch.tensor([t]), cache) for t in fed])
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+ONEDNN_SKIP = "this CPU has neither VNNI nor AMX: INT8 rows run on FBGEMM alone here (flags: {})"
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-batched"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_batch_step_gives_each_sequence_its_own_logits(built, tokenizer, family, kind):
+def test_a_batch_step_gives_each_sequence_its_own_logits(built, tokenizer, family, kind, monkeypatch):
     """Sequences of different lengths (so different positions: RoPE, learned, ALiBi) decoded in one batch, joining
     and leaving mid-way, against each decoded alone; the stated tolerance is the one-pass one (BF16 GEMMs round
-    differently over several rows; INT8 rows are scaled one by one, each as a lone token)."""
+    differently over several rows; INT8 rows are scaled one by one, each as a lone token). int8-batched: loaded
+    as the app loads it, every Linear's rows (prompts and batches) on oneDNN (these models' are all small)."""
+    if kind == "int8-batched" and not engine.onednn_rows():
+        pytest.skip(ONEDNN_SKIP.format(sorted(machine.cpu_flags())))
+    monkeypatch.setattr(engine, "ONEDNN_ROWS_MIN_WEIGHTS", 0)
     _, bf16_dir, int8_dir = built(family)
-    e = engine.load(bf16_dir if kind == "bf16" else int8_dir)
+    e = engine.load(bf16_dir if kind == "bf16" else int8_dir, batched=kind == "int8-batched")
     texts = ["A short one.", "A longer prompt, so that its positions run well past the others'.", "Hi"]
     prompts = [torch.tensor(tokenizer(t).input_ids) for t in texts]
     assert len({len(p) for p in prompts}) == 3
     together, fed = decode_together(e, prompts)
     assert [len(f) for f in fed] == [4, 6, 4]
-    tolerance = ONE_PASS_TOLERANCE[kind] if "lm_head" not in FLOAT.get(family, ()) else 2**-8
+    tolerance = ONE_PASS_TOLERANCE[kind[:4]] if "lm_head" not in FLOAT.get(family, ()) else 2**-8
     for prompt, got, tokens in zip(prompts, together, fed):
         alone = decode_alone(e, prompt, tokens)
         assert (got - alone).abs().max() <= tolerance * alone.abs().max(), (family, (got - alone).abs().max())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_on_onednn_give_fbgemms_numbers_exactly(bias):
+    """oneDNN's GEMM of several rows (what a batched engine runs) sums the same codes as FBGEMM's: rows of every
+    kind (wide, narrow, all positive, all zero), counts from a batch to a long prompt. Without a bias the outputs
+    are FBGEMM's to the bit; with one, FBGEMM's float epilogue adds it in another order: stated tolerance 1e-5 of
+    the outputs' range (measured: 5e-4 on outputs up to 400). A lone row stays on FBGEMM."""
+    if not engine.onednn_rows():
+        pytest.skip(ONEDNN_SKIP.format(sorted(machine.cpu_flags())))
+    torch.manual_seed(0)
+    w = torch.randn(192, 320)
+    scale = w.abs().amax(1) / 127
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    b = torch.randn(192) if bias else None
+    fbgemm, onednn = (engine.Int8Linear(q, scale, b, False, rows_on_onednn=r) for r in (False, True))
+    for rows in (2, 8, 33, 70):
+        x = torch.randn(rows, 320) * torch.logspace(-3, 1, rows)[:, None]
+        x[0], x[1] = 0.0, x[1].abs()
+        got, want = onednn(x), fbgemm(x)
+        assert torch.equal(got, want) if b is None else (got - want).abs().max() <= 1e-5 * want.abs().max(), (
+            rows
+        )
+    lone = torch.randn(1, 320)
+    assert torch.equal(onednn(lone), fbgemm(lone))
 
 
 def emulate_dynamic(x: np.ndarray, q: np.ndarray, scale: np.ndarray, levels: int) -> np.ndarray:

@@ -62,9 +62,10 @@ def weight_file_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def open_int8(path: Path):
+def open_int8(path: Path, batched: bool = False):
     """The decoder that serves an INT8 folder: the engine when the folder has its safetensors and a family the
-    engine runs, else INC's model on the generic path (a pickle: only for folders the caller trusts)."""
+    engine runs, else INC's model on the generic path (a pickle: only for folders the caller trusts). `batched`:
+    see engine.load."""
     path = Path(path)
     if not models.is_int8_folder(path):
         raise ModelError(
@@ -72,7 +73,7 @@ def open_int8(path: Path):
         )
     if engine.is_engine_folder(path) and engine.has_engine_file(path):
         try:
-            return engine.load(path)
+            return engine.load(path, batched=batched)
         except (KeyError, ValueError, OSError, RuntimeError) as e:
             raise ModelError(
                 f"Cannot load the INT8 model in {path}: {type(e).__name__}: {str(e)[:200]}"

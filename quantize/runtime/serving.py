@@ -31,6 +31,9 @@ from quantize.machine import settled_rss, why_pair_does_not_fit
 from quantize.runtime import chat, decoders
 
 log = logging.getLogger("q8chat")
+# The app decodes its replies together (chat.SLOTS > 1): the INT8 engine may run several rows on oneDNN, from a
+# second copy of its large Linears' weights (engine.load), where memory has room for it (serve_int8).
+BATCHED = chat.SLOTS > 1
 
 
 @dataclass(frozen=True)
@@ -303,7 +306,13 @@ def serve_int8(state: Serving, pair: Pair) -> None:
         f"INT8 · {pair.int8 or int8_dir.name}"
         + (f" @ {pair.revision[:10]}" if pair.int8 and pair.revision else "")
     )
-    load_resident(int8, lambda: decoders.open_int8(int8_dir))
+    # the second copy of INT8's large Linears for batches (engine.load) only where memory has room for it beside
+    # BF16: the comparison comes first
+    batched = (
+        BATCHED
+        and why_pair_does_not_fit(state.bf16.weight_bytes, 2 * decoders.weight_file_bytes(int8_dir)) is None
+    )
+    load_resident(int8, lambda: decoders.open_int8(int8_dir, batched=batched))
     report = Path(int8_dir) / "quantize_report.json"
     state.report = json.loads(report.read_text()) if report.is_file() else None
     if state.tokenizer is None:

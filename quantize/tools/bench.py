@@ -185,20 +185,24 @@ def folders(args: argparse.Namespace) -> tuple[Path, Path, bool]:
 
 
 def open_decoders(
-    bf16_dir: Path, int8_dir: Path, names: tuple[str, ...] = ("int8", "bf16", "hf_bf16")
+    bf16_dir: Path,
+    int8_dir: Path,
+    names: tuple[str, ...] = ("int8", "bf16", "hf_bf16"),
+    batched: bool = False,
 ) -> dict:
     """The engines that fit in memory together, by the app's rule (weights x machine.HEADROOM within the room
     there is): INT8, then the BF16 engine, then transformers' BF16, each with every one before it. A 7B model's
-    BF16 sides do not fit a 24 GB machine beside its INT8: those are left out, and the bench says so."""
+    BF16 sides do not fit a 24 GB machine beside its INT8: those are left out, and the bench says so. `batched`:
+    INT8 loaded as the app loads it to serve many sequences at once (engine.load), its weights counted twice."""
     int8_bytes, bf16_bytes, room = (
-        decoders.weight_file_bytes(int8_dir),
+        decoders.weight_file_bytes(int8_dir) * (2 if batched else 1),
         decoders.weight_file_bytes(bf16_dir),
         machine.memory_room(),
     )
     # What the bench times, in this order: the engine on both models (the panel's comparison), transformers' own
     # BF16 loop (what a visitor would get without Q8-Chat) and, outside this process, llama.cpp (the pace to beat).
     openers = {  # name: (how to open it, its weights with every engine opened before it)
-        "int8": (decoders.open_int8, int8_bytes),
+        "int8": (lambda p: decoders.open_int8(p, batched=batched), int8_bytes),
         "bf16": (decoders.open_bf16, int8_bytes + bf16_bytes),
         "hf_bf16": (
             lambda p: HFDecoder(models.load_bf16(p), "transformers BF16"),
@@ -349,9 +353,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     texts = load_prompts(args.prompts)  # before the folders: a bad --prompts fails before any model is built
     bf16_dir, int8_dir, bf16_is_default = folders(args)
     prompts = tokenize_prompts(models.load_tokenizer(bf16_dir), texts, args.prompt_tokens)
-    opened = open_decoders(
-        bf16_dir, int8_dir, ("int8", "bf16") if args.concurrency else ("int8", "bf16", "hf_bf16")
-    )
+    names = ("int8", "bf16") if args.concurrency else ("int8", "bf16", "hf_bf16")
+    opened = open_decoders(bf16_dir, int8_dir, names, batched=bool(args.concurrency))
     if args.concurrency:
         return run_concurrency(args, command, opened, prompts)
     peer_gguf, peer_line = peer.find_peer(args.peer, args.peer_gguf, bf16_dir, bf16_is_default)
