@@ -72,7 +72,7 @@ def full_range_activations(flags: set[str] | None = None) -> bool:
 # quantization around the GEMM, not the GEMM, is most of a batched call's time, so a second copy of the weights
 # buys little: the default model's 576 x 3072 gate_up runs 8 rows in 95 us on oneDNN, 105 on FBGEMM; 1.5B's
 # 17920 x 1536 in 608 against 817 (2 vCPU Xeon with AMX, 2 threads).
-ONEDNN_ROWS_MIN_WEIGHTS = 8_000_000
+ONEDNN_ROWS_MIN_WEIGHTS = 2_000_000
 
 
 def onednn_rows(flags: set[str] | None = None) -> bool:
