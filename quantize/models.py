@@ -43,6 +43,11 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$|^[A-Za-z0-9][\w.-]
 INT8_MARKERS = ("inc_config.json", "engine.safetensors", "engine.safetensors.index.json")
 
 
+# Where `python -m quantize` writes the INT8 model's compressed-tensors copy for vLLM (build/export.py), inside the
+# INT8 folder; the app never reads it, so a Hub download for the app leaves it out.
+EXPORT_DIR = "w8a8"
+
+
 def cache_dir() -> Path:
     """The project's cache: Q8CHAT_CACHE, else $XDG_CACHE_HOME/q8chat, else ~/.cache/q8chat."""
     if os.environ.get("Q8CHAT_CACHE"):
@@ -153,8 +158,11 @@ def looks_like_path(model: str) -> bool:
     )
 
 
-def resolve_model(model: str | None, revision: str | None = None, token: str | None = None) -> Path:
-    """Turn a model argument into a local folder (see the module docstring); raises ModelError."""
+def resolve_model(
+    model: str | None, revision: str | None = None, token: str | None = None, skip: tuple[str, ...] = ()
+) -> Path:
+    """Turn a model argument into a local folder (see the module docstring); raises ModelError. A Hub download
+    leaves out the files matching the patterns in `skip`."""
     if not model:
         try:
             return default_model_dir()
@@ -189,7 +197,9 @@ def resolve_model(model: str | None, revision: str | None = None, token: str | N
     )
 
     try:
-        return Path(snapshot_download(model, revision=revision, token=token))
+        return Path(
+            snapshot_download(model, revision=revision, token=token, ignore_patterns=list(skip) or None)
+        )
     except GatedRepoError as e:
         raise ModelError(f"{model!r} is gated: accept its terms on the Hub and set HF_TOKEN.") from e
     except RepositoryNotFoundError as e:
@@ -218,7 +228,7 @@ def resolve_int8(model: str, revision: str | None = None, token: str | None = No
             f"The INT8 model {model!r} stores pickled weights, which are only loaded from the Hub at a commit "
             f"hash: set Q8CHAT_INT8_REVISION to the 40-character commit (got {revision or 'none'!r})."
         )
-    return resolve_model(model, revision=revision, token=token)
+    return resolve_model(model, revision=revision, token=token, skip=(f"{EXPORT_DIR}/*",))
 
 
 def refuse_downloaded_pickles(folder: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from quantize.build.evaluate import against_bar, worst_perplexity_ratio, worst_top1
 from quantize.build.recipe import Recipe
 from quantize.machine import peak_rss_bytes
+from quantize.models import EXPORT_DIR
 from quantize.runtime.latency import LABELS, fmt, speedup_line
 
 FRONTIER = Path(__file__).parents[1] / "data" / "frontier.json"
@@ -25,6 +26,16 @@ from optimum.intel import INCModelForCausalLM
 model = INCModelForCausalLM.from_pretrained("<this repo or folder>")
 model.model.config.return_dict = True
 model.model.config.use_cache = True
+```"""
+LOAD_VLLM = """`{folder}/` holds the same INT8 model in compressed-tensors' W8A8 format, which vLLM serves as it is: the
+recipe's INT8 codes and per-output-channel scales unchanged, activations quantized per token as it runs
+(symmetric INT8, where Q8-Chat's engine shifts each token's range by a zero point, so the two differ slightly),
+lm_head in BF16 from its INT8 codes (vLLM quantizes no lm_head of such a model; `ignore` lists it), the
+embedding in BF16 from its weight-only INT8 codes.
+
+```
+huggingface-cli download <this repo> --include "{folder}/*" --local-dir q8
+vllm serve q8/{folder}
 ```"""
 LOAD_BLOCKS = """This folder was quantized block by block ({blocks} decoder blocks, never the whole model in FP32), so it
 holds the engine's safetensors only: `INCModelForCausalLM` cannot load it (INC's loader rebuilds a graph only
@@ -87,10 +98,11 @@ def build_report(
         "speed": {k: v for k, v in speed.items() if k != "cpu"},
         "cpu": speed["cpu"],
         "disk_bytes": {
-            f.name: f.stat().st_size
-            for f in sorted(Path(int8_dir).iterdir())
-            if f.name in WEIGHT_FILES or f.name.startswith("engine-")
+            f.relative_to(int8_dir).as_posix(): f.stat().st_size
+            for f in sorted([*Path(int8_dir).iterdir(), *Path(int8_dir).glob(f"{EXPORT_DIR}/*.safetensors")])
+            if f.name in WEIGHT_FILES or f.name.startswith("engine-") or f.parent.name == EXPORT_DIR
         },  # fmt: skip
+        "export": EXPORT_DIR if (Path(int8_dir) / EXPORT_DIR / "config.json").is_file() else None,
         "block_by_block": done["quantize"].get("block_by_block"),  # blocks, or None: INC's whole-model path
         "versions": versions(),
         "frontier": json.loads(FRONTIER.read_text()) if default_model and FRONTIER.is_file() else None,
@@ -292,15 +304,23 @@ def card_fields(report: dict) -> dict:
         "bf16_mb": weights.get("bf16", 0) / 1e6,
         "disk": ", ".join(f"`{n}` {b / 1e6:.1f} MB" for n, b in report["disk_bytes"].items()),
         "peak_rss": memory_line(report),
-        "loaders": LOAD_BLOCKS.format(blocks=report["block_by_block"])
-        if report["block_by_block"]
-        else LOAD_INC.format(inc_quality=inc_loader_line(report)),
+        "loaders": loaders_md(report),
         "bench_table": bench_table(report.get("bench")),
         "frontier_table": frontier_table(report["frontier"]),
         "tuning_table": tuning_table(report["tuning"]),
         "versions": ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "created": report["created"],
     }
+
+
+def loaders_md(report: dict) -> str:
+    """How else the folder loads: INC's loader (or why not), and vLLM where the export was written."""
+    blocks = report["block_by_block"]
+    own = (
+        LOAD_BLOCKS.format(blocks=blocks) if blocks else LOAD_INC.format(inc_quality=inc_loader_line(report))
+    )
+    served = report.get("export")
+    return own + ("\n\n" + LOAD_VLLM.format(folder=served) if served else "")
 
 
 def memory_line(report: dict) -> str:

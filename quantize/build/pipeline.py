@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantize import files, machine, models
-from quantize.build import blockwise, calibration, card, evaluate, recipe, reference, tune
+from quantize.build import blockwise, calibration, card, evaluate, export, recipe, reference, tune
 from quantize.runtime import decoders, engine, latency
 from quantize.runtime.decoders import HFDecoder
 
@@ -69,6 +69,7 @@ NOT_THE_BUILD = (
     "runtime/serving.py",
     "runtime/panel.py",
     "runtime/scheduler.py",
+    "runtime/prefixes.py",
 )
 
 
@@ -225,6 +226,13 @@ def speed_stage(b: Build) -> dict:
     return speed
 
 
+def export_stage(b: Build) -> None:
+    """The compressed-tensors folder vLLM serves (build/export.py), made from the engine's file where there is one
+    (a static-INT8 recipe's model has none: only INC's loader runs it)."""
+    if engine.has_engine_file(b.int8_dir):
+        export.write_export(b.int8_dir)
+
+
 def card_stage(b: Build) -> None:
     report = card.build_report(
         b.record.done,
@@ -258,6 +266,7 @@ STAGES = [
     Stage("baseline", "INT8 without SmoothQuant", baseline_stage, skip_flag="skip_baseline"),
     Stage("quality", "perplexity, top-1, greedy match", quality_stage),
     Stage("speed", "INT8 vs BF16 decode, interleaved", speed_stage),
+    Stage("export", "compressed-tensors folder for vLLM", export_stage, recorded=False),
     Stage("card", "model card", card_stage, recorded=False),
     Stage("publish", "move into place", publish_stage, recorded=False),
 ]
