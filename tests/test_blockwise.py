@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, TINY_LLAMA, TINY_OPT, wait_for
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantize.build import blockwise, calibration, recipe
+from quantize.build import blockwise, calibration, export, recipe
 from quantize.errors import ModelError
 from quantize.runtime import decoders, engine
 
@@ -178,7 +179,7 @@ RUN = """
 import sys
 from pathlib import Path
 from quantize import models
-from quantize.build import blockwise, calibration, recipe
+from quantize.build import blockwise, calibration, export, recipe
 src, work, out = map(Path, sys.argv[1:4])
 tok = models.load_tokenizer(src)
 rec = recipe.RECIPES[recipe.DEFAULT_RECIPE]
@@ -265,6 +266,14 @@ def test_a_large_model_is_written_in_shards_the_engine_reads(tmp_path, tokenizer
     ids = torch.tensor([1, 2, 3, 4])
     a, b = (engine.load(tmp_path / d) for d in ("one", "shards"))
     assert torch.equal(a.forward(ids, a.new_cache(8)), b.forward(ids, b.new_cache(8)))
+    # its compressed-tensors export is sharded too, with the single file's tensors
+    whole, sharded = (export.write_export(tmp_path / d) for d in ("one", "shards"))
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    names = sorted(set(index["weight_map"].values()))
+    parts = {n: t for f in names for n, t in load_file(sharded / f).items()}
+    single = load_file(whole / "model.safetensors")
+    assert len(names) >= 2 and parts.keys() == single.keys() == index["weight_map"].keys()
+    assert [n for n in single if not torch.equal(parts[n], single[n])] == []
 
 
 def test_too_little_memory_or_disk_is_refused_before_the_work(tmp_path, tokenizer):
