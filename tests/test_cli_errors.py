@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY_LLAMA, local_hub, run_cli, wait_for
@@ -195,6 +196,13 @@ def test_disk_full_while_saving(small_disk, tiny_model):
     assert not out.exists()  # nothing half-written where the app looks for the model
 
 
+def contents(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (the export's `w8a8/` too), by its path there."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
 def test_overwrite_never_mixes_old_and_new(tmp_path, tiny_model):
     """--overwrite replaces --out in one rename: killed halfway, the old folder is intact; finished, no old
     file is left."""
@@ -204,7 +212,7 @@ def test_overwrite_never_mixes_old_and_new(tmp_path, tiny_model):
     out = tmp_path / "o"
     assert run_cli("--model", str(tiny_model), "--out", str(out), *FAST).returncode == 0
     (out / "old-only.txt").write_text("from the first run")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = contents(out)
 
     args = ["--model", str(tiny_model), "--out", str(out), "--overwrite", "--alpha", "0.7", *FAST]
     proc = subprocess.Popen(
@@ -218,7 +226,7 @@ def test_overwrite_never_mixes_old_and_new(tmp_path, tiny_model):
     assert proc.poll() is None, "the rerun finished before it could be killed"  # killed once under way
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert contents(out) == before
 
     # killed again as the new folder is finished, when it is moved into place: --out is one whole version
     proc = subprocess.Popen([sys.executable, "-m", "quantize", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -228,14 +236,14 @@ def test_overwrite_never_mixes_old_and_new(tmp_path, tiny_model):
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     files.recover_dir(out)  # what the next command does first
-    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    now = contents(out)
     whole_new = (
         "old-only.txt" not in now and json.loads(now["quantize_report.json"])["recipe"]["alpha"] == 0.7
     )
     assert now == before or whole_new, sorted(now)
 
     assert run_cli(*args).returncode == 0
-    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    after = contents(out)
     assert "old-only.txt" not in after and not partial.exists()
     assert json.loads(after["quantize_report.json"])["recipe"]["alpha"] == 0.7
 
