@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,6 +60,7 @@ def reply(prepare, history, settings: tuple, compare: bool, clear_count: int, re
     the Turn from the checked history; a refusal keeps the history and the `typed` text as they were."""
     visitor = getattr(request, "session_hash", None)  # API calls have one too
     session = visitor or f"anon-{time.monotonic_ns()}"
+    keeping = chat.Keeping(visitor, epoch=chat.PREFIXES.epoch(visitor)) if visitor else chat.Keeping()
     if SESSIONS.cleared_since(session, clear_count):  # asked for before the visitor pressed Clear
         yield {}
         return
@@ -73,7 +75,7 @@ def reply(prepare, history, settings: tuple, compare: bool, clear_count: int, re
         yield {UI.chatbot: kept, UI.message: typed, UI.notice: f"Not sent: {e}"}
         return
     notice = " ".join(f"Note: {n}" for n in [*notes, turn.note] if n)
-    yield from answer(turn, sampling, compare, notice, session, visitor)
+    yield from answer(turn, sampling, compare, notice, session, keeping)
 
 
 def respond(message, history, system, max_new, temperature, top_p, compare, clear_count, request: gr.Request):
@@ -91,11 +93,11 @@ def continue_reply(
 
 
 def answer(
-    turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, session: str, visitor: str | None = None
+    turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, session: str, keeping: chat.Keeping
 ):
     """Streams the chat model's answer into the last message (after what it already says), then BF16's answer
-    to the same ids for the comparison, then the panel and the race of the two. Each model keeps the `visitor`'s
-    conversation for their next turn."""
+    to the same ids for the comparison, then the panel and the race of the two. Each model keeps the visitor's
+    conversation for their next turn (`keeping`)."""
     history, ids, prefix = turn.history, turn.ids, chat.text_of(turn.history[-1]["content"])
     # registered first, so Stop and Clear reach a reply that waits for a switch or the benchmark to end
     with SESSIONS.generation(session) as gen, STATE.cpu.shared():  # the scheduler decodes replies together
@@ -105,13 +107,16 @@ def answer(
             yield {UI.notice: "Not sent: the models were switched while it waited."}
             return
         yield {UI.message: "", UI.notice: notice, UI.last_prompt: turn.prompt}
-        first = yield from stream_one(model, ids, sampling, gen, visitor, history, prefix)
+        comparing = compare and STATE.compare_available and model is STATE.int8
+        first = yield from stream_one(
+            model, ids, sampling, gen, fair(keeping, comparing, ids), history, prefix
+        )
         int8 = first if model is STATE.int8 else None
         bf16, compared = (None if int8 else first), False
-        if not gen.stop.is_set() and compare and STATE.compare_available and int8:
+        if not gen.stop.is_set() and comparing:
             table = panel.table_md(int8.timing.summary(), None, STATE)
             yield panel_outputs(int8, None) | {UI.table: "Running the same prompt on BF16…\n\n" + table}
-            bf16, compared = (yield from stream_one(STATE.bf16, ids, sampling, gen, visitor)), True
+            bf16, compared = (yield from stream_one(STATE.bf16, ids, sampling, gen, keeping)), True
         if gen.abandoned:  # Clear: our last word agrees with Clear's, whichever reaches the page last
             yield dict(zip(UI.emptied, empty_chat()))
             return
@@ -134,12 +139,21 @@ def answer(
         yield out
 
 
+def fair(keeping: chat.Keeping, comparing: bool, ids: list[int]) -> chat.Keeping:
+    """What INT8 may take of its kept conversation: when BF16 will be compared, no more than BF16 can take (INT8
+    kept its own answer, which the chat shows; BF16 kept one that may differ), so both read the same prompt
+    tokens and their times to first token compare."""
+    if not (comparing and keeping.visitor):
+        return keeping
+    return replace(keeping, at_most=chat.PREFIXES.shared(keeping.visitor, STATE.bf16.decoder, ids))
+
+
 def stream_one(
     model: serving.LoadedModel,
     ids: list[int],
     sampling: Sampling,
     gen: Generation,
-    visitor: str | None,
+    keeping: chat.Keeping,
     history=None,
     prefix="",
 ):
@@ -147,7 +161,7 @@ def stream_one(
     Returns the Reply; the live counters follow it."""
     so_far, why = None, ""
     try:
-        for so_far in chat.decode_live(model.decoder, STATE.tokenizer, ids, sampling, gen.stop, visitor):
+        for so_far in chat.decode_live(model.decoder, STATE.tokenizer, ids, sampling, gen.stop, keeping):
             if gen.abandoned:
                 break
             out = {UI.live: panel.live_line(model.label, so_far, STATE.window)}

@@ -25,7 +25,7 @@ class OneByOne:
     """The engine without `step`, as the generic path is, with a record of the rows each forward pass read."""
 
     def __init__(self, model) -> None:
-        self.model, self.rows = model, []
+        self.model, self.rows, self.max_len = model, [], model.max_len
 
     def new_cache(self, max_len):
         return self.model.new_cache(max_len)
@@ -218,8 +218,9 @@ def two_turns(tokenizer, said: list[int]) -> list[int]:
     return tokenizer.apply_chat_template(chat, add_generation_prompt=True)
 
 
-def reply(scheduler, decoder, prompt, visitor) -> list[int]:
-    seq = scheduler.submit(Sequence(decoder, prompt, Sampling(max_new_tokens=TOKENS), keep=visitor))
+def reply(scheduler, decoder, prompt, visitor, at_most=None) -> list[int]:
+    sampling = Sampling(max_new_tokens=TOKENS)
+    seq = scheduler.submit(Sequence(decoder, prompt, sampling, visitor=visitor, kept_at_most=at_most))
     return [s.token_id for s in seq.steps()]
 
 
@@ -270,5 +271,33 @@ def test_kept_caches_stay_within_their_budget_least_recently_used_first(model, p
             spy.rows.clear()
             reply(scheduler, spy, prompts[2], visitor)
             first_reads.append(spy.rows[0][1])  # the tokens its first pass read
-            assert prefixes.nbytes <= budget
         assert first_reads == reads, budget
+
+
+def test_a_kept_prefix_is_taken_only_as_far_as_allowed_and_clear_wins_over_a_running_reply(
+    model, tokenizer, prompts, model_thread
+):
+    """The comparison's rule: a reply told to take at most N kept tokens reads the rest. And Clear pressed while
+    a reply runs: that reply keeps nothing, so the next turn reads its whole prompt."""
+    spy = Spy(model)
+    prefixes = Prefixes(budget=10**9)
+    scheduler = Scheduler(slots=2, run_on=model_thread, prefixes=prefixes)
+    said = reply(scheduler, spy, prompts[0], "visitor")
+    second = two_turns(tokenizer, said)
+    spy.rows.clear()
+    reply(scheduler, spy, second, "visitor", at_most=5)
+    assert spy.rows[0] == ("prompt", len(second) - 5)
+
+    hold = threading.Event()
+    model_thread.submit(hold.wait)  # the reply waits for the model thread: Clear comes before it runs
+    running = scheduler.submit(
+        Sequence(
+            spy, second, Sampling(max_new_tokens=TOKENS), visitor="visitor", epoch=prefixes.epoch("visitor")
+        )
+    )
+    prefixes.forget("visitor")
+    hold.set()
+    list(running.steps())
+    spy.rows.clear()
+    reply(scheduler, spy, second, "visitor")
+    assert spy.rows[0] == ("prompt", len(second))

@@ -273,9 +273,12 @@ def check_room(p: Plan, out: Path, available_ram: int) -> None:
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    if free < 2 * p.int8_bytes:
-        raise ModelError(f"The INT8 model needs about {2 * p.int8_bytes / 1e9:.1f} GB free under {probe} while "
-                         f"it is written (blocks, then shards); {free / 1e9:.1f} GB are free.")  # fmt: skip
+    # the blocks, then the shards made from them; then beside the shards their compressed-tensors copy (export.py),
+    # as large again plus its embedding and lm_head in BF16
+    needed = 2 * p.int8_bytes + p.ends_fp32_bytes // 2
+    if free < needed:
+        raise ModelError(f"The INT8 model needs about {needed / 1e9:.1f} GB free under {probe} while it is "
+                         f"written (blocks, then shards and their copy for vLLM); {free / 1e9:.1f} GB are free.")  # fmt: skip
     if available_ram < p.peak_bytes:
         raise ModelError(f"Quantizing this model block by block needs about {p.peak_bytes / 1e9:.1f} GB of "
                          f"memory; {available_ram / 1e9:.1f} GB are available.")  # fmt: skip

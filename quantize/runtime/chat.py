@@ -251,6 +251,17 @@ def continuation_ids(tokenizer, prompt_ids: list[int], partial_answer: str) -> l
 
 
 @dataclass
+class Keeping:
+    """What a reply may take of its visitor's kept conversation (runtime/prefixes.py) and when they asked: the
+    visitor (None: nothing kept), at most how many prompt tokens (None: all it can; the comparison gives INT8 what
+    BF16 can take, so both read as much), and their count of Clears then."""
+
+    visitor: str | None = None
+    at_most: int | None = None
+    epoch: int | None = None
+
+
+@dataclass
 class Reply:
     """One model's answer as it is produced: every token id with the time stamp it became known."""
 
@@ -283,18 +294,24 @@ def replay_clock(ends: list[float], interval: float = UI_INTERVAL_S) -> Iterator
 
 
 def decode_live(
-    decoder, tokenizer, ids: list[int], sampling: Sampling, stop: threading.Event, visitor: str | None = None
+    decoder,
+    tokenizer,
+    ids: list[int],
+    sampling: Sampling,
+    stop: threading.Event,
+    keeping: Keeping | None = None,
 ) -> Iterator[Reply]:
     """The one decode-and-time loop of the app. The reply is a sequence of the scheduler, which stamps each token
     on MODEL_THREAD as its step ends, so the per-token times measure the model (and the replies it shared the
     steps with), not the page; this generator yields the reply so far at most every UI_INTERVAL_S. A Stop ends
     the sequence at the scheduler's next turn and waits for that, so its slot is free; closing it (the visitor
-    left) stops it without waiting, since the server may close it on its event loop. With a `visitor`, the reply's
-    cache is kept for their next turn, and this one starts from what their last one kept."""
+    left) stops it without waiting, since the server may close it on its event loop. With `keeping`, the reply
+    starts from what its visitor's last one kept, and its cache is kept for their next turn."""
     reply = Reply(len(ids), latency.Timing(time.perf_counter()))
-    seq = SCHEDULER.submit(
-        Sequence(decoder, ids, sampling, frozenset({tokenizer.eos_token_id}), keep=visitor)
-    )
+    keeping = keeping or Keeping()
+    seq = Sequence(decoder, ids, sampling, frozenset({tokenizer.eos_token_id}), visitor=keeping.visitor,
+                   kept_at_most=keeping.at_most, epoch=keeping.epoch)  # fmt: skip
+    SCHEDULER.submit(seq)
     try:
         finished = False
         while not finished:
@@ -305,7 +322,7 @@ def decode_live(
             except queue.Empty:
                 continue
             time.sleep(UI_INTERVAL_S)  # let tokens accumulate: one page update for all of them
-            reply.timing.kept = seq.reused  # known before its first token
+            reply.timing.kept = seq.kept  # known before its first token
             while isinstance(item, Step):
                 if item.token_id != tokenizer.eos_token_id:
                     reply.timing.stamps.append(item.t)

@@ -79,7 +79,8 @@ def onednn_rows(flags: set[str] | None = None) -> bool:
     """Whether an INT8 Linear may run its calls of several rows (a batch of sequences, a prompt) on oneDNN's
     prepacked u8s8 GEMM: where the CPU has VNNI or AMX, which oneDNN uses. Its time stays flat in the rows where
     FBGEMM's grows (2 vCPU Xeon with AMX, 1.5B gate_up 17920 x 1536, 2 threads: oneDNN 470 us at 1, 8 and 16
-    rows; FBGEMM 455 us at 1 row, 590 at 8), and it sums the same codes exactly, so the outputs are the same."""
+    rows; FBGEMM 455 us at 1 row, 590 at 8). It sums the same codes exactly: the outputs are FBGEMM's to the bit
+    without a bias, within 1e-5 of their range with one (the bias is added in another order)."""
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & (cpu_flags() if flags is None else flags))
 
 
@@ -165,8 +166,8 @@ class Int8Linear:
 
     def onednn_rows(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """The same codes, rounded as FBGEMM rounds them (to nearest, ties to even), as u8 for oneDNN with
-        activation scale 1 and zero point 0. The bias is added after, in FP32, as FBGEMM adds it (oneDNN's own
-        bias rounds differently in the last bit)."""
+        activation scale 1 and zero point 0. The bias is added after, in FP32 (FBGEMM's epilogue adds it in
+        another order: the last bit may differ)."""
         codes = torch.addcmul(zero, x, scale.reciprocal()).round_().clamp_(0, self.qmax).to(torch.uint8)
         args = (1.0, 0, self.onednn, self.w_scale, self.w_zero, None, 1.0, 0, torch.float32, "none", [], "")
         y = torch.ops.onednn.qlinear_pointwise(codes, *args)
@@ -489,8 +490,9 @@ class Engine:
         x = self.through_blocks(
             self.embedded(ids, where), lambda layer, qkv: self.attend(qkv, cache, layer, cos, sin, mask)
         )
-        cache.length = start + T
-        return self.logits(x[:T] if all_logits else x[T - 1 : T])
+        logits = self.logits(x[:T] if all_logits else x[T - 1 : T])
+        cache.length = start + T  # only once the pass is whole: a failed one leaves the cache as it was
+        return logits
 
     def step(self, ids: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
         """One new token for each of several sequences at once ([B] ids, the B sequences' own caches, of any
@@ -514,10 +516,10 @@ class Engine:
         def attend_each(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             return torch.cat([self.attend(qkv[i : i + 1], c, layer, *rows[i]) for i, c in enumerate(caches)])
 
-        x = self.through_blocks(self.embedded(ids.reshape(-1), where), attend_each)
-        for c in caches:
+        logits = self.logits(self.through_blocks(self.embedded(ids.reshape(-1), where), attend_each))
+        for c in caches:  # only once the pass is whole: a batch that fails is run again one by one
             c.length += 1
-        return self.logits(x)
+        return logits
 
     def embedded(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """The tokens' input vectors, each at its position `where` (learned positions add that row)."""

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 from quantize.runtime.engine import Cache
 
-# What all kept caches may hold together, in bytes (Q8CHAT_PREFIX_MB; 0 turns reuse off). At the default model's
-# 46 KB per position for INT8 (FP32 K and V) and 23 KB for BF16, 256 MB keeps about 3,700 positions of
-# conversation for both models: some 15 visitors' 250-token chats.
+# What all kept caches may hold together, in bytes (Q8CHAT_PREFIX_MB; 0 turns reuse off). A kept cache holds its
+# whole capacity (prompt + max_new_tokens positions) at most; at the default model's 46 KB per position for INT8
+# (FP32 K and V) and 23 KB for BF16, 256 MB keeps about 3,700 positions of capacity for both models: some ten
+# visitors' 250-token chats with their 128 new tokens.
 BUDGET_BYTES = int(float(os.environ.get("Q8CHAT_PREFIX_MB", "256")) * 1e6)
+FORGOTTEN = 10_000  # visitors whose Clear is remembered (a reply still running then keeps nothing)
 
 
 @dataclass
@@ -49,55 +51,77 @@ class Prefixes:
     """Kept caches by (visitor, model), least recently used first."""
 
     def __init__(self, budget: int = BUDGET_BYTES) -> None:
-        self.budget = budget
+        self.budget, self.nbytes = budget, 0  # nbytes: what the kept caches hold together
         self.kept: OrderedDict[tuple, Kept] = OrderedDict()
+        self.clears: OrderedDict[Hashable, int] = OrderedDict()  # per visitor, how many times forgotten
         self.lock = threading.Lock()  # kept by the model thread, forgotten by Clear's thread
 
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes for k in self.kept.values())
+    def epoch(self, visitor: Hashable) -> int:
+        """The visitor's count of Clears: a reply records it as it starts, and keeps nothing if it has moved."""
+        with self.lock:
+            return self.clears.get(visitor, 0)
 
-    def take(self, visitor: Hashable, decoder, prompt: list[int], capacity: int) -> tuple[Cache | None, int]:
+    def usable(self, kept: Kept | None, decoder: object, prompt: list[int]) -> int:
+        """How many of `prompt`'s first tokens `kept` holds for `decoder`: all but the prompt's last at most,
+        whose logits the reply needs."""
+        if kept is None or kept.decoder() is not decoder:
+            return 0
+        return common_prefix(kept.tokens, prompt[:-1])
+
+    def shared(self, visitor: Hashable, decoder: object, prompt: list[int]) -> int:
+        """What `take` would reuse for this prompt now, without taking it."""
+        with self.lock:
+            return self.usable(self.kept.get((visitor, id(decoder))), decoder, prompt)
+
+    def take(
+        self, visitor: Hashable, decoder: object, prompt: list[int], capacity: int, at_most: int | None = None
+    ) -> tuple[Cache | None, int]:
         """A cache of `capacity` positions for `prompt` that already holds the longest start of it this visitor's
-        last reply on `decoder` left, and the number of positions that is: at most all but the prompt's last
-        token, whose logits the reply needs. (None, 0) when nothing is kept or nothing matches. What was kept
-        is handed over, not shared: a second reply of the visitor at the same time reads its prompt in full."""
+        last reply on `decoder` left (`at_most` of its tokens, if given), and the number of positions that is.
+        (None, 0) when nothing is kept or nothing matches. What was kept is handed over, not shared: a second
+        reply of the visitor at the same time reads its prompt in full."""
         with self.lock:
             kept = self.kept.pop((visitor, id(decoder)), None)
-        if kept is None or kept.decoder() is not decoder:
-            return None, 0
-        n = common_prefix(kept.tokens, prompt[:-1])
-        if n == 0:
+            self.nbytes -= kept.nbytes if kept else 0
+        n = min(self.usable(kept, decoder, prompt), len(prompt) if at_most is None else at_most)
+        if n <= 0:
             return None, 0
         cache = kept.cache
-        if cache.k.shape[2] < capacity:  # too short for this turn: the prefix moves into a new cache
+        if cache.k.shape[2] < min(capacity, decoder.max_len):  # too short: the prefix moves into a new cache
             cache = decoder.new_cache(capacity)
             cache.k[:, :, :n] = kept.cache.k[:, :, :n]
             cache.v[:, :, :n] = kept.cache.v[:, :, :n]
         cache.length = n  # positions after n are written over by this turn
         return cache, n
 
-    def keep(self, visitor: Hashable, decoder, tokens: list[int], cache: object) -> None:
+    def keep(self, visitor: Hashable, decoder: object, tokens: list[int], cache: object, epoch: int) -> None:
         """Keep a finished reply's cache (`tokens`: its prompt and what it said), dropping the least recently
-        used ones until all fit the budget. A cache larger than the whole budget is not kept."""
+        used ones until all fit the budget. Nothing is kept from a reply the visitor cleared since it started
+        (`epoch`), nor a cache larger than the whole budget."""
         if not isinstance(cache, Cache) or cache.length == 0:
             return
         kept = Kept(weakref.ref(decoder), tokens[: cache.length], cache)
-        if kept.nbytes > self.budget:
-            return
         with self.lock:
-            self.kept.pop((visitor, id(decoder)), None)
+            if kept.nbytes > self.budget or self.clears.get(visitor, 0) != epoch:
+                return
+            old = self.kept.pop((visitor, id(decoder)), None)
             self.kept[(visitor, id(decoder))] = kept
+            self.nbytes += kept.nbytes - (old.nbytes if old else 0)
             while self.nbytes > self.budget:
-                self.kept.popitem(last=False)
+                self.nbytes -= self.kept.popitem(last=False)[1].nbytes
 
     def forget(self, visitor: Hashable) -> None:
-        """Clear: the visitor's conversation is gone, its caches too."""
+        """Clear: the visitor's conversation is gone, its caches too, and a reply of theirs still running keeps
+        nothing."""
         with self.lock:
+            self.clears[visitor] = self.clears.pop(visitor, 0) + 1
+            if len(self.clears) > FORGOTTEN:
+                self.clears.popitem(last=False)
             for key in [k for k in self.kept if k[0] == visitor]:
-                del self.kept[key]
+                self.nbytes -= self.kept.pop(key).nbytes
 
     def clear(self) -> None:
         """A model switch: every kept cache belongs to a model that is going."""
         with self.lock:
             self.kept.clear()
+            self.nbytes = 0

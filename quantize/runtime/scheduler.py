@@ -9,7 +9,7 @@ free for the next turn.
 
 Memory: a sequence's KV cache holds its prompt and its new tokens and nothing more, so the caches in slots hold
 at most slots x (chat.MAX_INPUT_TOKENS + the largest max_new_tokens) positions. A sequence that names its visitor
-(`keep`) leaves its cache to `prefixes` (runtime/prefixes.py, a byte budget of its own) for the visitor's next
+(`visitor`) leaves its cache to `prefixes` (runtime/prefixes.py, a byte budget of its own) for the visitor's next
 turn, which then reads only the tokens after what it shares with it.
 """
 
@@ -47,10 +47,12 @@ class Sequence:
     eos_ids: frozenset[int] = frozenset()
     stop: threading.Event = field(default_factory=threading.Event)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    keep: Hashable | None = None  # its visitor, whose next turn may reuse its cache (None: not kept)
+    visitor: Hashable | None = None  # whose next turn may reuse its cache (None: not kept)
+    kept_at_most: int | None = None  # prompt tokens it may take from a kept cache (None: all it can)
+    epoch: int | None = None  # its visitor's count of Clears when they asked (None: read at submit)
     place: int = 0  # its place in line: 1 for the next to get a slot, 0 once it has one
     read: int = 0  # prompt tokens in its cache so far
-    reused: int = 0  # of which were kept from the visitor's last reply, not read
+    kept: int = 0  # of which were kept from the visitor's last reply, not read
     said: list[int] = field(default_factory=list)  # the tokens produced so far
     last: int | None = None  # the newest token, the next step's input
     cache: object = None
@@ -89,6 +91,8 @@ class Scheduler:
             seq.out.put(ValueError("An empty prompt has nothing to answer."))
             seq.out.put(None)
             return seq
+        if seq.visitor is not None and seq.epoch is None:
+            seq.epoch = self.prefixes.epoch(seq.visitor)
         with self.lock:
             self.waiting.append(seq)
             seq.place = max(0, len(self.waiting) - (self.slots - len(self.active)))
@@ -140,10 +144,11 @@ class Scheduler:
         """A cache for the sequence's prompt and new tokens: with its visitor's kept prefix where there is one, so
         its prompt is read from the end of that on."""
         capacity = len(seq.prompt) + seq.sampling.max_new_tokens
-        if seq.keep is not None:
-            seq.cache, seq.reused = self.prefixes.take(seq.keep, seq.decoder, seq.prompt, capacity)
+        if seq.visitor is not None:
+            took = self.prefixes.take(seq.visitor, seq.decoder, seq.prompt, capacity, seq.kept_at_most)
+            seq.cache, seq.kept = took
         seq.cache = seq.cache or seq.decoder.new_cache(capacity)
-        seq.read = seq.reused
+        seq.read = seq.kept
 
     def finish(self, seq: Sequence, error: BaseException | None = None) -> None:
         """The sequence leaves its slot or the line; its reader gets the error, or the end. Its cache is kept for
@@ -152,8 +157,8 @@ class Scheduler:
             self.active.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if error is None and seq.keep is not None and seq.cache is not None:
-            self.prefixes.keep(seq.keep, seq.decoder, seq.prompt + seq.said, seq.cache)
+        if error is None and seq.visitor is not None and seq.cache is not None:
+            self.prefixes.keep(seq.visitor, seq.decoder, seq.prompt + seq.said, seq.cache, seq.epoch)
         seq.cache = None
         if error is not None:
             seq.out.put(error)
@@ -210,7 +215,7 @@ class Scheduler:
     @staticmethod
     def forward(decoder, batch: list[Sequence]) -> torch.Tensor:
         """A batch of several runs `step`; one alone runs `forward`, the path generate.stream and the bench time,
-        so a reply alone gets exactly the numbers it got before there was a scheduler."""
+        so a reply alone decodes as it did before there was a scheduler."""
         ids = torch.tensor([s.last for s in batch])
         if len(batch) > 1 and hasattr(decoder, "step"):
             return decoder.step(ids, [s.cache for s in batch])

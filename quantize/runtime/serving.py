@@ -306,12 +306,9 @@ def serve_int8(state: Serving, pair: Pair) -> None:
         f"INT8 · {pair.int8 or int8_dir.name}"
         + (f" @ {pair.revision[:10]}" if pair.int8 and pair.revision else "")
     )
-    # the second copy of INT8's large Linears for batches (engine.load) only where memory has room for it beside
-    # BF16: the comparison comes first
-    batched = (
-        BATCHED
-        and why_pair_does_not_fit(state.bf16.weight_bytes, 2 * decoders.weight_file_bytes(int8_dir)) is None
-    )
+    # the second copy of INT8's large Linears for batches (engine.load) only where memory has room for both copies
+    # now, BF16 already in it: the comparison comes first
+    batched = BATCHED and why_pair_does_not_fit(0, 2 * decoders.weight_file_bytes(int8_dir)) is None
     load_resident(int8, lambda: decoders.open_int8(int8_dir, batched=batched))
     report = Path(int8_dir) / "quantize_report.json"
     state.report = json.loads(report.read_text()) if report.is_file() else None
