@@ -65,7 +65,10 @@ if __name__ == "__main__":  # vLLM starts worker processes that import this file
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     cores = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")  # this process's cores
+    if cores == list(
+        range(cores[0], cores[-1] + 1)
+    ):  # this process's cores as a range; else vLLM's own choice
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
     result = measure(folder, json.loads(open(job_path).read()))
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
