@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from quantize import machine
 from quantize.runtime.generate import Sampling, stream
+from quantize.runtime.prefixes import common_prefix
 
 DATA = Path(__file__).parents[1] / "data"
 # Windows of held-out text, each read as a chat is: PREFILL tokens as the prompt, the rest decoded one by one.
@@ -143,7 +144,7 @@ def compare(
     }
     ref = seen[reference]
     for name, m in seen.items():
-        prefix = [_common_prefix(a, b) / max(len(b), 1) for a, b in zip(m["answers"], ref["answers"])]
+        prefix = [common_prefix(a, b) / max(len(b), 1) for a, b in zip(m["answers"], ref["answers"])]
         out["models"][name] = {
             "perplexity": math.exp(m["nll"]),
             "perplexity_ratio": math.exp(m["nll"] - ref["nll"]),
@@ -176,15 +177,6 @@ def _measure(model, ids, prompts: list, greedy_tokens: int, eos: int, reference_
         )
     return {"nll": nll, "top": top, "long_nll": long_nll, "long_top": long_top, "answers": answers,
             "chat_same": same, "engine": getattr(model, "label", type(model).__name__)}  # fmt: skip
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def worst_perplexity_ratio(m: dict) -> float:
