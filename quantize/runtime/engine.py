@@ -137,7 +137,22 @@ class Int8Linear:
         self.bias = None if bias is None else bias.float()
         self.packed = torch.ops.quantized.linear_prepack(w, self.bias)
         self.onednn = torch.ops.onednn.qlinear_prepack(qweight, None) if rows_on_onednn else None
-        self.w_scale, self.w_zero = scale.float(), zero
+        # qlinear_pointwise's arguments after the codes, made once: activation scale 1 and zero point 0, the
+        # weights with their scales, no bias (added after), FP32 out
+        self.onednn_args = (
+            1.0,
+            0,
+            self.onednn,
+            scale.float(),
+            zero,
+            None,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )
         self.reduce_range, self.qmax = reduce_range, 127 if reduce_range else 255
         # numpy sums in int32 through a small buffer; torch's sum(dtype=...) converted the matrix first and raised
         # the default model's load peak from 239 to 358 MB
@@ -169,8 +184,7 @@ class Int8Linear:
         activation scale 1 and zero point 0. The bias is added after, in FP32 (FBGEMM's epilogue adds it in
         another order: the last bit may differ)."""
         codes = torch.addcmul(zero, x, scale.reciprocal()).round_().clamp_(0, self.qmax).to(torch.uint8)
-        args = (1.0, 0, self.onednn, self.w_scale, self.w_zero, None, 1.0, 0, torch.float32, "none", [], "")
-        y = torch.ops.onednn.qlinear_pointwise(codes, *args)
+        y = torch.ops.onednn.qlinear_pointwise(codes, *self.onednn_args)
         return y if self.bias is None else y.add_(self.bias)
 
 
