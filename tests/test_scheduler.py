@@ -10,7 +10,7 @@ import torch
 
 from quantize.runtime import engine
 from quantize.runtime.generate import Sampling, stream
-from quantize.runtime.prefixes import Prefixes
+from quantize.runtime.prefixes import Keeping, Prefixes
 from quantize.runtime.scheduler import Scheduler, Sequence
 
 TOKENS = 12
@@ -220,7 +220,7 @@ def two_turns(tokenizer, said: list[int]) -> list[int]:
 
 def reply(scheduler, decoder, prompt, visitor, at_most=None) -> list[int]:
     sampling = Sampling(max_new_tokens=TOKENS)
-    seq = scheduler.submit(Sequence(decoder, prompt, sampling, visitor=visitor, kept_at_most=at_most))
+    seq = scheduler.submit(Sequence(decoder, prompt, sampling, keeping=Keeping(visitor, at_most)))
     return [s.token_id for s in seq.steps()]
 
 
@@ -292,7 +292,10 @@ def test_a_kept_prefix_is_taken_only_as_far_as_allowed_and_clear_wins_over_a_run
     model_thread.submit(hold.wait)  # the reply waits for the model thread: Clear comes before it runs
     running = scheduler.submit(
         Sequence(
-            spy, second, Sampling(max_new_tokens=TOKENS), visitor="visitor", epoch=prefixes.epoch("visitor")
+            spy,
+            second,
+            Sampling(max_new_tokens=TOKENS),
+            keeping=Keeping("visitor", epoch=prefixes.epoch("visitor")),
         )
     )
     prefixes.forget("visitor")

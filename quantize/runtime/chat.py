@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from quantize.runtime import latency
 from quantize.runtime.generate import Sampling, Step
-from quantize.runtime.prefixes import Prefixes
+from quantize.runtime.prefixes import Keeping, Prefixes
 from quantize.runtime.scheduler import Scheduler, Sequence
 
 # One bound for everything the model reads of a request: system prompt + history + new message, or the prompt
@@ -251,17 +251,6 @@ def continuation_ids(tokenizer, prompt_ids: list[int], partial_answer: str) -> l
 
 
 @dataclass
-class Keeping:
-    """What a reply may take of its visitor's kept conversation (runtime/prefixes.py) and when they asked: the
-    visitor (None: nothing kept), at most how many prompt tokens (None: all it can; the comparison gives INT8 what
-    BF16 can take, so both read as much), and their count of Clears then."""
-
-    visitor: str | None = None
-    at_most: int | None = None
-    epoch: int | None = None
-
-
-@dataclass
 class Reply:
     """One model's answer as it is produced: every token id with the time stamp it became known."""
 
@@ -308,10 +297,8 @@ def decode_live(
     left) stops it without waiting, since the server may close it on its event loop. With `keeping`, the reply
     starts from what its visitor's last one kept, and its cache is kept for their next turn."""
     reply = Reply(len(ids), latency.Timing(time.perf_counter()))
-    keeping = keeping or Keeping()
-    seq = Sequence(decoder, ids, sampling, frozenset({tokenizer.eos_token_id}), visitor=keeping.visitor,
-                   kept_at_most=keeping.at_most, epoch=keeping.epoch)  # fmt: skip
-    SCHEDULER.submit(seq)
+    eos = frozenset({tokenizer.eos_token_id})
+    seq = SCHEDULER.submit(Sequence(decoder, ids, sampling, eos, keeping=keeping or Keeping()))
     try:
         finished = False
         while not finished:

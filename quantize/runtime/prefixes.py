@@ -26,6 +26,17 @@ BUDGET_BYTES = int(float(os.environ.get("Q8CHAT_PREFIX_MB", "256")) * 1e6)
 FORGOTTEN = 10_000  # visitors whose Clear is remembered (a reply still running then keeps nothing)
 
 
+@dataclass(frozen=True)
+class Keeping:
+    """What a reply may take of its visitor's kept conversation and when they asked: the visitor (None: nothing
+    kept), at most how many prompt tokens (None: all it can; the comparison gives INT8 what BF16 can take, so both
+    read as much), and their count of Clears then (None: read when it is submitted)."""
+
+    visitor: Hashable | None = None
+    at_most: int | None = None
+    epoch: int | None = None
+
+
 @dataclass
 class Kept:
     decoder: weakref.ref  # the model that wrote it: another one's K and V mean nothing

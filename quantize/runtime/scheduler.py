@@ -9,7 +9,7 @@ free for the next turn.
 
 Memory: a sequence's KV cache holds its prompt and its new tokens and nothing more, so the caches in slots hold
 at most slots x (chat.MAX_INPUT_TOKENS + the largest max_new_tokens) positions. A sequence that names its visitor
-(`visitor`) leaves its cache to `prefixes` (runtime/prefixes.py, a byte budget of its own) for the visitor's next
+(`keeping`) leaves its cache to `prefixes` (runtime/prefixes.py, a byte budget of its own) for the visitor's next
 turn, which then reads only the tokens after what it shares with it.
 """
 
@@ -20,14 +20,14 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from quantize.runtime.generate import Sampling, Step, next_token
-from quantize.runtime.prefixes import Prefixes
+from quantize.runtime.prefixes import Keeping, Prefixes
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,7 @@ class Sequence:
     eos_ids: frozenset[int] = frozenset()
     stop: threading.Event = field(default_factory=threading.Event)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    visitor: Hashable | None = None  # whose next turn may reuse its cache (None: not kept)
-    kept_at_most: int | None = None  # prompt tokens it may take from a kept cache (None: all it can)
-    epoch: int | None = None  # its visitor's count of Clears when they asked (None: read at submit)
+    keeping: Keeping = field(default_factory=Keeping)  # what it may take of its visitor's kept conversation
     place: int = 0  # its place in line: 1 for the next to get a slot, 0 once it has one
     read: int = 0  # prompt tokens in its cache so far
     kept: int = 0  # of which were kept from the visitor's last reply, not read
@@ -91,8 +89,8 @@ class Scheduler:
             seq.out.put(ValueError("An empty prompt has nothing to answer."))
             seq.out.put(None)
             return seq
-        if seq.visitor is not None and seq.epoch is None:
-            seq.epoch = self.prefixes.epoch(seq.visitor)
+        if seq.keeping.visitor is not None and seq.keeping.epoch is None:
+            seq.keeping = replace(seq.keeping, epoch=self.prefixes.epoch(seq.keeping.visitor))
         with self.lock:
             self.waiting.append(seq)
             seq.place = max(0, len(self.waiting) - (self.slots - len(self.active)))
@@ -143,10 +141,11 @@ class Scheduler:
     def give_cache(self, seq: Sequence) -> None:
         """A cache for the sequence's prompt and new tokens: with its visitor's kept prefix where there is one, so
         its prompt is read from the end of that on."""
-        capacity = len(seq.prompt) + seq.sampling.max_new_tokens
-        if seq.visitor is not None:
-            took = self.prefixes.take(seq.visitor, seq.decoder, seq.prompt, capacity, seq.kept_at_most)
-            seq.cache, seq.kept = took
+        capacity, keeping = len(seq.prompt) + seq.sampling.max_new_tokens, seq.keeping
+        if keeping.visitor is not None:
+            seq.cache, seq.kept = self.prefixes.take(
+                keeping.visitor, seq.decoder, seq.prompt, capacity, keeping.at_most
+            )
         seq.cache = seq.cache or seq.decoder.new_cache(capacity)
         seq.read = seq.kept
 
@@ -157,8 +156,9 @@ class Scheduler:
             self.active.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if error is None and seq.visitor is not None and seq.cache is not None:
-            self.prefixes.keep(seq.visitor, seq.decoder, seq.prompt + seq.said, seq.cache, seq.epoch)
+        visitor = seq.keeping.visitor
+        if error is None and visitor is not None and seq.cache is not None:
+            self.prefixes.keep(visitor, seq.decoder, seq.prompt + seq.said, seq.cache, seq.keeping.epoch)
         seq.cache = None
         if error is not None:
             seq.out.put(error)
