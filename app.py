@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from quantize import machine
 from quantize.build import cli
-from quantize.runtime import chat, latency, panel, serving
+from quantize.runtime import chat, latency, panel, remote, serving
 from quantize.runtime.generate import Sampling
 from quantize.runtime.sessions import Generation, Sessions
 
@@ -108,15 +108,23 @@ def answer(
             return
         yield {UI.message: "", UI.notice: notice, UI.last_prompt: turn.prompt}
         comparing = compare and STATE.compare_available and model is STATE.int8
-        first = yield from stream_one(
-            model, ids, sampling, gen, fair(keeping, comparing, ids), history, prefix
-        )
+        try:
+            first = yield from stream_one(
+                model, turn, sampling, gen, fair(keeping, comparing, ids), history, prefix
+            )
+        except remote.EndpointError as e:  # the server is down or slow: the app is not
+            yield server_failed(e, turn, prefix)
+            return
         int8 = first if model is STATE.int8 else None
         bf16, compared = (None if int8 else first), False
         if not gen.stop.is_set() and comparing:
             table = panel.table_md(int8.timing.summary(), None, STATE)
             yield panel_outputs(int8, None) | {UI.table: "Running the same prompt on BF16…\n\n" + table}
-            bf16, compared = (yield from stream_one(STATE.bf16, ids, sampling, gen, keeping)), True
+            try:
+                bf16, compared = (yield from stream_one(STATE.bf16, turn, sampling, gen, keeping)), True
+            except remote.EndpointError as e:
+                gr.Warning(str(e))
+                notice = f"{notice} Not compared: {e}".strip()
         if gen.abandoned:  # Clear: our last word agrees with Clear's, whichever reaches the page last
             yield dict(zip(UI.emptied, empty_chat()))
             return
@@ -139,6 +147,30 @@ def answer(
         yield out
 
 
+def server_failed(error: remote.EndpointError, turn: chat.Turn, prefix: str) -> dict:
+    """The chat when the server failed to answer: what it had written stays (Continue picks it up); when it wrote
+    nothing, the chat is as it was and the message is back in the box."""
+    gr.Warning(str(error))
+    history = turn.history
+    if chat.text_of(history[-1]["content"]) != prefix:
+        return {UI.chatbot: history, UI.notice: f"The answer stopped: {error}"}
+    if turn.messages is None:  # Continue: its message was already in the chat
+        return {UI.chatbot: history, UI.notice: f"Not continued: {error}"}
+    typed = turn.messages[-1]["content"]
+    return {UI.chatbot: history[:-2], UI.message: typed, UI.notice: f"Not answered: {error}"}
+
+
+def live(model: serving.LoadedModel, turn: chat.Turn, sampling: Sampling, stop, keeping: chat.Keeping):
+    """The reply as it streams: from the engine here, or from the server that serves the model (runtime/remote.py,
+    which stamps each token as it arrives)."""
+    if isinstance(model.decoder, remote.Endpoint):
+        eos = STATE.tokenizer.eos_token_id
+        return remote.decode_remote(
+            model.decoder, turn.messages, turn.ids, sampling, stop, eos, chat.UI_INTERVAL_S
+        )
+    return chat.decode_live(model.decoder, STATE.tokenizer, turn.ids, sampling, stop, keeping)
+
+
 def fair(keeping: chat.Keeping, comparing: bool, ids: list[int]) -> chat.Keeping:
     """What INT8 may take of its kept conversation: when BF16 will be compared, no more than BF16 can take (INT8
     kept its own answer, which the chat shows; BF16 kept one that may differ), so both read the same prompt
@@ -150,7 +182,7 @@ def fair(keeping: chat.Keeping, comparing: bool, ids: list[int]) -> chat.Keeping
 
 def stream_one(
     model: serving.LoadedModel,
-    ids: list[int],
+    turn: chat.Turn,
     sampling: Sampling,
     gen: Generation,
     keeping: chat.Keeping,
@@ -161,7 +193,7 @@ def stream_one(
     Returns the Reply; the live counters follow it."""
     so_far, why = None, ""
     try:
-        for so_far in chat.decode_live(model.decoder, STATE.tokenizer, ids, sampling, gen.stop, keeping):
+        for so_far in live(model, turn, sampling, gen.stop, keeping):
             if gen.abandoned:
                 break
             out = {UI.live: panel.live_line(model.label, so_far, STATE.window)}

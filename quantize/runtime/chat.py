@@ -95,8 +95,8 @@ def check_history(history) -> list[dict]:
     return list(history)
 
 
-def check_message(tokenizer, message, history: list[dict], system) -> tuple[str, list[int], str]:
-    """(text, prompt ids, note) for a new message, or Refused with the sentence to show."""
+def check_message(tokenizer, message, history: list[dict], system) -> tuple[list[dict], list[int], str]:
+    """(the conversation sent, its prompt ids, note) for a new message, or Refused with the sentence to show."""
     text, system = clean(message), system if isinstance(system, str) else ""
     if not text:
         raise Refused("Type a message first.")
@@ -115,7 +115,16 @@ def check_message(tokenizer, message, history: list[dict], system) -> tuple[str,
         f"The conversation is longer than the model's window: the {dropped} oldest messages were left out "
         "of this prompt."
     )
-    return text, ids, note if dropped else ""
+    return sent_messages(system, history, text, dropped), ids, note if dropped else ""
+
+
+def sent_messages(system: str, history: list[dict], message: str, dropped: int) -> list[dict]:
+    """The conversation a prompt was built from (build_prompt), as messages for a server that applies the chat
+    template itself: the system prompt, the turns kept, the new message."""
+    turns = [{"role": m["role"], "content": text_of(m["content"])} for m in history
+             if m.get("role") in ("user", "assistant")]  # fmt: skip
+    head = [{"role": "system", "content": system}] if system.strip() else []
+    return head + turns[dropped:] + [{"role": "user", "content": message}]
 
 
 def text_of(content) -> str:
@@ -219,13 +228,17 @@ class Turn:
     ids: list[int]
     prompt: list[int]
     note: str = ""
+    messages: list[dict] | None = None  # the conversation `ids` render, for a server (None: Continue's ids)
 
 
 def new_turn(tokenizer, message, system, history: list[dict]) -> Turn:
     """A typed message after `history`, or Refused."""
-    text, ids, note = check_message(tokenizer, message, history, system)
-    exchange = [{"role": "user", "content": as_markdown(text)}, {"role": "assistant", "content": ""}]
-    return Turn(history + exchange, ids, ids, note)
+    messages, ids, note = check_message(tokenizer, message, history, system)
+    exchange = [
+        {"role": "user", "content": as_markdown(messages[-1]["content"])},
+        {"role": "assistant", "content": ""},
+    ]
+    return Turn(history + exchange, ids, ids, note, messages)
 
 
 def continuation(tokenizer, last_prompt: list[int] | None, history: list[dict]) -> Turn:
@@ -252,16 +265,20 @@ def continuation_ids(tokenizer, prompt_ids: list[int], partial_answer: str) -> l
 
 @dataclass
 class Reply:
-    """One model's answer as it is produced: every token id with the time stamp it became known."""
+    """One model's answer as it is produced: every token id with the time stamp it became known. From a server
+    (runtime/remote.py), also each token's text as it came (`pieces`): a server need not say its ids."""
 
     prompt_tokens: int
     timing: latency.Timing
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int | None] = field(default_factory=list)
     text: str = ""
+    pieces: list[str] | None = None
 
     def text_at(self, tokenizer, seconds: float) -> str:
         """The answer as it stood `seconds` after the request (the race replays this)."""
         shown = sum(1 for t in self.timing.stamps if t - self.timing.start <= seconds)
+        if self.pieces is not None:
+            return "".join(self.pieces[:shown])
         return tokenizer.decode(self.token_ids[:shown], skip_special_tokens=True)
 
     @property

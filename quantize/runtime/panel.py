@@ -12,6 +12,7 @@ import pandas as pd
 from quantize import machine
 from quantize.runtime.chat import Reply
 from quantize.runtime.latency import fmt, speedup_line
+from quantize.runtime.remote import Endpoint
 from quantize.runtime.serving import Serving
 
 PLACEHOLDER = "Send a message to see INT8 and BF16 side by side."
@@ -36,6 +37,8 @@ def header_md(state: Serving) -> str:
     recipe = (
         f"SmoothQuant alpha {rec.get('alpha')} · recipe `{rec.get('name')}`"
         if rec.get("smooth_quant")
+        else "the served model's own (its card says)"
+        if isinstance(state.int8.decoder, Endpoint)
         else "recipe unknown (no quantize_report.json)"
     )
     loaded = [m.decoder for m in (state.int8, state.bf16) if m.decoder is not None]
@@ -125,7 +128,17 @@ def table_md(a: dict | None, b: dict | None, state: Serving, rounds: list[float]
     ]
     lines = ["| | INT8 | BF16 |", "|---|---:|---:|"] + [f"| {r} | {x} | {y} |" for r, x, y in cells]
     lines += ["", KEPT] if any(kept) else []
+    lines += ["", served_line(state)] if served_line(state) else []
     return verdict(a, b, state, rounds) + "\n\n" + "\n".join(lines)
+
+
+def served_line(state: Serving) -> str:
+    """For models served elsewhere (runtime/remote.py): who served each, and that its times include the network."""
+    served = [f"{name} {m.decoder.label}" for name, m in zip(MODELS, (state.int8, state.bf16))
+              if isinstance(m.decoder, Endpoint)]  # fmt: skip
+    if not served:
+        return ""
+    return f"*Timed here as each token arrived*: {'; '.join(served)}. No weights are loaded in this app."
 
 
 def verdict(a: dict, b: dict, state: Serving, rounds: list[float] | None = None) -> str:

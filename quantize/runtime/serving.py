@@ -4,8 +4,12 @@ background, building its INT8 copy on a first start while BF16 already answers, 
 Configuration (environment):
   Q8CHAT_BF16_MODEL / Q8CHAT_INT8_MODEL / Q8CHAT_INT8_REVISION  the first pair (default: the embedded model, its
                                                                 INT8 copy built on first start and cached)
-  Q8CHAT_MODELS   a JSON file with more pairs: [{"name": ..., "bf16": ..., "int8": ..., "revision": ...}];
+  Q8CHAT_MODELS   a JSON file with more pairs: [{"name": ..., "bf16": ..., "int8": ..., "revision": ...}]
+                  (or "int8_endpoint" and "bf16_endpoint" for a pair served elsewhere);
                   a pair whose models are on the Hub is offered only when the Hub answers
+  Q8CHAT_INT8_ENDPOINT / Q8CHAT_BF16_ENDPOINT  OpenAI-compatible servers (vLLM serving the export and its BF16
+                  original) that answer instead of models loaded here (runtime/remote.py); the first pair's
+                  BF16 model then gives only its tokenizer. Q8CHAT_ENDPOINT_API_KEY, Q8CHAT_ENDPOINT_TIMEOUT_S
   Q8CHAT_THREADS  torch threads (default: all cores)
   Q8CHAT_MEMORY_BYTES  memory the two models may take (default: what the OS and the container's cgroup leave)
 """
@@ -28,7 +32,7 @@ from tqdm import tqdm
 from quantize import machine, models
 from quantize.errors import ModelError
 from quantize.machine import settled_rss, why_pair_does_not_fit
-from quantize.runtime import chat, decoders
+from quantize.runtime import chat, decoders, remote
 
 log = logging.getLogger("q8chat")
 # The app decodes its replies together (chat.SLOTS > 1): the INT8 engine may run several rows on oneDNN, from a
@@ -45,6 +49,8 @@ class Pair:
     bf16: str | None = None
     int8: str | None = None
     revision: str | None = None  # the commit a Hub INT8 model is pinned to
+    int8_endpoint: str | None = None  # a server that answers for INT8 instead (runtime/remote.py)
+    bf16_endpoint: str | None = None
 
 
 @dataclass
@@ -157,7 +163,12 @@ def configured_pairs() -> list[Pair]:
     env = os.environ.get
     bf16 = env("Q8CHAT_BF16_MODEL") or None
     first = Pair(
-        bf16 or "SmolLM2-135M-Instruct", bf16, env("Q8CHAT_INT8_MODEL") or None, env("Q8CHAT_INT8_REVISION")
+        bf16 or "SmolLM2-135M-Instruct",
+        bf16,
+        env("Q8CHAT_INT8_MODEL") or None,
+        env("Q8CHAT_INT8_REVISION"),
+        env("Q8CHAT_INT8_ENDPOINT") or None,
+        env("Q8CHAT_BF16_ENDPOINT") or None,
     )
     pairs = [first]
     if env("Q8CHAT_MODELS"):
@@ -244,6 +255,8 @@ def load_pair(state: Serving, pair: Pair) -> None:
     background thread; every failure ends up in the state for the page, never kills the app."""
     torch.set_num_threads(threads())
     state.pair, state.int8, state.bf16, state.report = pair, LoadedModel("INT8"), LoadedModel("BF16"), None
+    if pair.int8_endpoint:
+        return serve_remote(state, pair)
     try:
         state.status = f"Loading the BF16 model of {pair.name}…"
         src = models.resolve_model(pair.bf16)
@@ -267,6 +280,34 @@ def load_pair(state: Serving, pair: Pair) -> None:
         log.exception("INT8 model failed to load")
     state.ready = state.chat_model().decoder is not None
     state.status = "" if state.ready else "No model could be loaded: " + (state.bf16.error or "")
+
+
+def serve_remote(state: Serving, pair: Pair) -> None:
+    """A pair served elsewhere (runtime/remote.py): no weights here, only the tokenizer of its BF16 model (the
+    prompt's limits, Continue's ids). A server that does not answer now leaves the app up: the status says so,
+    and each reply asks it again."""
+    try:
+        src = models.resolve_model(pair.bf16)
+        state.tokenizer = OneAtATime(models.load_tokenizer(src))
+        config = json.loads((Path(src) / "config.json").read_text())
+        state.window = int(config.get("max_position_embeddings", 0))
+    except Exception as e:  # noqa: BLE001 - any failure here must reach the page, not kill the app
+        state.status = "No model could be loaded: " + for_visitors(e)
+        log.exception("the tokenizer of the served pair failed to load")
+        return
+    waiting = []
+    for side, url in ((state.int8, pair.int8_endpoint), (state.bf16, pair.bf16_endpoint)):
+        if not url:
+            side.error = "No BF16 server is set (Q8CHAT_BF16_ENDPOINT): the comparison is off."
+            continue
+        endpoint = remote.Endpoint(url, side.label)
+        try:
+            side.label += f" · {DIRECTORIES.sub('', endpoint.connect())}"
+        except remote.EndpointError as e:
+            waiting.append(str(e))
+        side.decoder = endpoint
+    state.ready = True
+    state.status = " ".join(waiting)
 
 
 # A folder path in a message: every directory before its last part (the page says `default`, not /root/.cache/…)

@@ -32,10 +32,12 @@ def add_floors(res: dict, threads: int, sizes: dict, memory: dict) -> None:
     """Each model's bandwidth floor (the time just to stream its weights once per token) and the ratios."""
     bw = res["bandwidth_bytes_per_s"] = copy_bandwidth(threads)
     for name, m in res["models"].items():
+        m["prefill_tokens_per_s"] = res["prompt_tokens"] / m["ttft_ms"] * 1e3
+        if name not in sizes:  # a server's weights are not known here
+            continue
         m.update(sizes[name], **memory.get(name, {}))
         m["floor_ms"] = m["bytes_per_token"] / bw * 1e3
         m["x_floor"] = m["median_ms"] / m["floor_ms"]
-        m["prefill_tokens_per_s"] = res["prompt_tokens"] / m["ttft_ms"] * 1e3
     if "bf16" in res["models"]:
         res["speedup_per_round"] = latency.round_ratios(res, "bf16", "int8")
         res["speedup_median"] = statistics.median(res["speedup_per_round"])

@@ -23,7 +23,7 @@ import torch
 from quantize import families, files, machine, models
 from quantize.build import evaluate
 from quantize.errors import ModelError
-from quantize.runtime import decoders, latency
+from quantize.runtime import decoders, latency, remote
 from quantize.runtime.decoders import HFDecoder
 from quantize.tools import bandwidth, concurrency, footprint, peer, random_model
 from quantize.tools.app_probe import AppPanel
@@ -36,6 +36,7 @@ EPILOG = """examples:
   python -m quantize.bench --threads 1 2 --tokens 64 --json bench.json
   python -m quantize.bench --concurrency 1 2 4 8 --tokens 64 --rounds 3   # sequences at once (the scheduler)
   python -m quantize.bench --build-config-model /tmp/llama-400m   # random ~0.4B Llama: speed only, not quality
+  python -m quantize.bench --concurrency 1 8 --endpoint vllm-int8=http://127.0.0.1:8000   # vLLM serving w8a8/
 The peer (llama.cpp, `pip install llama-cpp-python`) runs a Q8_0 GGUF: for the embedded default model it is
 made once from the shipped GGUF with llama.cpp's own quantizer; for any other model pass --peer-gguf."""
 
@@ -72,6 +73,10 @@ OPTIONS = {
     "--concurrency": dict(type=int, nargs="+", metavar="N", default=None, help="instead of the table above: N "
                           "greedy sequences at once through the app's scheduler, for each N, INT8 and BF16 engines "
                           "interleaved: per-sequence ms per token and aggregate tokens/s"),
+    "--endpoint": dict(action="append", metavar="[NAME=]URL", default=[], help="also time an OpenAI-compatible "
+                       "server (vLLM serving the export, or the BF16 original) in the same rounds: the same token "
+                       "ids, greedy, exactly --tokens tokens (vLLM's ignore_eos), stamped here as they arrive, "
+                       "network included; NAME labels it (default: its host). Repeatable"),
     "--profile": dict(type=int, metavar="TOKENS", default=0, help="also print where INT8 decode time goes "
                       "(torch.profiler over TOKENS tokens, last thread count)"),
 }  # fmt: skip
@@ -242,7 +247,7 @@ def measure_threads(
     out = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        engines = dict(opened)
+        engines = dict(opened) | servers(args.endpoint)
         if args.app:
             engines["app"] = AppPanel(args.app, prompts.by_ids(), threads)
         if peer_gguf is not None:
@@ -260,6 +265,19 @@ def measure_threads(
         res["prompt_tokens"] = statistics.median(p.shape[1] for p in prompts.ids)  # the TTFT's prefill
         out[threads] = res
     return out
+
+
+def servers(specs: list[str]) -> dict[str, remote.Endpoint]:
+    """--endpoint: each server under its NAME (or host), its model asked for now, so that a wrong URL fails before
+    any round."""
+    found = {}
+    for spec in specs:
+        name, _, url = spec.rpartition("=") if "=" in spec.split("://")[0] else ("", "", spec)
+        endpoint = remote.Endpoint(url, name or "benchmarked")
+        endpoint.connect()
+        found[name or endpoint.host] = endpoint
+        print(f"{name or endpoint.host}: {endpoint.model}, {endpoint.label}")
+    return found
 
 
 def profile_decode(model: torch.nn.Module, input_ids: torch.Tensor, tokens: int, rows: int = 12) -> str:
@@ -301,15 +319,13 @@ def table(threads: int, res: dict) -> str:
         f"{'MB/token':>10}{'floor ms':>10}{'x floor':>9}{'added MB':>10}{'load peak MB':>14}",
     ]
     for name, m in res["models"].items():
-        mem = "".join(
-            f"{m[k] / 1e6:>{w}.0f}" if k in m else f"{'–':>{w}}"
-            for k, w in (("added_bytes", 10), ("load_peak_bytes", 14))
-        )
-        lines.append(
-            f"{latency.LABELS[name]:<19}{m['median_ms']:>10.2f}{m['p10_ms']:>8.2f}{m['p90_ms']:>8.2f}"
-            f"{m['ttft_ms']:>9.1f}{m['prefill_tokens_per_s']:>14.0f}{m['tokens_per_s']:>8.1f}{m['bytes_per_token'] / 1e6:>10.1f}"
-            f"{m['floor_ms']:>10.2f}{m['x_floor']:>9.2f}" + mem
-        )
+        mb = {k: m[k] / 1e6 for k in ("bytes_per_token", "added_bytes", "load_peak_bytes") if k in m}
+        cells = [(m["median_ms"], 10, ".2f"), (m["p10_ms"], 8, ".2f"), (m["p90_ms"], 8, ".2f"),
+                 (m["ttft_ms"], 9, ".1f"), (m["prefill_tokens_per_s"], 14, ".0f"), (m["tokens_per_s"], 8, ".1f"),
+                 (mb.get("bytes_per_token"), 10, ".1f"), (m.get("floor_ms"), 10, ".2f"), (m.get("x_floor"), 9, ".2f"),
+                 (mb.get("added_bytes"), 10, ".0f"), (mb.get("load_peak_bytes"), 14, ".0f")]  # fmt: skip
+        label = latency.LABELS.get(name, name)  # a server's: its --endpoint NAME
+        lines.append(f"{label:<19}" + "".join(f"{latency.fmt(v, spec):>{w}}" for v, w, spec in cells))
     for slow, fast in (("bf16", "int8"), ("hf_bf16", "int8"), ("int8", "peer")):
         if slow in res["models"] and fast in res["models"]:
             read = res["models"][slow]["bytes_per_token"] / res["models"][fast]["bytes_per_token"]
@@ -320,6 +336,12 @@ def table(threads: int, res: dict) -> str:
                 predicted=read,
             )
             lines.append("speed-up: " + line.replace("**", ""))
+    for name in res["models"].keys() - latency.LABELS.keys():  # the servers, against the engine's INT8
+        ratios = latency.round_ratios(res, name, "int8")
+        each = " ".join(f"{r:.2f}x" for r in ratios)
+        lines.append(
+            f"{name}: the INT8 engine is {statistics.median(ratios):.2f}x its speed per token (rounds {each})"
+        )
     if "app" in res["models"]:
         ratios = latency.round_ratios(res, "app", "int8")
         each = " ".join(f"{r:.2f}x" for r in ratios)
@@ -385,7 +407,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
 def run_concurrency(args: argparse.Namespace, command: str, opened: dict, prompts: Prompts) -> int:
     """--concurrency: the engines (INT8, BF16) at each number of sequences at once, per thread count."""
-    engines = {n: d for n, d in opened.items() if n in ("int8", "bf16")}
+    engines = {n: d for n, d in opened.items() if n in ("int8", "bf16")} | servers(args.endpoint)
     per_threads = {}
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -54,17 +54,23 @@ def together(decoder, prompts: list[torch.Tensor], n: int, tokens: int) -> dict:
     return {"gaps_ms": gaps, "tokens_per_s": n * tokens / (max(s[-1] for s in stamps) - start)}
 
 
+def run_together(decoder, prompts: list[torch.Tensor], n: int, tokens: int) -> dict:
+    """`together` on an engine; a server (runtime/remote.py) runs its own n requests at once."""
+    own = getattr(decoder, "together", None)
+    return own(prompts, n, tokens) if own is not None else together(decoder, prompts, n, tokens)
+
+
 def measure(decoders: dict, prompts: list[torch.Tensor], levels: list[int], tokens: int, rounds: int) -> dict:
     """{N: {model: summary}} for each level N; the models' order alternates every round, as latency.interleaved
     does; every run is on this thread (OnThisThread)."""
     got = {n: {name: {"gaps_ms": [], "tokens_per_s": []} for name in decoders} for n in levels}
     names = list(decoders)
     for name in names:  # warm-up: allocations and FBGEMM's first calls, at the largest batch
-        together(decoders[name], prompts, max(levels), min(4, tokens))
+        run_together(decoders[name], prompts, max(levels), min(4, tokens))
     for r in range(rounds):
         for n in levels:
             for name in names if r % 2 == 0 else names[::-1]:
-                run = together(decoders[name], prompts, n, tokens)
+                run = run_together(decoders[name], prompts, n, tokens)
                 got[n][name]["gaps_ms"] += run["gaps_ms"]
                 got[n][name]["tokens_per_s"].append(run["tokens_per_s"])
     return {

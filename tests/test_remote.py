@@ -1,0 +1,243 @@
+"""The app on a remote engine (Q8CHAT_INT8_ENDPOINT, Q8CHAT_BF16_ENDPOINT): `python app.py` fronting real
+OpenAI-compatible servers over HTTP. vLLM serving the export and its BF16 original, where the vLLM venv is (CI);
+a server that is down and one that never answers, everywhere."""
+
+import functools
+import json
+import os
+import re
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ANSWER, ARTIFACTS, PLANTED_TOKEN, QUESTION, _free_port, running_app, wait_for
+from test_export import vllm_python
+
+from app import DEFAULT_SYSTEM
+
+# What the chat API returns, in order (app.wire_events' outputs, as Client.predict gives them back)
+OUTPUTS = ("history", "box", "chart", "table", "bf16_answer", "notice", "live", "race_int8", "race_bf16")
+KEY = "sk-endpoint-" + PLANTED_TOKEN  # the servers' API key: must reach them, and never a log or the page
+
+
+def ask(url: str, message: str, compare: bool, tokens: int = 24) -> dict:
+    from gradio_client import Client
+
+    out = Client(url, verbose=False).predict(
+        message, [], DEFAULT_SYSTEM, tokens, 0.0, 0.95, compare, api_name="/chat"
+    )
+    return dict(zip(OUTPUTS, out))
+
+
+def text(message: dict) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+
+class Silent(ThreadingHTTPServer):
+    """An OpenAI-compatible server that lists its model and then never answers a completion: what a server under
+    too much load looks like from outside. It records the Authorization header each request carried."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.released, self.authorizations = threading.Event(), []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.authorizations.append(self.headers.get("Authorization"))
+                body = json.dumps({"data": [{"id": "silent-model", "owned_by": "nobody"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                server.authorizations.append(self.headers.get("Authorization"))
+                server.released.wait(120)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_a_server_that_is_slow_or_down_is_a_sentence(tmp_path):
+    """The INT8 server never answers: the visitor reads which server and why, the chat is as it was and the
+    message is back in the box; the app stays up. Then the server is gone: the same, with 'does not answer'. The
+    API key reached the server and nothing the app wrote."""
+    silent = Silent()
+    threading.Thread(target=silent.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{silent.server_address[1]}"
+    log = tmp_path / "app-silent-server.log"
+    env = {"Q8CHAT_INT8_ENDPOINT": f"http://{host}/v1", "Q8CHAT_ENDPOINT_TIMEOUT_S": "2",
+           "Q8CHAT_ENDPOINT_API_KEY": KEY}  # fmt: skip
+    with running_app(log, **env) as (url, proc):
+        slow = ask(url, QUESTION, compare=True)
+        assert f"The INT8 server at {host} sent nothing for 2 s" in slow["notice"], slow["notice"]
+        assert slow["history"] == [] and slow["box"] == QUESTION
+        silent.shutdown()
+        silent.server_close()
+        silent.released.set()
+        down = ask(url, QUESTION, compare=True)
+        assert f"The INT8 server at {host} does not answer" in down["notice"], down["notice"]
+        assert down["history"] == [] and down["box"] == QUESTION
+        assert proc.poll() is None
+        assert httpx.get(url + "config", timeout=10).is_success
+    assert silent.authorizations and set(silent.authorizations) == {f"Bearer {KEY}"}
+    assert KEY not in log.read_text() and "sk-endpoint" not in log.read_text()
+
+
+# ---------------------------------------------------------------- vLLM
+
+
+def vllm_server(python: str, model: Path, log: Path, *more: str) -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI-compatible server on `model`, on a free port, with the test's API key."""
+    port = _free_port()
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+               "--dtype", "bfloat16", "--max-model-len", "2048", "--api-key", KEY, *more]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env | served_env(), cwd=log.parent
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def served_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("Q8CHAT_")}
+
+
+def up(proc: subprocess.Popen, url: str, log: Path) -> bool:
+    assert proc.poll() is None, log.read_text()[-3000:]
+    try:
+        return httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).is_success
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def vllm_servers(int8_run, default_dir, tmp_path_factory):
+    """vLLM serving the export (INT8) and the BF16 original (with the export's tokenizer, which transformers 5
+    decodes), started together; their logs go to artifacts/."""
+    python = vllm_python()
+    w8a8, logs = int8_run["out"] / "w8a8", tmp_path_factory.mktemp("vllm")
+    servers = {
+        "INT8": vllm_server(python, w8a8, logs / "vllm-int8.log"),
+        "BF16": vllm_server(python, default_dir, logs / "vllm-bf16.log", "--tokenizer", str(w8a8)),
+    }
+    try:
+        for name, (proc, url) in servers.items():
+            ready = functools.partial(up, proc, url, logs / f"vllm-{name.lower()}.log")
+            wait_for(ready, 900, f"vLLM serving {name}")
+        yield {name: url for name, (_, url) in servers.items()} | {
+            "procs": {n: p for n, (p, _) in servers.items()}
+        }
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(60)
+        ARTIFACTS.mkdir(exist_ok=True)
+        for f in logs.iterdir():
+            (ARTIFACTS / f.name).write_text(f.read_text())
+
+
+@pytest.fixture(scope="module")
+def remote_app(vllm_servers, tmp_path_factory):
+    log = tmp_path_factory.mktemp("remote-app") / "app-on-vllm.log"
+    env = {"Q8CHAT_INT8_ENDPOINT": vllm_servers["INT8"], "Q8CHAT_BF16_ENDPOINT": vllm_servers["BF16"],
+           "Q8CHAT_ENDPOINT_API_KEY": KEY}  # fmt: skip
+    with running_app(log, **env) as (url, proc):
+        yield {"url": url, "log": log}
+    assert KEY not in log.read_text()
+
+
+def served_answer(url: str, messages: list[dict], tokens: int) -> str:
+    """vLLM's own greedy answer, asked directly."""
+    body = {"model": httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"],
+            "messages": messages, "max_tokens": tokens, "temperature": 0.0}  # fmt: skip
+    r = httpx.post(
+        f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+    )
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_the_app_answers_through_vllm(remote_app, vllm_servers):
+    """The chat's answer is vLLM's on the export (the same greedy answer vLLM gives when asked directly), BF16's is
+    vLLM's on the original; the panel times both and says who served them, network included."""
+    got = ask(remote_app["url"], QUESTION, compare=True, tokens=32)
+    answer = text(got["history"][-1])
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM}, {"role": "user", "content": QUESTION}]
+    assert answer == served_answer(vllm_servers["INT8"], messages, 32) and ANSWER in answer
+    assert got["bf16_answer"] == served_answer(vllm_servers["BF16"], messages, 32)
+    for name in ("INT8", "BF16"):
+        host = vllm_servers[name].removeprefix("http://")
+        assert f"{name} served by vllm at {host}, network included" in got["table"], got["table"]
+    medians = re.search(r"\| Median ms / token \| ([\d.]+) \| ([\d.]+) \|", got["table"])
+    assert medians and float(medians[1]) > 0 and float(medians[2]) > 0, got["table"]
+    assert "finished at" in got["race_int8"] and answer.strip()[:20] in got["race_int8"]
+
+
+def test_the_page_on_vllm_in_a_browser(remote_app):
+    """The page a visitor sees: the answer streams in from vLLM and the panel says where it was served. A
+    screenshot goes to artifacts/app-on-vllm.png."""
+    from test_app_server import BOT, app_page
+
+    errors: list[str] = []
+    with app_page(remote_app["url"], errors, header="served by vllm") as page:
+        page.fill("#message textarea", QUESTION)
+        page.click("#send")
+        page.wait_for_selector(f"{BOT}:has-text({ANSWER!r})", timeout=120_000)
+        # the last frame: both answered, the verdict on top, the line on who served them under the table
+        page.wait_for_selector("#table :text-matches('faster|slower')", timeout=120_000)
+        assert "network included" in page.inner_text("#table")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app-on-vllm.png"), full_page=True)
+    assert not errors, errors
+
+
+def test_the_bench_times_the_servers_in_the_engines_rounds(vllm_servers, tmp_path):
+    """`python -m quantize.bench --endpoint`: both servers in the same interleaved rounds as the engines, one
+    sequence and two at once, and in the per-token table; each round's generations had every token asked for."""
+    from test_bench import run_bench
+
+    endpoints = [
+        "--endpoint",
+        f"vllm-int8={vllm_servers['INT8']}",
+        "--endpoint",
+        f"vllm-bf16={vllm_servers['BF16']}",
+    ]
+    common = ["--tokens", "8", "--rounds", "2", "--prompts", "1", "--threads", "2", *endpoints]
+    out = tmp_path / "together.json"
+    proc = run_bench(
+        *common, "--concurrency", "1", "2", "--json", str(out), env={"Q8CHAT_ENDPOINT_API_KEY": KEY}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for n, per in json.loads(out.read_text())["concurrency"]["2"].items():
+        assert set(per) == {"int8", "bf16", "vllm-int8", "vllm-bf16"}
+        assert all(len(m["round_tokens_per_s"]) == 2 and m["median_ms"] > 0 for m in per.values()), n
+    out = tmp_path / "rounds.json"
+    proc = run_bench(
+        *common, "--no-peer", "--json", str(out), env={"Q8CHAT_ENDPOINT_API_KEY": KEY}, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    models = json.loads(out.read_text())["threads"]["2"]["models"]
+    assert all(len(models[n]["round_median_ms"]) == 2 for n in ("int8", "vllm-int8", "vllm-bf16"))
+    assert re.search(r"^vllm-int8 +[\d.]+ ", proc.stdout, re.M) and "the INT8 engine is" in proc.stdout
+    assert KEY not in proc.stdout + proc.stderr
+
+
+def test_bf16_server_gone_leaves_int8_answering(remote_app, vllm_servers):
+    """The BF16 server stops: INT8's answer still comes, and the visitor reads why nothing was compared."""
+    proc = vllm_servers["procs"]["BF16"]
+    proc.terminate()
+    proc.wait(60)
+    got = ask(remote_app["url"], QUESTION, compare=True)
+    assert ANSWER in text(got["history"][-1])
+    host = vllm_servers["BF16"].removeprefix("http://")
+    assert f"Not compared: The BF16 server at {host} does not answer" in got["notice"], got["notice"]
