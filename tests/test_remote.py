@@ -38,13 +38,13 @@ def text(message: dict) -> str:
 
 
 class Silent(ThreadingHTTPServer):
-    """An OpenAI-compatible server that lists its model and then never answers a completion: what a server under
-    too much load looks like from outside. It records the Authorization header each request carried."""
+    """An OpenAI-compatible server that lists its model and then refuses every completion (`refusing`) or never
+    answers one: what a server under too much load looks like from outside. It records the Authorization header each request carried."""
 
     daemon_threads = True
 
     def __init__(self) -> None:
-        self.released, self.authorizations = threading.Event(), []
+        self.released, self.authorizations, self.refusing = threading.Event(), [], True
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +59,13 @@ class Silent(ThreadingHTTPServer):
 
             def do_POST(self) -> None:
                 server.authorizations.append(self.headers.get("Authorization"))
+                if server.refusing:
+                    body = json.dumps({"error": {"message": "the queue is full, " + "x" * 2000}}).encode()
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 server.released.wait(120)
 
             def log_message(self, *args) -> None:
@@ -68,7 +75,7 @@ class Silent(ThreadingHTTPServer):
 
 
 def test_a_server_that_is_slow_or_down_is_a_sentence(tmp_path):
-    """The INT8 server never answers: the visitor reads which server and why, the chat is as it was and the
+    """The INT8 server refuses (its words, cut short), then never answers: the visitor reads which server and why, the chat is as it was and the
     message is back in the box; the app stays up. Then the server is gone: the same, with 'does not answer'. The
     API key reached the server and nothing the app wrote."""
     silent = Silent()
@@ -78,6 +85,11 @@ def test_a_server_that_is_slow_or_down_is_a_sentence(tmp_path):
     env = {"Q8CHAT_INT8_ENDPOINT": f"http://{host}/v1", "Q8CHAT_ENDPOINT_TIMEOUT_S": "2",
            "Q8CHAT_ENDPOINT_API_KEY": KEY}  # fmt: skip
     with running_app(log, **env) as (url, proc):
+        refused = ask(url, QUESTION, compare=True)
+        said = f"The INT8 server at {host} refused the request (HTTP 503): the queue is full, xxx"
+        assert said in refused["notice"] and len(refused["notice"]) < 600, refused["notice"]
+        assert refused["history"] == [] and refused["box"] == QUESTION
+        silent.refusing = False
         slow = ask(url, QUESTION, compare=True)
         assert f"The INT8 server at {host} sent nothing for 2 s" in slow["notice"], slow["notice"]
         assert slow["history"] == [] and slow["box"] == QUESTION
@@ -157,6 +169,10 @@ def remote_app(vllm_servers, tmp_path_factory):
     assert KEY not in log.read_text()
 
 
+def auth() -> dict:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
 def served_answer(url: str, messages: list[dict], tokens: int) -> str:
     """vLLM's own greedy answer, asked directly."""
     body = {"model": httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]["id"],
@@ -199,6 +215,37 @@ def test_the_page_on_vllm_in_a_browser(remote_app):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app-on-vllm.png"), full_page=True)
     assert not errors, errors
+
+
+def test_continue_and_the_benchmark_tab_run_on_the_servers(remote_app, vllm_servers, tokenizer):
+    """Continue sends the stopped answer's prompt and words as token ids: the answer grows in place by what vLLM
+    itself writes after them. The Benchmark tab times both servers in its interleaved rounds."""
+    from gradio_client import Client
+
+    from quantize.runtime import chat
+
+    client, story = Client(remote_app["url"], verbose=False), "Write a long story about a lighthouse keeper."
+    history, *_ = client.predict(story, [], DEFAULT_SYSTEM, 8, 0.0, 0.95, False, api_name="/chat")
+    said = text(history[-1])
+    prompt = chat.build_prompt(tokenizer, DEFAULT_SYSTEM, [], story)[0]  # what the session keeps for Continue
+    out = client.predict(history, 16, 0.0, 0.95, False, api_name="/continue")
+    grown = text(out[0][-1])
+    ids = prompt + tokenizer(said, add_special_tokens=False).input_ids
+    body = {"model": httpx.get(f"{vllm_servers['INT8']}/v1/models", headers=auth()).json()["data"][0]["id"],
+            "prompt": ids, "max_tokens": 16, "temperature": 0.0}  # fmt: skip
+    theirs = httpx.post(
+        f"{vllm_servers['INT8']}/v1/completions", json=body, headers=auth(), timeout=120
+    ).json()
+    assert grown == said + theirs["choices"][0]["text"] and len(grown) > len(said), (said, grown)
+    chart, table = client.predict(8, 2, api_name="/benchmark")
+    rows = [dict(zip(chart["columns"], r)) for r in chart["data"]]
+    assert sorted((r["model"], r["round"]) for r in rows) == [
+        ("BF16", 1),
+        ("BF16", 2),
+        ("INT8", 1),
+        ("INT8", 2),
+    ]
+    assert all(r["ms"] > 0 for r in rows) and "network included" in table
 
 
 def test_the_bench_times_the_servers_in_the_engines_rounds(vllm_servers, tmp_path):

@@ -93,7 +93,7 @@ class Endpoint:
                 r = httpx.get(f"{self.url}/v1/models", headers=self.headers(), timeout=TIMEOUT_S)
             except httpx.HTTPError as e:
                 raise self.why(e) from None
-            served = r.json().get("data") if r.is_success else None
+            served = listed(r)
             if not served:
                 raise EndpointError(f"The {self.role} server at {self.host} lists no model at /v1/models "
                                     f"(HTTP {r.status_code}); is it an OpenAI-compatible server?")  # fmt: skip
@@ -117,15 +117,18 @@ class Endpoint:
                         yield chunk
         except httpx.HTTPError as e:
             raise self.why(e) from None
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            raise EndpointError(f"The {self.role} server at {self.host} sent something that is not an OpenAI-style "
+                                "streamed completion.") from None  # fmt: skip
 
     def refused(self, r: httpx.Response) -> EndpointError:
         r.read()
         try:
             said = r.json()
-            said = said.get("error", said)
-            said = said.get("message", said) if isinstance(said, dict) else said
         except ValueError:
             said = r.text
+        said = said.get("error", said) if isinstance(said, dict) else said
+        said = said.get("message", said) if isinstance(said, dict) else said
         return EndpointError(f"The {self.role} server at {self.host} refused the request (HTTP {r.status_code}): "
                              f"{str(said)[:REFUSAL_CHARS]}")  # fmt: skip
 
@@ -151,6 +154,15 @@ class Endpoint:
             runs = list(pool.map(lambda i: self.time_generation(prompts[i % len(prompts)], tokens), range(n)))
         gaps = [ms for run in runs for ms in run.decode_ms]
         return {"gaps_ms": gaps, "tokens_per_s": n * tokens / (max(r.stamps[-1] for r in runs) - start)}
+
+
+def listed(r: httpx.Response) -> list[dict]:
+    """The models a /v1/models answer lists, each with its id; [] for anything else."""
+    try:
+        data = r.json().get("data") if r.is_success else None
+    except (ValueError, AttributeError):
+        return []
+    return [m for m in data if isinstance(m, dict) and "id" in m] if isinstance(data, list) else []
 
 
 def parse(line: str) -> Chunk | None:
