@@ -15,7 +15,9 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,18 +115,13 @@ def answer(
                 model, turn, sampling, gen, fair(keeping, comparing, ids), history, prefix
             )
         except remote.EndpointError as e:  # the server is down or slow: the app is not
-            yield server_failed(e, turn, prefix)
+            yield dict(zip(UI.emptied, empty_chat())) if gen.abandoned else server_failed(e, turn, prefix)
             return
         int8 = first if model is STATE.int8 else None
         bf16, compared = (None if int8 else first), False
         if not gen.stop.is_set() and comparing:
-            table = panel.table_md(int8.timing.summary(), None, STATE)
-            yield panel_outputs(int8, None) | {UI.table: "Running the same prompt on BF16…\n\n" + table}
-            try:
-                bf16, compared = (yield from stream_one(STATE.bf16, turn, sampling, gen, keeping)), True
-            except remote.EndpointError as e:
-                gr.Warning(str(e))
-                notice = f"{notice} Not compared: {e}".strip()
+            bf16, why = yield from compare_bf16(int8, turn, sampling, gen, keeping)
+            compared, notice = bf16 is not None, f"{notice} {why}".strip()
         if gen.abandoned:  # Clear: our last word agrees with Clear's, whichever reaches the page last
             yield dict(zip(UI.emptied, empty_chat()))
             return
@@ -147,6 +144,20 @@ def answer(
         yield out
 
 
+def compare_bf16(
+    int8: chat.Reply, turn: chat.Turn, sampling: Sampling, gen: Generation, keeping: chat.Keeping
+):
+    """BF16's answer to the same prompt, streamed into its box; (None, why) when its server failed (INT8's answer
+    stands, and the visitor reads why nothing was compared)."""
+    table = panel.table_md(int8.timing.summary(), None, STATE)
+    yield panel_outputs(int8, None) | {UI.table: "Running the same prompt on BF16…\n\n" + table}
+    try:
+        return (yield from stream_one(STATE.bf16, turn, sampling, gen, keeping)), ""
+    except remote.EndpointError as e:
+        gr.Warning(str(e))
+        return None, f"Not compared: {e}"
+
+
 def server_failed(error: remote.EndpointError, turn: chat.Turn, prefix: str) -> dict:
     """The chat when the server failed to answer: what it had written stays (Continue picks it up); when it wrote
     nothing, the chat is as it was and the message is back in the box."""
@@ -156,11 +167,24 @@ def server_failed(error: remote.EndpointError, turn: chat.Turn, prefix: str) -> 
         return {UI.chatbot: history, UI.notice: f"The answer stopped: {error}"}
     if turn.messages is None:  # Continue: its message was already in the chat
         return {UI.chatbot: history, UI.notice: f"Not continued: {error}"}
-    typed = turn.messages[-1]["content"]
-    return {UI.chatbot: history[:-2], UI.message: typed, UI.notice: f"Not answered: {error}"}
+    typed = turn.messages[-1][
+        "content"
+    ]  # no prompt for Continue either: the answer it would continue is gone
+    return {
+        UI.chatbot: history[:-2],
+        UI.message: typed,
+        UI.notice: f"Not answered: {error}",
+        UI.last_prompt: None,
+    }
 
 
-def live(model: serving.LoadedModel, turn: chat.Turn, sampling: Sampling, stop, keeping: chat.Keeping):
+def live(
+    model: serving.LoadedModel,
+    turn: chat.Turn,
+    sampling: Sampling,
+    stop: threading.Event,
+    keeping: chat.Keeping,
+) -> Iterator[chat.Reply]:
     """The reply as it streams: from the engine here, or from the server that serves the model (runtime/remote.py,
     which stamps each token as it arrives)."""
     if isinstance(model.decoder, remote.Endpoint):

@@ -105,6 +105,20 @@ def test_a_server_that_is_slow_or_down_is_a_sentence(tmp_path):
     assert KEY not in log.read_text() and "sk-endpoint" not in log.read_text()
 
 
+def test_a_bad_address_is_a_sentence_and_a_password_in_it_is_never_shown():
+    from quantize.runtime import remote
+
+    for bad in ("localhost:8000", "http://127.0.0.1:abc", "ftp://127.0.0.1:21", "http:///v1"):
+        with pytest.raises(remote.EndpointError, match="not an http\\(s\\) URL"):
+            remote.Endpoint(bad, "INT8")
+    port = _free_port()  # nothing listens there
+    endpoint = remote.Endpoint(f"http://me:{KEY}@127.0.0.1:{port}/v1", "INT8")
+    with pytest.raises(remote.EndpointError) as failed:
+        endpoint.connect()
+    assert f"The INT8 server at 127.0.0.1:{port} does not answer" in str(failed.value)
+    assert KEY not in str(failed.value) + endpoint.label
+
+
 # ---------------------------------------------------------------- vLLM
 
 

@@ -158,7 +158,7 @@ def summary_table(report: dict) -> str:
         rows.append(VLLM_ROW.format(engine=q["int8_vllm"]["engine"], export=report["export"]))
     elif report.get("vllm_not_measured"):
         rows.append(
-            f"\nThe `{report['export']}/` export served by vLLM: not measured ({report['vllm_not_measured']})."
+            f"\nThe `{EXPORT_DIR}/` export served by vLLM: not measured ({report['vllm_not_measured']})."
         )
     if "int8_no_sq" in q:
         rows.append("\n" + smoothing_line(q["int8"], q["int8_no_sq"]))

@@ -31,19 +31,24 @@ def served(python: str, folder: Path, job: dict, timeout: float = 1800) -> dict:
         env = {
             k: v for k, v in os.environ.items() if not k.startswith("HF_TOKEN")
         }  # it reads local folders only
-        run = subprocess.run([python, str(CHECK), str(folder), str(job_file), str(out)], capture_output=True,
-                             text=True, timeout=timeout, cwd=tmp, env=env)  # fmt: skip
+        try:
+            run = subprocess.run([python, str(CHECK), str(folder), str(job_file), str(out)], capture_output=True,
+                                 text=True, timeout=timeout, cwd=tmp, env=env)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ModelError(f"vLLM could not serve {folder.name}: {type(e).__name__}") from None
         if run.returncode != 0:
-            raise ModelError(f"vLLM could not serve {folder.name}: {run.stderr.strip().splitlines()[-1:]}")
+            last = (run.stderr.strip().splitlines() or ["no message"])[-1]
+            raise ModelError(f"vLLM could not serve {folder.name}: {last}")
         return json.loads(out.read_text())
 
 
 def measure(python: str, w8a8: Path, bf16_dir: Path, tokenizer, held: evaluate.HeldOut) -> dict:
     """The int8_vllm row: long-prompt perplexity ratio and top-1 against vLLM BF16, chat top-1 along vLLM BF16's
     greedy answers, greedy match, and what vLLM ran."""
-    ids = tokenizer(held.text, return_tensors="pt").input_ids[:, :1024]
+    ids = tokenizer(held.text, return_tensors="pt").input_ids[:, :1024]  # what evaluate.compare reads
     windows = [w[0].tolist() for w in evaluate.windows(ids, evaluate.LONG_WINDOW)]
     prompts = [evaluate.prompt_ids(tokenizer, p)[0].tolist() for p in held.prompts]
+    # evaluate.compare's greedy length, so the greedy match compares like with like
     job = {"windows": windows, "prompts": prompts, "greedy_tokens": 48, "follow": [], "chat": None}
     bf16 = served(python, bf16_dir, job)
     answers = bf16["greedy"]

@@ -14,6 +14,7 @@ Q8CHAT_ENDPOINT_API_KEY goes in the Authorization header only, never into a mess
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -61,12 +62,26 @@ class Endpoint:
     api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.url = self.url.rstrip("/").removesuffix("/v1")
+        self.url = self.url.strip().rstrip("/").removesuffix("/v1")
         self.api_key = self.api_key or os.environ.get("Q8CHAT_ENDPOINT_API_KEY") or None
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EndpointError(
+                f"The {self.role} server's address is not an http(s) URL with a host: check its setting."
+            )
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).netloc or self.url
+        """host:port, never the user and password a URL may carry"""
+        try:
+            parts = urlsplit(self.url)
+            return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or "?"
+        except ValueError:
+            return "?"
 
     @property
     def label(self) -> str:
@@ -181,12 +196,17 @@ def parse(line: str) -> Chunk | None:
     return Chunk(time.perf_counter(), list(ids), text) if ids else None
 
 
-def request(messages: list[dict] | None, ids: list[int], sampling: Sampling) -> tuple[str, dict]:
-    """The path and body of a reply: a chat of `messages` (the server applies its template), or, without them
-    (Continue), the token ids themselves."""
+def request(
+    endpoint: Endpoint, messages: list[dict] | None, ids: list[int], sampling: Sampling
+) -> tuple[str, dict]:
+    """The path and body of a reply. vLLM is sent the prompt's token ids: exactly what the engine would read, with
+    what the visitor typed tokenized as text (a typed '<|im_start|>system' stays text; vLLM's chat endpoint would
+    read it as a role). Another server, whose tokenizer the app cannot know, gets the chat `messages` and applies
+    its own template; Continue (no messages) sends ids to any server."""
     body = {"max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
             "seed": sampling.seed}  # fmt: skip
-    if messages is None:
+    endpoint.connect()  # whose server it is decides the path
+    if messages is None or endpoint.owned_by == "vllm":
         return "/v1/completions", body | {"prompt": ids}
     return "/v1/chat/completions", body | {"messages": messages}
 
@@ -203,19 +223,20 @@ def decode_remote(
     """chat.decode_live for a server: the answer so far at most every `interval` seconds, each token stamped as
     it arrived. A Stop closes the stream (vLLM then stops the request)."""
     answer = Reply(len(ids), latency.Timing(time.perf_counter()), pieces=[])
-    path, body = request(messages, ids, sampling)
+    path, body = request(endpoint, messages, ids, sampling)
     shown = time.perf_counter()
-    for chunk in endpoint.stream(path, body):
-        for i, token in enumerate(chunk.token_ids):
-            if token is not None and token == eos:
-                continue
-            answer.timing.stamps.append(chunk.t)
-            answer.token_ids.append(token)
-            answer.pieces.append(chunk.text if i == 0 else "")
-        answer.text += chunk.text
-        if stop.is_set():
-            break
-        if chunk.t - shown >= interval:
-            shown = chunk.t
-            yield answer
+    with contextlib.closing(endpoint.stream(path, body)) as stream:  # closed on Stop: the server stops too
+        for chunk in stream:
+            for i, token in enumerate(chunk.token_ids):
+                if token is not None and token == eos:
+                    continue
+                answer.timing.stamps.append(chunk.t)
+                answer.token_ids.append(token)
+                answer.pieces.append(chunk.text if i == 0 else "")
+            answer.text += chunk.text
+            if stop.is_set():
+                break
+            if chunk.t - shown >= interval:
+                shown = chunk.t
+                yield answer
     yield answer

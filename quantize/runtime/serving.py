@@ -255,7 +255,7 @@ def load_pair(state: Serving, pair: Pair) -> None:
     background thread; every failure ends up in the state for the page, never kills the app."""
     torch.set_num_threads(threads())
     state.pair, state.int8, state.bf16, state.report = pair, LoadedModel("INT8"), LoadedModel("BF16"), None
-    if pair.int8_endpoint:
+    if pair.int8_endpoint or pair.bf16_endpoint:
         return serve_remote(state, pair)
     try:
         state.status = f"Loading the BF16 model of {pair.name}…"
@@ -298,16 +298,23 @@ def serve_remote(state: Serving, pair: Pair) -> None:
     waiting = []
     for side, url in ((state.int8, pair.int8_endpoint), (state.bf16, pair.bf16_endpoint)):
         if not url:
-            side.error = "No BF16 server is set (Q8CHAT_BF16_ENDPOINT): the comparison is off."
+            side.error = (
+                f"No {side.label} server is set (Q8CHAT_{side.label}_ENDPOINT): the comparison is off."
+            )
             continue
-        endpoint = remote.Endpoint(url, side.label)
+        try:
+            endpoint = remote.Endpoint(url, side.label)
+        except remote.EndpointError as e:
+            side.error = str(e)
+            continue
         try:
             side.label += f" · {DIRECTORIES.sub('', endpoint.connect())}"
-        except remote.EndpointError as e:
+        except remote.EndpointError as e:  # not yet: each reply asks again
             waiting.append(str(e))
         side.decoder = endpoint
-    state.ready = True
-    state.status = " ".join(waiting)
+    state.ready = state.chat_model().decoder is not None
+    errors = [m.error for m in (state.int8, state.bf16) if m.error and m.decoder is None]
+    state.status = " ".join(waiting) if state.ready else "No model could be loaded: " + " ".join(errors)
 
 
 # A folder path in a message: every directory before its last part (the page says `default`, not /root/.cache/…)

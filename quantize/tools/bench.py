@@ -272,7 +272,9 @@ def servers(specs: list[str]) -> dict[str, remote.Endpoint]:
     any round."""
     found = {}
     for spec in specs:
-        name, _, url = spec.rpartition("=") if "=" in spec.split("://")[0] else ("", "", spec)
+        name, _, url = spec.partition("=") if "=" in spec.split("://")[0] else ("", "", spec)
+        if name in latency.LABELS:
+            raise ModelError(f"--endpoint {name}=…: that name is the bench's own; call the server otherwise.")
         endpoint = remote.Endpoint(url, name or "benchmarked")
         endpoint.connect()
         found[name or endpoint.host] = endpoint
@@ -336,7 +338,9 @@ def table(threads: int, res: dict) -> str:
                 predicted=read,
             )
             lines.append("speed-up: " + line.replace("**", ""))
-    for name in res["models"].keys() - latency.LABELS.keys():  # the servers, against the engine's INT8
+    for name in [
+        n for n in res["models"] if n not in latency.LABELS
+    ]:  # the servers, against the engine's INT8
         ratios = latency.round_ratios(res, name, "int8")
         each = " ".join(f"{r:.2f}x" for r in ratios)
         lines.append(
