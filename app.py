@@ -167,9 +167,8 @@ def server_failed(error: remote.EndpointError, turn: chat.Turn, prefix: str) -> 
         return {UI.chatbot: history, UI.notice: f"The answer stopped: {error}"}
     if turn.messages is None:  # Continue: its message was already in the chat
         return {UI.chatbot: history, UI.notice: f"Not continued: {error}"}
-    typed = turn.messages[-1][
-        "content"
-    ]  # no prompt for Continue either: the answer it would continue is gone
+    typed = turn.messages[-1]["content"]
+    # no prompt for Continue either: the answer it would continue is gone
     return {
         UI.chatbot: history[:-2],
         UI.message: typed,

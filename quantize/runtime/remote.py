@@ -2,9 +2,9 @@
 original), which the app fronts instead of loading the model (Q8CHAT_INT8_ENDPOINT, Q8CHAT_BF16_ENDPOINT) and the
 bench times (`--endpoint`).
 
-A reply streams from `/v1/chat/completions`; Continue and the bench send token ids to `/v1/completions`, so the
-server reads exactly the prompt the engine would. Tokens are stamped here, as they arrive: the times include the
-network. With vLLM each streamed chunk says which token ids it carries (`return_token_ids`, asked only of a server
+vLLM is sent token ids at `/v1/completions` (replies, Continue, the bench), so it reads exactly the prompt the
+engine would; another server gets the chat at `/v1/chat/completions` (see `request`). Tokens are stamped here, as
+they arrive: the times include the network. With vLLM each streamed chunk says which token ids it carries (`return_token_ids`, asked only of a server
 that `/v1/models` says is vLLM); from another server each chunk with text counts as one token.
 
 Every failure is an EndpointError whose message is the sentence a visitor reads: a server that is down, one that
