@@ -268,9 +268,10 @@ def test_quality_bar_on_a_long_prompt(measured_long, report):
 def test_a_prompt_in_one_pass_gives_its_token_by_token_logits(int8_run, tokenizer):
     """512 tokens of held-out prose prefilled in one pass against the same tokens fed one at a time. Each token
     gets the same activation codes either way, but the attention sums in another order, and this model is chaotic
-    under INT8 noise (see below), so the stated tolerance is statistical: the same argmax at >= 95% of positions,
-    and 99% of positions within 10% of their logits' range. (Measured on an Intel Xeon: 96.7% and 7.0%; with one
-    scale per call 85.4% and 21.6%; BF16 itself 97.5% and 2.9%.)"""
+    under INT8 noise (see below), so the stated tolerance is statistical: the same argmax at >= 92% of positions,
+    and 99% of positions within 10% of their logits' range. (Measured on an Intel Xeon with AMX: 96.7% and 7.0%;
+    on an AMD EPYC with AVX-512 VNNI: 94.9% and 7.6%; with one scale per call 85.4% and 21.6%; BF16 itself 97.5%
+    and 2.9%. The bars sit under both CPUs' figures with room for a third, and above the known fault's.)"""
     served = decoders.open_int8(int8_run["out"])
     ids = tokenizer(
         (ROOT / "quantize" / "data" / "heldout_eval.txt").read_text(), return_tensors="pt"
@@ -282,7 +283,7 @@ def test_a_prompt_in_one_pass_gives_its_token_by_token_logits(int8_run, tokenize
         steps = torch.cat([served.forward(ids[i : i + 1], cache) for i in range(len(ids))])
     same = (whole.argmax(-1) == steps.argmax(-1)).float().mean().item()
     rows = (whole - steps).abs().max(1).values / whole.abs().max(1).values
-    assert same >= 0.95 and torch.quantile(rows, 0.99) <= 0.10, (same, torch.quantile(rows, 0.99))
+    assert same >= 0.92 and torch.quantile(rows, 0.99) <= 0.10, (same, torch.quantile(rows, 0.99))
 
 
 # `measure` in a child whose FBGEMM is held to its AVX2 kernels (read once, at its first GEMM): CPUs without VNNI
