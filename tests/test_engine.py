@@ -107,16 +107,15 @@ def greedy(decoder, ids, n=TOKENS):
     return [s.token_id for s in stream(decoder, ids, Sampling(max_new_tokens=n))]
 
 
-def greedy_token_by_token(decoder, ids, n=TOKENS):
-    """Greedy tokens with the prompt fed one token per call (INC's dynamic Linears then scale per token)."""
-    cache, picks = decoder.new_cache(), []
-    for token in ids[:-1]:
-        decoder.forward(token[None], cache)
-    x = ids[-1:]
-    for _ in range(n):
-        picks.append(int(decoder.forward(x, cache)[-1].argmax()))
-        x = torch.tensor(picks[-1:])
-    return picks
+def follows_greedy(decoder, ids, tokens: list[int], tolerance: float) -> bool:
+    """Whether each of `tokens` is `decoder`'s greedy choice after the prompt and the tokens before it, fed one
+    token per call (INC's dynamic Linears then scale per token), within `tolerance` of the logits' largest
+    magnitude. Not token equality: where two logits are that close, either kernel's rounding may pick (an AVX2
+    BF16 head did on Gemma 2's random model)."""
+    cache, fed = decoder.new_cache(), torch.cat([ids, torch.tensor(tokens[:-1], dtype=ids.dtype)])
+    logits = torch.cat([decoder.forward(fed[i : i + 1], cache) for i in range(len(fed))])[len(ids) - 1 :]
+    lead = logits.max(1).values - logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    return bool((lead <= tolerance * logits.abs().max(1).values).all())
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +148,13 @@ def test_engine_matches_inc_on_config_models(built, tokenizer, family):
     logits = [(ours.forward(ids, a, all_logits=True), inc_steps)]
     for token in (5, 77, 1234):
         logits.append((ours.forward(torch.tensor([token]), a), inc.forward(torch.tensor([token]), b)))
-    # stated tolerance: 1e-4 of the logits' range; one BF16 step where the head is BF16 (Gemma 2's: its GEMM
-    # over a prompt's rows and over one row round the BF16 outputs differently)
-    tolerance = 2**-8 if "lm_head" in FLOAT.get(family, ()) else 1e-4
+    # stated tolerance: 1e-4 of the logits' range; two BF16 steps where the head is BF16 (Gemma 2's: its GEMM
+    # over a prompt's rows and over one row round the BF16 outputs differently, up on one side and down on the
+    # other: a CPU whose oneDNN is held to AVX2 measured 0.0027 on a range of 0.68, one step being 0.0026)
+    tolerance = 2**-7 if "lm_head" in FLOAT.get(family, ()) else 1e-4
     for x, y in logits:
         assert (x - y).abs().max() <= tolerance * y.abs().max(), (family, (x - y).abs().max(), y.abs().max())
-    assert greedy(ours, ids) == greedy_token_by_token(inc, ids)
+    assert follows_greedy(inc, ids, greedy(ours, ids), tolerance)
     # and the BF16 engine against transformers' own BF16 model
     bf16 = engine.load(bf16_dir)
     x, y = (
@@ -306,6 +306,8 @@ def test_activation_paths(reduce_range):
 def test_each_row_gets_its_own_activation_scale(reduce_range):
     """Rows of a prompt whose ranges differ by 10^6: each is quantized on its own grid (asymmetric, 127 or 255
     steps), the integer sums rescaled per row; against that computed here in float64 from the same INT8 codes."""
+    if not reduce_range and not engine.full_range_activations():
+        pytest.skip("FBGEMM runs no VNNI kernel here (the CPU's or FBGEMM_ENABLE_INSTRUCTIONS): 7-bit only")
     torch.manual_seed(0)
     w = torch.randn(96, 256)
     scale = w.abs().amax(1) / 127
@@ -327,7 +329,8 @@ def test_each_row_gets_its_own_activation_scale(reduce_range):
         )  # the largest row sets it
 
 
-def test_engine_picks_activation_bits_from_cpu_flags(tiny):
+def test_engine_picks_activation_bits_from_cpu_flags(tiny, monkeypatch):
+    monkeypatch.delenv(engine.FBGEMM_ISA, raising=False)  # the flags decide, not a cap on FBGEMM's kernels
     assert engine.full_range_activations({"avx2", "avx512f", "avx512_vnni"})
     assert not engine.full_range_activations({"avx2", "fma"})
     assert not engine.full_range_activations({"avx2", "avx512f"})  # AVX-512 without VNNI: vpmaddubsw

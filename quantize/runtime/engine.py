@@ -75,13 +75,25 @@ def full_range_activations(flags: set[str] | None = None) -> bool:
 ONEDNN_ROWS_MIN_WEIGHTS = 2_000_000
 
 
+# oneDNN's own switch (ONEDNN_MAX_CPU_ISA) can hold it below the CPU's best ISA; these caps leave it no int8 dot
+# product (VNNI or AMX), so u8 codes would meet vpmaddubsw's int16 saturation, or no native BF16 path
+ONEDNN_ISA = "ONEDNN_MAX_CPU_ISA"
+ONEDNN_NO_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
+ONEDNN_NO_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+
+
+def onednn_capped(below: set[str]) -> bool:
+    return os.environ.get(ONEDNN_ISA, "").upper() in below
+
+
 def onednn_rows(flags: set[str] | None = None) -> bool:
     """Whether an INT8 Linear may run its calls of several rows (a batch of sequences, a prompt) on oneDNN's
     prepacked u8s8 GEMM: where the CPU has VNNI or AMX, which oneDNN uses. Its time stays flat in the rows where
     FBGEMM's grows (2 vCPU Xeon with AMX, 1.5B gate_up 17920 x 1536, 2 threads: oneDNN 470 us at 1, 8 and 16
     rows; FBGEMM 455 us at 1 row, 590 at 8). It sums the same codes exactly: the outputs are FBGEMM's to the bit
     without a bias, within 1e-5 of their range with one (the bias is added in another order)."""
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & (cpu_flags() if flags is None else flags))
+    vnni = {"avx512_vnni", "avx_vnni", "amx_int8"} & (cpu_flags() if flags is None else flags)
+    return bool(vnni) and not onednn_capped(ONEDNN_NO_VNNI)
 
 
 # ---------------------------------------------------------------- the kinds of Linear
@@ -257,7 +269,8 @@ class Fp16GemmBf16Linear:
 
 def bf16_linear() -> type:
     """The BF16 Linear this CPU runs fastest: oneDNN's where it has a BF16 path, FBGEMM's fp16 GEMM elsewhere."""
-    return OneDnnBf16Linear if torch.ops.mkldnn._is_mkldnn_bf16_supported() else Fp16GemmBf16Linear
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported() and not onednn_capped(ONEDNN_NO_BF16)
+    return OneDnnBf16Linear if native else Fp16GemmBf16Linear
 
 
 Linear = Int8Linear | WeightOnlyInt8Linear | FloatLinear | OneDnnBf16Linear | Fp16GemmBf16Linear
