@@ -554,7 +554,9 @@ def main() -> None:
     machine.limit_malloc_arenas()
     serving.start_loading(STATE, STATE.pairs[0])
     demo = build_ui()
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    # api_open=False everywhere (Gradio opens it off a Space): /gradio_api/run/* would run a reply outside the
+    # queue, and a made-up event id left its generator paused inside the models' shared use for good
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1, api_open=False)
     admit_fairly(demo._queue)
     on_space = bool(os.environ.get("SPACE_ID"))
     demo.launch(

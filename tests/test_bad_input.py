@@ -87,6 +87,8 @@ CASES = [
     ),
     ("temperature negative", "Say hi.", [], 8, -1.0, 0.95, "rejected", "less than minimum value 0", None),
     ("top_p zero", "Say hi.", [], 8, 0.5, 0.0, "rejected", "less than minimum value 0.05", None),
+    # in range, but a softmax of logits divided by it is NaN: answered greedily, and the visitor told
+    ("temperature 1e-300", "Say hi.", [], 8, 1e-300, 0.95, "answered", "answered greedily", "Say hi."),
 ]
 
 
@@ -244,4 +246,19 @@ def test_continue_cannot_feed_the_model_past_the_input_limit(app_url):
 
 def test_app_still_answers_after_the_table(client):
     h, *_ = client.predict(QUESTION, [], DEFAULT_SYSTEM, 16, 0.0, 0.95, False, api_name="/chat")
+    assert ANSWER in text_of(h[-1]["content"])
+
+
+def test_the_direct_run_route_is_closed_and_the_app_answers_after(app_url, client):
+    """Off a Space Gradio opens /gradio_api/run/<name>, which runs an event outside the queue: a script's POST
+    there with a made-up event id once left a reply paused inside the models' shared use, and the benchmark and
+    every later reply waited for good. Closed: refused with a sentence, nothing runs, the next question is
+    answered."""
+    import requests
+
+    data = [QUESTION, [], DEFAULT_SYSTEM, 16, 0.0, 0.95, False, None]
+    r = requests.post(app_url + "gradio_api/run/chat", json={"data": data, "event_id": "made-up"}, timeout=60)
+    assert r.status_code == 404 and "join the queue" in r.text, (r.status_code, r.text[:300])
+    assert not client.predict(api_name="/status")["busy"]
+    h, *_ = client.predict(*data[:-1], api_name="/chat")
     assert ANSWER in text_of(h[-1]["content"])

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from quantize.runtime import latency
-from quantize.runtime.generate import Sampling, Step
+from quantize.runtime.generate import GREEDY_BELOW, Sampling, Step
 from quantize.runtime.prefixes import Keeping, Prefixes
 from quantize.runtime.scheduler import Scheduler, Sequence
 
@@ -78,6 +78,9 @@ def read_settings(max_new_tokens, temperature, top_p) -> tuple[Sampling, list[st
         if not lo <= v <= hi:
             notes.append(f"{name} {raw} is outside [{lo}, {hi}]; used {min(max(v, lo), hi):g}.")
         values[name] = min(max(v, lo), hi)
+    if 0 < values["temperature"] < GREEDY_BELOW:
+        notes.append(f"temperature {temperature} is below {GREEDY_BELOW}; answered greedily.")
+        values["temperature"] = 0.0
     sampling = Sampling(
         max_new_tokens=int(values["max_new_tokens"]),
         temperature=values["temperature"],

@@ -34,8 +34,13 @@ class Sampling:
     seed: int = 0
 
 
+# Temperatures below this are greedy: dividing logits by 1e-300 overflows them to inf and the softmax to NaN, and
+# at 0.01 a softmax is already its argmax unless two logits are within ~0.1 of each other.
+GREEDY_BELOW = 0.01
+
+
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    if sampling.temperature <= 0:
+    if sampling.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
@@ -53,7 +58,8 @@ def stream(
     stop: threading.Event | None = None,
 ) -> Iterator[Step]:
     """Yield each new token with its time stamp. Stops at max_new_tokens, an eos id, or when `stop` is set."""
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    greedy = sampling.temperature < GREEDY_BELOW
+    generator = None if greedy else torch.Generator().manual_seed(sampling.seed)
     ids = input_ids.reshape(-1)
     cache = decoder.new_cache(ids.numel() + sampling.max_new_tokens)
     with torch.inference_mode():
