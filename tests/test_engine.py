@@ -4,16 +4,18 @@ cache, its activation paths on this CPU, and what it refuses to read."""
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_LLAMA, TINY_OPT
+from conftest import ROOT, TINY_LLAMA, TINY_OPT
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from quantize import machine, models
 from quantize.build import calibration, recipe
-from quantize.runtime import decoders, engine
+from quantize.runtime import decoders, engine, kernels
 from quantize.runtime.decoders import HFDecoder
 from quantize.runtime.generate import Sampling, stream
 
@@ -220,18 +222,32 @@ def decode_alone(e, prompt: torch.Tensor, fed: list[int]) -> torch.Tensor:
 ONEDNN_SKIP = "this CPU has neither VNNI nor AMX: INT8 rows run on FBGEMM alone here (flags: {})"
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-batched"])
+NO_COMPILER = "no C++ compiler here: a batched engine's INT8 rows run eager"
+
+
+def without_compiler(monkeypatch) -> None:
+    """This process as one with no C++ compiler (inductor's own search is cached once per process)."""
+    monkeypatch.setattr(kernels, "compiler", lambda: None)
+    monkeypatch.setattr(engine, "compiler", lambda: None)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-batched", "int8-batched-eager"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_batch_step_gives_each_sequence_its_own_logits(built, tokenizer, family, kind, monkeypatch):
     """Sequences of different lengths (so different positions: RoPE, learned, ALiBi) decoded in one batch, joining
     and leaving mid-way, against each decoded alone; the stated tolerance is the one-pass one (BF16 GEMMs round
     differently over several rows; INT8 rows are scaled one by one, each as a lone token). int8-batched: loaded
-    as the app loads it, every Linear's rows (prompts and batches) on oneDNN (these models' are all small)."""
-    if kind == "int8-batched" and not engine.onednn_rows():
-        pytest.skip(ONEDNN_SKIP.format(sorted(machine.cpu_flags())))
+    as the app loads it, every Linear's rows (prompts and batches) compiled (w8a8_rows); -eager: as on a machine
+    without a C++ compiler, the rows on oneDNN (these models' Linears are all small: every one of them)."""
+    if kind == "int8-batched" and not kernels.compiler():
+        pytest.skip(NO_COMPILER)
+    if kind == "int8-batched-eager":
+        without_compiler(monkeypatch)
+        if not kernels.onednn_rows():
+            pytest.skip(ONEDNN_SKIP.format(sorted(machine.cpu_flags())))
     monkeypatch.setattr(engine, "ONEDNN_ROWS_MIN_WEIGHTS", 0)
     _, bf16_dir, int8_dir = built(family)
-    e = engine.load(bf16_dir if kind == "bf16" else int8_dir, batched=kind == "int8-batched")
+    e = engine.load(bf16_dir if kind == "bf16" else int8_dir, batched=kind.startswith("int8-batched"))
     texts = ["A short one.", "A longer prompt, so that its positions run well past the others'.", "Hi"]
     prompts = [torch.tensor(tokenizer(t).input_ids) for t in texts]
     assert len({len(p) for p in prompts}) == 3
@@ -249,14 +265,14 @@ def test_rows_on_onednn_give_fbgemms_numbers_exactly(bias):
     kind (wide, narrow, all positive, all zero), counts from a batch to a long prompt. Without a bias the outputs
     are FBGEMM's to the bit; with one, FBGEMM's float epilogue adds it in another order: stated tolerance 1e-5 of
     the outputs' range (measured: 5e-4 on outputs up to 400). A lone row stays on FBGEMM."""
-    if not engine.onednn_rows():
+    if not kernels.onednn_rows():
         pytest.skip(ONEDNN_SKIP.format(sorted(machine.cpu_flags())))
     torch.manual_seed(0)
     w = torch.randn(192, 320)
     scale = w.abs().amax(1) / 127
     q = torch.round(w / scale[:, None]).to(torch.int8)
     b = torch.randn(192) if bias else None
-    fbgemm, onednn = (engine.Int8Linear(q, scale, b, False, rows_on_onednn=r) for r in (False, True))
+    fbgemm, onednn = (kernels.Int8Linear(q, scale, b, False, rows) for rows in ("fbgemm", "onednn"))
     for rows in (2, 8, 33, 70):
         x = torch.randn(rows, 320) * torch.logspace(-3, 1, rows)[:, None]
         x[0], x[1] = 0.0, x[1].abs()
@@ -266,6 +282,82 @@ def test_rows_on_onednn_give_fbgemms_numbers_exactly(bias):
         )
     lone = torch.randn(1, 320)
     assert torch.equal(onednn(lone), fbgemm(lone))
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_compiled_rows_against_float64_from_the_same_codes(reduce_range):
+    """The compiled INT8 Linear (w8a8_rows, through inductor's C++) at 1, 8, 64 and 512 rows whose ranges differ by
+    10^4, wide and narrow, all positive, all zero: each row quantized on its own grid (asymmetric, 127 or 255
+    steps), the integer sums rescaled per row, with a bias; against that computed here in float64. Stated
+    tolerance: two code steps of the row times the largest weight (the codes are computed in FP32, so a value
+    within ~1e-5 of a rounding tie may land one step over: 4-5 of 131,072 at 512 rows; FBGEMM's own rows do the
+    same). One scale for all rows (the fault this guards) is off by > 10x that on the rows far below the largest."""
+    if not kernels.compiler():
+        pytest.skip(NO_COMPILER)
+    torch.manual_seed(0)
+    w = torch.randn(96, 256)
+    scale = w.abs().amax(1) / 127
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    bias = torch.randn(96)
+    levels = 127 if reduce_range else 255
+    compiled = kernels.Int8Linear(q, scale, bias, reduce_range, "compiled")
+    for m in (1, 8, 64, 512):
+        x = torch.randn(m, 256) * torch.logspace(-1, 3, m)[:, None]
+        if m > 2:
+            x[0], x[1], x[2] = 0.0, x[1].abs(), -x[2].abs()
+        got = compiled(x).numpy()
+        rows = [
+            emulate_dynamic(r[None].numpy().astype(np.float64), q.numpy(), scale.numpy(), levels)
+            if r.any()
+            else np.zeros((1, 96))  # an all-zero row: the bias alone
+            for r in x
+        ]
+        want = np.concatenate(rows) + bias.numpy()
+        one_scale = (
+            emulate_dynamic(x.numpy().astype(np.float64), q.numpy(), scale.numpy(), levels) + bias.numpy()
+        )
+        biggest_weight = (scale[:, None] * q.abs()).max().item()
+        for i in range(m):
+            lo, hi = min(x[i].min().item(), 0.0), max(x[i].max().item(), 0.0)
+            two_steps = 2 * (hi - lo) / levels * biggest_weight
+            error = np.abs(got[i] - want[i]).max()
+            assert error <= two_steps, (m, i, error, two_steps)
+            if m > 2 and 0 < i < m // 4:  # rows 10^3 and more below the largest: one scale would lose them
+                assert np.abs(one_scale[i] - want[i]).max() > 10 * two_steps, (m, i)
+
+
+NO_COMPILER_CHILD = """
+import sys
+import numpy as np
+import torch
+from quantize.runtime import engine
+e = engine.load(sys.argv[1], batched=True)
+print(e.label)
+ids = torch.tensor([1, 5, 77, 1234, 9])
+np.save(sys.argv[2], e.forward(ids, e.new_cache(16), all_logits=True).numpy())
+"""
+
+
+def test_without_a_compiler_the_engine_runs_eager_and_says_so(tiny, tmp_path):
+    """In a child whose PATH holds no C++ compiler (and no $CXX), a batched INT8 engine loads, says "eager
+    kernels (no C++ compiler)" in its label, and computes what this process's engine computes."""
+    _, _, int8_dir = tiny
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k != "CXX"} | {
+        "PATH": str(bin_dir),
+        "PYTHONPATH": str(ROOT),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", NO_COMPILER_CHILD, str(int8_dir), str(tmp_path / "eager.npy")],
+        env=env, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "eager kernels (no C++ compiler)" in out.stdout, out.stdout + out.stderr[-2000:]
+    here = engine.load(int8_dir, batched=True)
+    want = here.forward(torch.tensor([1, 5, 77, 1234, 9]), here.new_cache(16), all_logits=True).numpy()
+    got = np.load(tmp_path / "eager.npy")
+    assert np.abs(got - want).max() <= ONE_PASS_TOLERANCE["int8"] * np.abs(want).max()
 
 
 def emulate_dynamic(x: np.ndarray, q: np.ndarray, scale: np.ndarray, levels: int) -> np.ndarray:
@@ -291,7 +383,7 @@ def test_activation_paths(reduce_range):
     scale = w.abs().amax(1) / 127
     q = torch.round(w / scale[:, None]).to(torch.int8)
     x = torch.randn(1, 256) * torch.linspace(0.1, 8, 256)
-    got = engine.Int8Linear(q, scale, None, reduce_range)(x).numpy()
+    got = kernels.Int8Linear(q, scale, None, reduce_range)(x).numpy()
     want = emulate_dynamic(
         x.numpy().astype(np.float64), q.numpy(), scale.numpy(), 127 if reduce_range else 255
     )
@@ -306,7 +398,7 @@ def test_activation_paths(reduce_range):
 def test_each_row_gets_its_own_activation_scale(reduce_range):
     """Rows of a prompt whose ranges differ by 10^6: each is quantized on its own grid (asymmetric, 127 or 255
     steps), the integer sums rescaled per row; against that computed here in float64 from the same INT8 codes."""
-    if not reduce_range and not engine.full_range_activations():
+    if not reduce_range and not kernels.full_range_activations():
         pytest.skip("FBGEMM runs no VNNI kernel here (the CPU's or FBGEMM_ENABLE_INSTRUCTIONS): 7-bit only")
     torch.manual_seed(0)
     w = torch.randn(96, 256)
@@ -317,7 +409,7 @@ def test_each_row_gets_its_own_activation_scale(reduce_range):
     x[1] = x[1].abs()  # a row with no negative value: its zero point is 0
     x[2] = -x[2].abs()  # and one with no positive value
     levels = 127 if reduce_range else 255
-    got = engine.Int8Linear(q, scale, bias, reduce_range)(x).numpy()
+    got = kernels.Int8Linear(q, scale, bias, reduce_range)(x).numpy()
     rows = [emulate_dynamic(r[None].numpy().astype(np.float64), q.numpy(), scale.numpy(), levels) for r in x]
     want = np.concatenate(rows) + bias.numpy()
     one_scale = emulate_dynamic(x.numpy().astype(np.float64), q.numpy(), scale.numpy(), levels) + bias.numpy()
@@ -330,10 +422,10 @@ def test_each_row_gets_its_own_activation_scale(reduce_range):
 
 
 def test_engine_picks_activation_bits_from_cpu_flags(tiny, monkeypatch):
-    monkeypatch.delenv(engine.FBGEMM_ISA, raising=False)  # the flags decide, not a cap on FBGEMM's kernels
-    assert engine.full_range_activations({"avx2", "avx512f", "avx512_vnni"})
-    assert not engine.full_range_activations({"avx2", "fma"})
-    assert not engine.full_range_activations({"avx2", "avx512f"})  # AVX-512 without VNNI: vpmaddubsw
+    monkeypatch.delenv(kernels.FBGEMM_ISA, raising=False)  # the flags decide, not a cap on FBGEMM's kernels
+    assert kernels.full_range_activations({"avx2", "avx512f", "avx512_vnni"})
+    assert not kernels.full_range_activations({"avx2", "fma"})
+    assert not kernels.full_range_activations({"avx2", "avx512f"})  # AVX-512 without VNNI: vpmaddubsw
     served = engine.load(tiny[2])
     vnni = "avx512_vnni" in machine.cpu_flags()
     assert served.reduce_range is not vnni
@@ -346,10 +438,10 @@ AVX2_CHILD = """
 import sys
 import numpy as np
 import torch
-from quantize.runtime import engine
+from quantize.runtime import engine, kernels
 q = torch.full((8, 64), 127, dtype=torch.int8)
 x = torch.ones(1, 64); x[0, 0] = 0  # u8 codes of 255: two 255 * 127 products overflow int16
-full = engine.Int8Linear(q, torch.full((8,), 1 / 127), None, reduce_range=False)(x)
+full = kernels.Int8Linear(q, torch.full((8,), 1 / 127), None, reduce_range=False)(x)
 tiny = engine.load(sys.argv[1])
 ids = torch.tensor([1, 5, 77, 1234, 9])
 np.save(sys.argv[2], full[0].numpy())
@@ -403,9 +495,9 @@ def test_weight_only_kernel_keeps_an_outlier_channel():
     def error(y: torch.Tensor) -> float:
         return ((y.double() - exact).abs().max() / exact.abs().max()).item()
 
-    weight_only = error(engine.WeightOnlyInt8Linear(q, scale, None)(x))
+    weight_only = error(kernels.WeightOnlyInt8Linear(q, scale, None)(x))
     assert weight_only < 0.01  # BF16 activations: 8 significant bits per value, not per tensor
-    assert weight_only < error(engine.Int8Linear(q, scale, None, reduce_range=True)(x)) / 3
+    assert weight_only < error(kernels.Int8Linear(q, scale, None, reduce_range=True)(x)) / 3
 
 
 def test_fp16_gemm_keeps_the_bf16_values():
@@ -421,7 +513,7 @@ def test_fp16_gemm_keeps_the_bf16_values():
     bias = torch.randn(64).bfloat16()
     x = torch.randn(3, 512).bfloat16()
     exact = x.double() @ w.double().T + bias.double()
-    got = engine.Fp16GemmBf16Linear(w, bias)(x.float()).double()
+    got = kernels.Fp16GemmBf16Linear(w, bias)(x.float()).double()
     assert torch.isfinite(got).all()
     assert ((got - exact).abs().max() / exact.abs().max()).item() < 1e-6
     assert not torch.isfinite(

@@ -23,8 +23,6 @@ Anything else (other architectures, static-INT8 recipes) runs on the generic pat
 from __future__ import annotations
 
 import json
-import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,19 @@ import torch.nn.functional as F
 
 from quantize.errors import ModelError
 from quantize.families import FAMILIES, LLAMA, Family
-from quantize.machine import cpu_flags, malloc_trim
+from quantize.machine import malloc_trim
+from quantize.runtime.kernels import (
+    ONEDNN_ROWS_MIN_WEIGHTS,
+    ROWS_LABEL,
+    FloatLinear,
+    Int8Linear,
+    Linear,
+    WeightOnlyInt8Linear,
+    bf16_linear,
+    compiler,
+    full_range_activations,
+    rows_kind,
+)
 
 ENGINE_FILE = (
     "engine.safetensors"  # written by `python -m quantize` (next to INC's pytorch_model.bin, if any)
@@ -54,226 +64,6 @@ def in_engine_words(config: dict) -> dict:
         **config,
         **{std: config[own] for std, own in words.items() if own in config and std not in config},
     }
-
-
-# FBGEMM's own switch (read once, at its first GEMM) can hold it below the CPU's best ISA; these names keep VNNI
-FBGEMM_ISA = "FBGEMM_ENABLE_INSTRUCTIONS"
-FBGEMM_VNNI = ("AVX512_E1", "AVX512_E1_256")
-
-
-def full_range_activations(flags: set[str] | None = None) -> bool:
-    """u8 activations use all 8 bits only where FBGEMM runs a VNNI kernel (vpdpbusd accumulates in int32);
-    without it `vpmaddubsw` adds two u8*s8 products in int16, which saturates, so activations keep 7 bits."""
-    forced = os.environ.get(FBGEMM_ISA)
-    return "avx512_vnni" in (cpu_flags() if flags is None else flags) and forced in (None, *FBGEMM_VNNI)
-
-
-# The smallest INT8 Linear (in weights) whose calls of several rows go to oneDNN in a batched engine. Below it the
-# quantization around the GEMM, not the GEMM, is most of a batched call's time, so a second copy of the weights
-# buys little: the default model's 576 x 3072 gate_up runs 8 rows in 95 us on oneDNN, 105 on FBGEMM; 1.5B's
-# 17920 x 1536 in 608 against 817 (2 vCPU Xeon with AMX, 2 threads).
-ONEDNN_ROWS_MIN_WEIGHTS = 2_000_000
-
-
-# oneDNN's own switch (ONEDNN_MAX_CPU_ISA) can hold it below the CPU's best ISA; these caps leave it no int8 dot
-# product (VNNI or AMX), so u8 codes would meet vpmaddubsw's int16 saturation, or no native BF16 path
-ONEDNN_ISA = "ONEDNN_MAX_CPU_ISA"
-ONEDNN_NO_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
-ONEDNN_NO_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
-
-
-def onednn_capped(below: set[str]) -> bool:
-    return os.environ.get(ONEDNN_ISA, "").upper() in below
-
-
-def onednn_rows(flags: set[str] | None = None) -> bool:
-    """Whether an INT8 Linear may run its calls of several rows (a batch of sequences, a prompt) on oneDNN's
-    prepacked u8s8 GEMM: where the CPU has VNNI or AMX, which oneDNN uses. Its time stays flat in the rows where
-    FBGEMM's grows (2 vCPU Xeon with AMX, 1.5B gate_up 17920 x 1536, 2 threads: oneDNN 470 us at 1, 8 and 16
-    rows; FBGEMM 455 us at 1 row, 590 at 8). It sums the same codes exactly: the outputs are FBGEMM's to the bit
-    without a bias, within 1e-5 of their range with one (the bias is added in another order)."""
-    vnni = {"avx512_vnni", "avx_vnni", "amx_int8"} & (cpu_flags() if flags is None else flags)
-    return bool(vnni) and not onednn_capped(ONEDNN_NO_VNNI)
-
-
-# ---------------------------------------------------------------- the kinds of Linear
-
-
-# ATen's ChooseQuantizationParams: a scale below this is raised to it
-SMALL_SCALE = 6.1e-5
-
-
-def token_qparams(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's activation scale and zero point ([M, 1] each), as FBGEMM's dynamic Linear picks them for a
-    lone row: the row's range widened to hold 0, split in qmax steps (in double, then float), the zero point
-    the nearest step to -min/scale. A scale raised to SMALL_SCALE keeps its zero point (ATen widens the range
-    with it); an all-zero row gets zero point 0."""
-    lo = x.amin(-1, keepdim=True).clamp_(max=0).double()
-    hi = x.amax(-1, keepdim=True).clamp_(min=0).double()
-    scale = (hi - lo).div_(qmax)
-    zero = lo.div_(scale).neg_().nan_to_num_(0.0).round_()
-    return scale.clamp_(min=SMALL_SCALE).float(), zero.float()
-
-
-def rescale_rows(
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    row_sums: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """The GEMM of the codes (zero + x / scale) with activation scale 1 and zero point 0 gave
-    y' = w_scale * sum(codes * q) + bias. Each row's own scale and zero point factor out of the integer sum
-    exactly: y = scale * (y' - bias - zero * row_sums) + bias, row_sums the dequantized weight's (one addmm)."""
-    left = -scale * zero if bias is None else torch.cat([-scale * zero, 1 - scale], 1)
-    right = row_sums[None] if bias is None else torch.stack([row_sums, bias])
-    return y.mul_(scale).addmm_(left, right)
-
-
-class Int8Linear:
-    """FBGEMM dynamic INT8: s8 weights per output channel, u8 activations with one scale per token. A token
-    alone is FBGEMM's per-call scale; several rows (a prompt, a batch of sequences) are quantized row by row first
-    (by_rows), so each row gives the numbers it gives alone. With `rows_on_onednn`, those rows' GEMM is oneDNN's
-    (see onednn_rows), from a second packed copy of the weights: a lone token keeps FBGEMM, the fastest there."""
-
-    def __init__(
-        self,
-        qweight: torch.Tensor,
-        scale: torch.Tensor,
-        bias: torch.Tensor | None,
-        reduce_range: bool,
-        rows_on_onednn: bool = False,
-    ) -> None:
-        zero = torch.zeros(scale.numel(), dtype=torch.long)
-        w = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
-        self.bias = None if bias is None else bias.float()
-        self.packed = torch.ops.quantized.linear_prepack(w, self.bias)
-        self.onednn = torch.ops.onednn.qlinear_prepack(qweight, None) if rows_on_onednn else None
-        # qlinear_pointwise's arguments after the codes, made once: activation scale 1 and zero point 0, the
-        # weights with their scales, no bias (added after), FP32 out
-        self.onednn_args = (
-            1.0,
-            0,
-            self.onednn,
-            scale.float(),
-            zero,
-            None,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [],
-            "",
-        )
-        self.reduce_range, self.qmax = reduce_range, 127 if reduce_range else 255
-        # numpy sums in int32 through a small buffer; torch's sum(dtype=...) converted the matrix first and raised
-        # the default model's load peak from 239 to 358 MB
-        self.row_sums = torch.from_numpy(qweight.numpy().sum(1, dtype=np.int32)).float() * scale.float()
-        self.nbytes = qweight.numel() + scale.numel() * 4 + (0 if bias is None else bias.numel() * 4)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
-        return self.by_rows(x)
-
-    def by_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """One GEMM for every row, each with its own scale; the GEMM of the codes gives each row's integer sums
-        times the weights' scales, and rescale_rows factors the row's own scale and zero point back in."""
-        scale, zero = token_qparams(x, self.qmax)
-        y = self.fbgemm_rows(x, scale, zero) if self.onednn is None else self.onednn_rows(x, scale, zero)
-        return rescale_rows(y, scale, zero, self.row_sums, self.bias)
-
-    def fbgemm_rows(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """FBGEMM gets the codes with one more row of qmax, which pins its per-call scale to exactly 1 and its
-        zero point to 0, so it rounds each code as a lone row's call would."""
-        codes = torch.empty(x.shape[0] + 1, x.shape[1])
-        torch.addcmul(zero, x, scale.reciprocal(), out=codes[:-1]).clamp_(0, self.qmax)
-        codes[-1] = self.qmax
-        return torch.ops.quantized.linear_dynamic(codes, self.packed, self.reduce_range)[:-1]
-
-    def onednn_rows(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """The same codes, rounded as FBGEMM rounds them (to nearest, ties to even), as u8 for oneDNN with
-        activation scale 1 and zero point 0. The bias is added after, in FP32 (FBGEMM's epilogue adds it in
-        another order: the last bit may differ)."""
-        codes = torch.addcmul(zero, x, scale.reciprocal()).round_().clamp_(0, self.qmax).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(codes, *self.onednn_args)
-        return y if self.bias is None else y.add_(self.bias)
-
-
-class WeightOnlyInt8Linear:
-    """The same s8 weights and scales, BF16 activations (`torch._weight_int8pack_mm`): for the input 7-bit
-    activations cannot carry. down_proj's input, silu(gate) * up, holds the outlier channels; on the default model
-    7-bit activations there cost top-1 0.872 -> 0.846, this kernel there gives 0.883 (quantize/README.md, "CPUs")."""
-
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.qweight, self.scale, self.bias = qweight.contiguous(), scale.to(torch.bfloat16), bias
-        self.nbytes = qweight.numel() + scale.numel() * 2 + (0 if bias is None else bias.numel() * 4)
-
-    @staticmethod
-    def takes(in_features: int) -> bool:
-        return in_features % 16 == 0  # the kernel's inner blocking: other widths return inf/nan in torch 2.13
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-
-class FloatLinear:
-    """`F.linear` in the weight's dtype (an INT8 folder's FP32 tail); the result comes back in the activations'."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight, self.bias = weight.contiguous(), None if bias is None else bias.to(weight.dtype)
-        self.dtype = weight.dtype
-        self.nbytes = weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * 2)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
-
-
-class OneDnnBf16Linear:
-    """A BF16 Linear on oneDNN's matmul with the weight prepacked once: `F.linear` on a plain BF16 weight ran a
-    decode step 1.7-2.5x slower (quantize/README.md, "The BF16 side"), and prefill is as fast or faster. Needs oneDNN's BF16
-    path (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
-
-    kernel = "oneDNN prepacked"
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.dtype, self.bias = torch.bfloat16, None if bias is None else bias.to(torch.bfloat16)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
-        self.nbytes = weight.numel() * 2 + (0 if bias is None else bias.numel() * 2)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "")
-        return y.to(x.dtype)
-
-
-class Fp16GemmBf16Linear:
-    """A BF16 Linear on FBGEMM's fp16 GEMM, for CPUs where oneDNN has no BF16 path (there ATen emulates BF16,
-    4-5x slower in prefill). The weights keep their BF16 values: scaled by one power of two so the largest sits
-    just under fp16's top, every value down to 2^-32 of the largest is exact in fp16 (BF16 has 8 significant bits,
-    fp16 10), smaller ones round to within 2^-41 of it; the output is scaled back exactly."""
-
-    kernel = "FBGEMM fp16 GEMM"
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.dtype, self.bias = torch.bfloat16, None if bias is None else bias.float()
-        w = weight.float()
-        self.shift = 15 - math.ceil(math.log2(w.abs().max().item() or 1.0))
-        self.packed = torch.ops.quantized.linear_prepack_fp16(w.mul_(2.0**self.shift), None)
-        self.nbytes = weight.numel() * 2 + (0 if bias is None else bias.numel() * 2)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).mul_(2.0**-self.shift)
-        return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)
-
-
-def bf16_linear() -> type:
-    """The BF16 Linear this CPU runs fastest: oneDNN's where it has a BF16 path, FBGEMM's fp16 GEMM elsewhere."""
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported() and not onednn_capped(ONEDNN_NO_BF16)
-    return OneDnnBf16Linear if native else Fp16GemmBf16Linear
-
-
-Linear = Int8Linear | WeightOnlyInt8Linear | FloatLinear | OneDnnBf16Linear | Fp16GemmBf16Linear
 
 
 class Embedding:
@@ -428,7 +218,7 @@ class Engine:
         label: str,
         reduce_range: bool,
         weight_only_down: bool = False,
-        rows_on_onednn: bool = False,
+        rows: str = "fbgemm",
     ) -> None:
         from transformers.activations import ACT2FN
 
@@ -455,7 +245,7 @@ class Engine:
         # the cache never outgrows the window, so no layer ever slides (Gemma 2 slides on every other one)
         self.max_len = min(config.get(arch.max_len) or 4096, window or 1 << 30)
         self.reduce_range = reduce_range
-        read = _Reader(tensors, self.dtype, reduce_range, weight_only_down, arch, self.eps, rows_on_onednn)
+        read = _Reader(tensors, self.dtype, reduce_range, weight_only_down, arch, self.eps, rows)
         rope = not (arch.positions or arch.alibi)
         rotated = self.heads + self.kv_heads if rope else 0
         self.blocks = [
@@ -672,11 +462,11 @@ class _Reader:
         weight_only_down: bool = False,
         arch: Family = LLAMA,
         eps: float = 1e-6,
-        rows_on_onednn: bool = False,
+        rows: str = "fbgemm",
     ) -> None:
         self.t, self.dtype, self.reduce_range = tensors, dtype, reduce_range
         self.weight_only_down, self.arch, self.eps = weight_only_down, arch, eps
-        self.rows_on_onednn = rows_on_onednn
+        self.rows = rows
         self.nbytes, self.kinds = 0, {}
 
     def norm(self, name: str) -> Norm:
@@ -723,8 +513,8 @@ class _Reader:
             if weight_only and WeightOnlyInt8Linear.takes(q.shape[1]):
                 lin = WeightOnlyInt8Linear(q, scale, bias)
             else:
-                rows_on_onednn = self.rows_on_onednn and q.numel() >= ONEDNN_ROWS_MIN_WEIGHTS
-                lin = Int8Linear(q, scale, bias, self.reduce_range, rows_on_onednn)
+                small = self.rows == "onednn" and q.numel() < ONEDNN_ROWS_MIN_WEIGHTS
+                lin = Int8Linear(q, scale, bias, self.reduce_range, "fbgemm" if small else self.rows)
         else:  # an INT8 folder's float tail keeps its stored dtype (BF16 or FP32); a BF16 model is BF16
             weight = torch.cat(
                 [p["weight"] for p in parts]
@@ -814,8 +604,9 @@ def load(
 ) -> Engine:
     """The engine for an INT8 folder (`engine.safetensors`) or a BF16 one (`model.safetensors`). By default the
     CPU decides: 8-bit activations with VNNI; else 7-bit ones, and down_proj weight-only. `batched`: it will
-    decode many sequences at once (the app's scheduler), so its large INT8 Linears (ONEDNN_ROWS_MIN_WEIGHTS) run
-    several rows on oneDNN where the CPU has it (onednn_rows), at the cost of a second copy of their weights."""
+    decode many sequences at once (the app's scheduler, where memory has room), so its INT8 Linears run several
+    rows (prompts, batches) from a second copy of their weights: compiled where a C++ compiler is found (and
+    compiled here, once, so no visitor waits for it), else on oneDNN for the large ones (kernels.rows_kind)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     tensors = Tensors(safetensors_files(folder))
@@ -825,10 +616,18 @@ def load(
     how = f"{7 if reduce_range else 8}-bit activations" + (
         ", down_proj weight-only" if weight_only_down else ""
     )
-    rows_on_onednn = batched and int8 and onednn_rows()
+    rows = rows_kind(batched and int8)
     label = f"Q8 engine, FBGEMM INT8 ({how})" if int8 else f"Q8 engine, BF16 ({bf16_linear().kernel})"
-    label += ", oneDNN INT8 for several rows" if rows_on_onednn else ""
-    return Engine(config, tensors, label, reduce_range, weight_only_down, rows_on_onednn)
+    label += ROWS_LABEL[rows] + (
+        ", eager kernels (no C++ compiler)" if batched and int8 and not compiler() else ""
+    )
+    e = Engine(config, tensors, label, reduce_range, weight_only_down, rows)
+    if (
+        rows == "compiled"
+    ):  # a prompt's rows through every Linear: inductor builds (or reads back) its kernels
+        with torch.inference_mode():
+            e.forward(torch.zeros(2, dtype=torch.long), e.new_cache(PREFILL_STEP))
+    return e
 
 
 # ---------------------------------------------------------------- the file `python -m quantize` writes

@@ -380,7 +380,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     bf16_dir, int8_dir, bf16_is_default = folders(args)
     prompts = tokenize_prompts(models.load_tokenizer(bf16_dir), texts, args.prompt_tokens)
     names = ("int8", "bf16") if args.concurrency else ("int8", "bf16", "hf_bf16")
-    opened = open_decoders(bf16_dir, int8_dir, names, batched=bool(args.concurrency))
+    # prompts and batches are read as the app reads them: INT8's rows from the second copy its engine makes there
+    opened = open_decoders(bf16_dir, int8_dir, names, batched=bool(args.concurrency or args.prompt_tokens))
     if args.concurrency:
         return run_concurrency(args, command, opened, prompts)
     peer_gguf, peer_line = peer.find_peer(args.peer, args.peer_gguf, bf16_dir, bf16_is_default)
