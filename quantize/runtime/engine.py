@@ -264,7 +264,8 @@ class Engine:
         self.positions = Embedding(tensors, arch.positions) if arch.positions else None
         self.weight_bytes = read.nbytes + (0 if tied else self.embed.nbytes)
         self.kinds = read.kinds
-        self.cos, self.sin = rope_tables(config, self.max_len, self.head_dim) if rope else (None, None)
+        # each position's rotation as complex numbers, made once: rope() is then one complex product
+        self.rotation = torch.complex(*rope_tables(config, self.max_len, self.head_dim)) if rope else None
         # ALiBi: key j's score gets slope * j (softmax cancels the query's own -slope * i)
         self.alibi = (
             torch.outer(arch.alibi(self.heads), torch.arange(self.max_len).float()) if arch.alibi else None
@@ -301,11 +302,9 @@ class Engine:
         if self.alibi is not None:  # key j's score gets slope * j ([H, 1 or n, S]), once for every layer
             slopes = self.alibi[:, None, : start + n].to(self.dtype)
             mask = slopes if mask is None else slopes + mask
-        cos, sin = (
-            (None, None) if self.cos is None else (self.cos[start : start + n], self.sin[start : start + n])
-        )
+        rotation = None if self.rotation is None else self.rotation[start : start + n]
         x = self.through_blocks(
-            self.embedded(ids, where), lambda layer, qkv: self.attend(qkv, cache, layer, cos, sin, mask)
+            self.embedded(ids, where), lambda layer, qkv: self.attend(qkv, [cache], layer, rotation, [mask])
         )
         logits = self.logits(x[:T] if all_logits else x[T - 1 : T])
         cache.length = start + T  # only once the pass is whole: a failed one leaves the cache as it was
@@ -321,17 +320,14 @@ class Engine:
                 f"A conversation needs {full[0].length + 1} positions; its cache holds {full[0].k.shape[2]}."
             )
         where = torch.tensor([c.length for c in caches])
-        rows = [
-            (
-                None if self.cos is None else self.cos[p : p + 1],
-                None if self.sin is None else self.sin[p : p + 1],
-                None if self.alibi is None else self.alibi[:, None, : p + 1].to(self.dtype),
-            )
+        rotation = None if self.rotation is None else self.rotation[where]
+        masks = [
+            None if self.alibi is None else self.alibi[:, None, : p + 1].to(self.dtype)
             for p in where.tolist()
         ]
 
         def attend_each(layer: int, qkv: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self.attend(qkv[i : i + 1], c, layer, *rows[i]) for i, c in enumerate(caches)])
+            return self.attend(qkv, caches, layer, rotation, masks)
 
         logits = self.logits(self.through_blocks(self.embedded(ids.reshape(-1), where), attend_each))
         for c in caches:  # only once the pass is whole: a batch that fails is run again one by one
@@ -373,26 +369,46 @@ class Engine:
     def attend(
         self,
         qkv: torch.Tensor,
+        caches: list[Cache],
+        layer: int,
+        rotation: torch.Tensor | None,
+        masks: list[torch.Tensor | None],
+    ) -> torch.Tensor:
+        """Rows of fused q/k/v ([T, (H + 2 KV) * D]): all T rows of one sequence (a prompt, a token), or one row
+        of each of T sequences (a batched step), with the rows' rotations ([T, D/2]). q and k are rotated for
+        all rows at once; then each sequence's K and V are written to its cache after what it holds, and its
+        queries attend to it. Returns [T, H * D]."""
+        T, H, KV, D = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        qkv = qkv.view(T, H + 2 * KV, D)
+        qk = qkv[:, : H + KV] if rotation is None else rope(qkv[:, : H + KV], rotation)
+        rows = [slice(None)] if len(caches) == 1 else [slice(i, i + 1) for i in range(T)]
+        out = [
+            self.attend_one(qk[r, :H], qk[r, H:], qkv[r, H + KV :], cache, layer, mask)
+            for r, cache, mask in zip(rows, caches, masks)
+        ]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def attend_one(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
         cache: Cache,
         layer: int,
-        cos: torch.Tensor | None,
-        sin: torch.Tensor | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """One sequence's rows of fused q/k/v ([T, (H + 2 KV) * D]): K and V written to its cache after what it
-        holds, the queries attending to it. Returns [T, H * D]."""
-        T, H, KV, D = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        """One sequence's T queries ([T, H, D]) and new K/V ([T, KV, D]): written to its cache after what it
+        holds, the queries attending to all of it. Returns [T, H * D]."""
+        T, H, KV, D = q.shape[0], self.heads, self.kv_heads, self.head_dim
         G = H // KV
-        qkv = qkv.view(T, H + 2 * KV, D)
-        qk = qkv[:, : H + KV] if cos is None else rope(qkv[:, : H + KV], cos, sin)  # q and k rotated together
         end = cache.length + T
-        cache.k[layer, :, cache.length : end] = qk[:, H:].transpose(0, 1)
-        cache.v[layer, :, cache.length : end] = qkv[:, H + KV :].transpose(0, 1)
+        cache.k[layer, :, cache.length : end] = k_new.transpose(0, 1)
+        cache.v[layer, :, cache.length : end] = v_new.transpose(0, 1)
         k, v = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [KV, S, D], views of the cache
         if self.attn_cap is None and (T > 1 or self.dtype == torch.bfloat16):
-            return self.fused_attention(qk[:, :H], k, v, mask)
+            return self.fused_attention(q, k, v, mask)
         # GQA without repeating K/V: the G query heads of a group become G rows against one cached head
-        q = qk[:, :H].reshape(T, KV, G, D).permute(1, 2, 0, 3).reshape(KV, G * T, D)
+        q = q.reshape(T, KV, G, D).permute(1, 2, 0, 3).reshape(KV, G * T, D)
         scores = torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)  # [KV, G*T, S]
         if self.attn_cap is not None:  # Gemma 2's soft-capping, before the mask
             scores = torch.tanh(scores / self.attn_cap) * self.attn_cap
@@ -423,10 +439,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight * normed.to(weight.dtype)).to(x.dtype)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on [T, heads, D] with pairs interleaved (see _Reader.interleave): one complex product."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * torch.complex(cos, sin)[:, None]).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * rotation[:, None]).flatten(-2).to(x.dtype)
 
 
 def rope_tables(config: dict, max_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
