@@ -395,7 +395,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     }
     del opened  # free the engines before the footprints' children load each model again beside this process
     timed = {n: int8_dir if n == "int8" else bf16_dir for n in sizes}  # not those left out for lack of memory
-    memory = footprint.footprints(timed)
+    memory = footprint.footprints(timed, batched=bool(args.prompt_tokens))  # as the engines were timed
     sizes |= outside_sizes(sizes, peer_gguf, args.app)
     for threads, res in per_threads.items():
         bandwidth.add_floors(res, threads, sizes, memory)

@@ -13,12 +13,13 @@ from quantize.runtime import decoders
 from quantize.runtime.decoders import HFDecoder
 
 
-def load_footprint(kind: str, folder: str) -> dict:
+def load_footprint(kind: str, folder: str, batched: bool = False) -> dict:
     """In a fresh interpreter (see `footprints`): resident memory one model adds once loaded and run for a token,
     and the peak while loading, both over the process right after its imports. Loading in the bench's own
-    process would mix every model's memory."""
+    process would mix every model's memory. `batched`: INT8 as the app loads it to serve many sequences (its
+    second copy of the weights for several rows, where it makes one)."""
     loader = {
-        "int8": decoders.open_int8,
+        "int8": lambda p: decoders.open_int8(p, batched=batched),
         "bf16": decoders.open_bf16,
         "hf_bf16": lambda p: HFDecoder(models.load_bf16(p), "transformers BF16"),
     }[kind]
@@ -34,11 +35,11 @@ def load_footprint(kind: str, folder: str) -> dict:
     }
 
 
-def footprints(folders: dict[str, Path]) -> dict[str, dict]:
+def footprints(folders: dict[str, Path], batched: bool = False) -> dict[str, dict]:
     """load_footprint of each engine ("int8", "bf16", "hf_bf16") on its folder, each in its own child process."""
     ctx = multiprocessing.get_context("spawn")  # a clean process per model: nothing inherited, nothing shared
     out = {}
     for kind, folder in folders.items():
         with ctx.Pool(1) as pool:
-            out[kind] = pool.apply(load_footprint, (kind, str(folder)))
+            out[kind] = pool.apply(load_footprint, (kind, str(folder), batched))
     return out
