@@ -632,7 +632,7 @@ def load(
     how = f"{7 if reduce_range else 8}-bit activations" + (
         ", down_proj weight-only" if weight_only_down else ""
     )
-    rows = rows_kind(batched and int8)
+    rows = rows_kind(batched and int8, reduce_range)
     label = f"Q8 engine, FBGEMM INT8 ({how})" if int8 else f"Q8 engine, BF16 ({bf16_linear().kernel})"
     label += ROWS_LABEL[rows] + (
         ", eager kernels (no C++ compiler)" if batched and int8 and not compiler() else ""

@@ -6,6 +6,7 @@ matmul, or FBGEMM's fp16 GEMM where oneDNN has no BF16 path. The model (runtime/
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -105,9 +106,22 @@ def w8a8_rows(
     return sums * (scale * w_scale)
 
 
+def use_project_cache() -> None:
+    """Inductor keeps what it builds under the project's cache, so a warm start reuses it (TORCHINDUCTOR_CACHE_DIR,
+    if set, wins), in a folder per torch, ATen capability and CPU: a cache folder may outlive the machine it was
+    built on, or be read by a process held to other kernels. Called before inductor's first look at its folder,
+    where it writes its own default into the environment."""
+    from quantize.models import cache_dir
+
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    kind = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{flags}"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor" / kind))
+
+
 @functools.cache
 def compiler() -> str | None:
     """The C++ compiler inductor calls ($CXX, else g++), found the way inductor finds it; None without one."""
+    use_project_cache()
     from torch._inductor import cpp_builder, exc
 
     try:
@@ -118,12 +132,12 @@ def compiler() -> str | None:
 
 @functools.cache
 def compiled_rows() -> Callable:
-    """w8a8_rows compiled once for every shape (dynamic: one graph for any rows, K and N). Inductor keeps what it
-    built under the project's cache, so a warm start reuses it (TORCHINDUCTOR_CACHE_DIR, if set, wins)."""
-    from quantize.models import cache_dir
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-    return torch.compile(w8a8_rows, dynamic=True)
+    """w8a8_rows compiled once for every shape (dynamic: one graph for any rows, K and N). Its C++ kernels are
+    kept on disk (use_project_cache) and found again by their source; inductor's cache of whole graphs is off: a
+    graph it read back in another process (built for other shapes, under AVX2-held kernels) gave NaNs. Measured,
+    2 cores, default model: 13 s cold, 7 s warm, at load."""
+    use_project_cache()
+    return torch.compile(w8a8_rows, dynamic=True, options={"fx_graph_cache": False})
 
 
 # How an INT8 Linear runs several rows, by what a loaded engine may afford (runtime/engine.load): FBGEMM from its
@@ -134,12 +148,13 @@ ROWS = ("fbgemm", "onednn", "compiled")
 ROWS_LABEL = {"fbgemm": "", "onednn": ", oneDNN INT8 for several rows", "compiled": ", compiled INT8 rows"}
 
 
-def rows_kind(second_copy: bool) -> str:
+def rows_kind(second_copy: bool, reduce_range: bool) -> str:
     """How an engine's INT8 Linears run several rows: with room for a second copy of the weights, compiled where
-    inductor finds a C++ compiler, else on oneDNN where the CPU has VNNI or AMX; FBGEMM otherwise."""
+    inductor finds a C++ compiler, else on oneDNN where the CPU has VNNI or AMX; FBGEMM otherwise. 8-bit codes
+    go to `_int_mm` (oneDNN) only where oneDNN has VNNI or AMX: its AVX2 kernel saturates them, as FBGEMM's does."""
     if not second_copy:
         return "fbgemm"
-    if compiler():
+    if compiler() and (reduce_range or onednn_rows()):
         return "compiled"
     return "onednn" if onednn_rows() else "fbgemm"
 
