@@ -300,9 +300,7 @@ def test_compiled_rows_against_float64_from_the_same_codes(reduce_range):
     if not reduce_range and not (kernels.full_range_activations() and kernels.onednn_rows()):
         pytest.skip("FBGEMM or oneDNN has no VNNI kernel here (the CPU's, or a cap on them): 7-bit only")
     torch.manual_seed(0)
-    w = torch.randn(96, 256)
-    scale = w.abs().amax(1) / 127
-    q = torch.round(w / scale[:, None]).to(torch.int8)
+    w, scale, q = int8_weights()
     bias = torch.randn(96)
     levels = 127 if reduce_range else 255
     compiled = kernels.Int8Linear(q, scale, bias, reduce_range, "compiled")
@@ -365,6 +363,13 @@ def test_without_a_compiler_the_engine_runs_eager_and_says_so(tiny, tmp_path):
     assert np.abs(got - want).max() <= ONE_PASS_TOLERANCE["int8"] * np.abs(want).max()
 
 
+def int8_weights(out_features: int = 96, in_features: int = 256) -> tuple[torch.Tensor, ...]:
+    """A random float weight, its per-output-channel scales and INT8 codes (symmetric, 127 steps)."""
+    w = torch.randn(out_features, in_features)
+    scale = w.abs().amax(1) / 127
+    return w, scale, torch.round(w / scale[:, None]).to(torch.int8)
+
+
 def emulate_dynamic(x: np.ndarray, q: np.ndarray, scale: np.ndarray, levels: int) -> np.ndarray:
     """Per-tensor asymmetric activation quantization with `levels` steps, integer GEMM, float rescale."""
     lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
@@ -384,9 +389,7 @@ def test_activation_paths(reduce_range):
             f"{'avx2' in flags})"
         )
     torch.manual_seed(0)
-    w = torch.randn(96, 256)
-    scale = w.abs().amax(1) / 127
-    q = torch.round(w / scale[:, None]).to(torch.int8)
+    w, scale, q = int8_weights()
     x = torch.randn(1, 256) * torch.linspace(0.1, 8, 256)
     got = kernels.Int8Linear(q, scale, None, reduce_range)(x).numpy()
     want = emulate_dynamic(
@@ -406,9 +409,7 @@ def test_each_row_gets_its_own_activation_scale(reduce_range):
     if not reduce_range and not kernels.full_range_activations():
         pytest.skip("FBGEMM runs no VNNI kernel here (the CPU's or FBGEMM_ENABLE_INSTRUCTIONS): 7-bit only")
     torch.manual_seed(0)
-    w = torch.randn(96, 256)
-    scale = w.abs().amax(1) / 127
-    q = torch.round(w / scale[:, None]).to(torch.int8)
+    w, scale, q = int8_weights()
     bias = torch.randn(96)
     x = torch.randn(7, 256) * torch.logspace(-2, 4, 7)[:, None]  # (ATen raises a step below 6.1e-5)
     x[1] = x[1].abs()  # a row with no negative value: its zero point is 0
@@ -490,9 +491,7 @@ def test_cpus_without_vnni_get_7_bit_activations_and_weight_only_down_proj(tiny,
 def test_weight_only_kernel_keeps_an_outlier_channel():
     """down_proj's input has outlier channels: INT8 weights with BF16 activations keep them, 7-bit codes do not."""
     torch.manual_seed(0)
-    w = torch.randn(96, 256)
-    scale = w.abs().amax(1) / 127
-    q = torch.round(w / scale[:, None]).to(torch.int8)
+    w, scale, q = int8_weights()
     x = torch.randn(4, 256)
     x[:, 7] *= 80
     exact = x.double() @ (q.double() * scale.double()[:, None]).T
