@@ -237,10 +237,13 @@ def test_a_batch_step_gives_each_sequence_its_own_logits(built, tokenizer, famil
     """Sequences of different lengths (so different positions: RoPE, learned, ALiBi) decoded in one batch, joining
     and leaving mid-way, against each decoded alone; the stated tolerance is the one-pass one (BF16 GEMMs round
     differently over several rows; INT8 rows are scaled one by one, each as a lone token). int8-batched: loaded
-    as the app loads it, every Linear's rows (prompts and batches) compiled (w8a8_rows); -eager: as on a machine
-    without a C++ compiler, the rows on oneDNN (these models' Linears are all small: every one of them)."""
-    if kind == "int8-batched" and kernels.rows_kind(True, not kernels.full_range_activations()) != "compiled":
-        pytest.skip(NO_COMPILER + " (or no VNNI for 8-bit codes)")
+    with Q8CHAT_COMPILED_ROWS=1, every Linear's rows (prompts and batches) compiled (w8a8_rows); -eager: loaded as
+    the app loads it by default (or asking for compiled rows without a C++ compiler), the rows on oneDNN (every
+    Linear here: the size floor is lowered for these small models)."""
+    if kind == "int8-batched":  # the compiled rows, asked for
+        monkeypatch.setenv(kernels.COMPILED_ROWS, "1")
+        if kernels.rows_kind(True, not kernels.full_range_activations()) != "compiled":
+            pytest.skip(NO_COMPILER + " (or no VNNI for 8-bit codes)")
     if kind == "int8-batched-eager":
         without_compiler(monkeypatch)
         if not kernels.onednn_rows():
@@ -341,10 +344,12 @@ np.save(sys.argv[2], e.forward(ids, e.new_cache(16), all_logits=True).numpy())
 """
 
 
-def test_without_a_compiler_the_engine_runs_eager_and_says_so(tiny, tmp_path):
-    """In a child whose PATH holds no C++ compiler (and no $CXX), a batched INT8 engine loads, says "eager
-    kernels (no C++ compiler)" in its label, and computes what this process's engine computes."""
+def test_without_a_compiler_the_engine_runs_eager_and_says_so(tiny, tmp_path, monkeypatch):
+    """Compiled rows asked for, in a child whose PATH holds no C++ compiler (and no $CXX): a batched INT8 engine
+    loads, says "eager kernels (no C++ compiler)" in its label, and computes what this process's compiled engine
+    computes."""
     _, _, int8_dir = tiny
+    monkeypatch.setenv(kernels.COMPILED_ROWS, "1")  # asked for, in the child and here
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)

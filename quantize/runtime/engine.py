@@ -23,6 +23,7 @@ Anything else (other architectures, static-INT8 recipes) runs on the generic pat
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from quantize.errors import ModelError
 from quantize.families import FAMILIES, LLAMA, Family
 from quantize.machine import malloc_trim
 from quantize.runtime.kernels import (
+    COMPILED_ROWS,
     ONEDNN_ROWS_MIN_WEIGHTS,
     ROWS_LABEL,
     FloatLinear,
@@ -621,8 +623,9 @@ def load(
     """The engine for an INT8 folder (`engine.safetensors`) or a BF16 one (`model.safetensors`). By default the
     CPU decides: 8-bit activations with VNNI; else 7-bit ones, and down_proj weight-only. `batched`: it will
     decode many sequences at once (the app's scheduler, where memory has room), so its INT8 Linears run several
-    rows (prompts, batches) from a second copy of their weights: compiled where a C++ compiler is found (and
-    compiled here, once, so no visitor waits for it), else on oneDNN for the large ones (kernels.rows_kind)."""
+    rows (prompts, batches) from a second copy of their weights: on oneDNN for the large ones, or, asked for with
+    Q8CHAT_COMPILED_ROWS=1, compiled for every one where a C++ compiler is found (compiled here, once, so no
+    visitor waits for it; kernels.rows_kind)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     tensors = Tensors(safetensors_files(folder))
@@ -634,9 +637,8 @@ def load(
     )
     rows = rows_kind(batched and int8, reduce_range)
     label = f"Q8 engine, FBGEMM INT8 ({how})" if int8 else f"Q8 engine, BF16 ({bf16_linear().kernel})"
-    label += ROWS_LABEL[rows] + (
-        ", eager kernels (no C++ compiler)" if batched and int8 and not compiler() else ""
-    )
+    no_compiler = batched and int8 and os.environ.get(COMPILED_ROWS) == "1" and not compiler()
+    label += ROWS_LABEL[rows] + (", eager kernels (no C++ compiler)" if no_compiler else "")
     e = Engine(config, tensors, label, reduce_range, weight_only_down, rows)
     if (
         rows == "compiled"

@@ -143,18 +143,22 @@ def compiled_rows() -> Callable:
 # How an INT8 Linear runs several rows, by what a loaded engine may afford (runtime/engine.load): FBGEMM from its
 # one packed copy; or from a second copy of the weights, oneDNN's prepacked u8s8 GEMM (eager), or compiled.
 ROWS = ("fbgemm", "onednn", "compiled")
-
-
 ROWS_LABEL = {"fbgemm": "", "onednn": ", oneDNN INT8 for several rows", "compiled": ", compiled INT8 rows"}
+# The compiled rows are asked for, not the default: they need a second copy of every INT8 Linear, which takes
+# INT8's resident memory from 0.64x BF16's to ~1.0x on the default model (quantize/README.md, "Compiled"); the
+# oneDNN copy is made only for Linears of ONEDNN_ROWS_MIN_WEIGHTS or more, and is as fast on those.
+COMPILED_ROWS = "Q8CHAT_COMPILED_ROWS"
 
 
 def rows_kind(second_copy: bool, reduce_range: bool) -> str:
     """How an engine's INT8 Linears run several rows: with room for a second copy of the weights, compiled where
-    inductor finds a C++ compiler, else on oneDNN where the CPU has VNNI or AMX; FBGEMM otherwise. 8-bit codes
-    go to `_int_mm` (oneDNN) only where oneDNN has VNNI or AMX: its AVX2 kernel saturates them, as FBGEMM's does."""
+    asked for (Q8CHAT_COMPILED_ROWS=1) and inductor finds a C++ compiler, else on oneDNN where the CPU has VNNI or
+    AMX; FBGEMM otherwise. 8-bit codes go to `_int_mm` (oneDNN) only where oneDNN has VNNI or AMX: its AVX2
+    kernel saturates them, as FBGEMM's does."""
     if not second_copy:
         return "fbgemm"
-    if compiler() and (reduce_range or onednn_rows()):
+    asked = os.environ.get(COMPILED_ROWS) == "1"
+    if asked and compiler() and (reduce_range or onednn_rows()):
         return "compiled"
     return "onednn" if onednn_rows() else "fbgemm"
 
