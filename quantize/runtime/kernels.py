@@ -142,7 +142,6 @@ def compiled_rows() -> Callable:
 
 # How an INT8 Linear runs several rows, by what a loaded engine may afford (runtime/engine.load): FBGEMM from its
 # one packed copy; or from a second copy of the weights, oneDNN's prepacked u8s8 GEMM (eager), or compiled.
-ROWS = ("fbgemm", "onednn", "compiled")
 ROWS_LABEL = {"fbgemm": "", "onednn": ", oneDNN INT8 for several rows", "compiled": ", compiled INT8 rows"}
 # The compiled rows are asked for, not the default: they need a second copy of every INT8 Linear, which takes
 # INT8's resident memory from 0.64x BF16's to ~1.0x on the default model (quantize/README.md, "Compiled"); the
