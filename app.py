@@ -11,7 +11,6 @@ the live decode), sessions.py (Stop, Clear), panel.py (the panel's text and data
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
 import os
@@ -24,25 +23,17 @@ from types import SimpleNamespace
 
 import gradio as gr
 import torch
-from fastapi import HTTPException
 from tqdm import tqdm
 
 from quantize import machine
 from quantize.build import cli
-from quantize.runtime import chat, latency, panel, remote, serving
+from quantize.runtime import admission, chat, latency, panel, remote, serving
 from quantize.runtime.generate import Sampling
 from quantize.runtime.sessions import Generation, Sessions
 
 log = logging.getLogger("q8chat")
 ASSETS = Path(__file__).parent / "assets"
 QUEUE_SIZE = 16
-# What one visitor may have waiting or running at once (a reply, Clear's follow-up, the next message), and all the
-# sessions behind one forwarded address on a Space (several tabs)
-PER_VISITOR, PER_ADDRESS = 3, 6
-OWNER_ONLY = (
-    "This changes the Space for every visitor: it needs the Space owner's admin token (Q8CHAT_ADMIN_TOKEN)."
-)
-OFF_ON_A_SPACE = "Switching models and the benchmark are off on this Space: its owner turns them on with Q8CHAT_ADMIN_TOKEN."
 DEFAULT_SYSTEM = chat.DEFAULT_SYSTEM
 CHART_COLORS = {"INT8": "#4f46e5", "BF16": "#d97706"}
 STATE = serving.Serving(serving.configured_pairs(), build=cli.main)
@@ -314,20 +305,9 @@ def poll(shown: str | None):
     return header, panel.status_html(STATE), panel.quality_md(STATE.report), label, notice
 
 
-def owner_refusal(token) -> str | None:
-    """None when the caller may change the Space for every visitor (switch the models, hold the CPU for a
-    benchmark): with Q8CHAT_ADMIN_TOKEN set, whoever gives it; without one, anyone outside a Space (whoever runs
-    `python app.py` owns it), nobody on a Space. Else the sentence that says why not."""
-    admin = os.environ.get("Q8CHAT_ADMIN_TOKEN", "")
-    if admin:
-        given = token.encode() if isinstance(token, str) else b""
-        return None if hmac.compare_digest(given, admin.encode()) else OWNER_ONLY
-    return OFF_ON_A_SPACE if os.environ.get("SPACE_ID") else None
-
-
-def switch_pair(name: str, token: str | None = None):
+def switch_pair(name: str, token: str | None = None, request: gr.Request = None):
     """Unload the current pair (after the reply in progress) and load the chosen one in the background."""
-    refusal = owner_refusal(token)
+    refusal = admission.owner_refusal(token, request)
     if refusal:
         gr.Warning(refusal)
         return gr.Dropdown(value=STATE.pair.name if STATE.pair else None)
@@ -344,11 +324,15 @@ def status() -> dict:
 
 
 def run_benchmark(
-    new_tokens: float, rounds: float, token: str | None = None, progress=gr.Progress(track_tqdm=True)
+    new_tokens: float,
+    rounds: float,
+    token: str | None = None,
+    request: gr.Request = None,
+    progress=gr.Progress(track_tqdm=True),
 ):
     """Fixed prompts, greedy, both models interleaved in one run (latency.interleaved): the CPU is the benchmark's
-    for its whole run, so it is the Space owner's to start (owner_refusal)."""
-    refusal = owner_refusal(token)
+    for its whole run, so it is the Space owner's to start (admission.owner_refusal)."""
+    refusal = admission.owner_refusal(token, request)
     if refusal:
         raise gr.Error(refusal)
     if not STATE.compare_available:
@@ -484,43 +468,6 @@ def wire_events() -> None:
     UI.model.change(switch_pair, parts("model admin"), UI.model, api_name="switch_model", **private, **alone)
 
 
-# ---------------------------------------------------------------- a fair queue
-
-
-def visitor_of(session: str | None, request) -> tuple[str, str | None]:
-    """Who sent a request: its session, and on a Space the address the Space's proxy forwarded (never a loopback
-    one: local clients and tests are separate visitors, one per session)."""
-    if request is None:
-        return session or "", None
-    on_space = os.environ.get("SPACE_ID")
-    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip() if on_space else ""
-    address = forwarded or (request.client.host if request.client else "")
-    return session or "", None if not address or address.startswith(("127.", "::1")) else address
-
-
-def admit_fairly(queue) -> None:
-    """Gradio's queue takes any number of one client's requests, up to its size: one script filled it and every
-    other visitor was told the queue is full. Each join is now counted against what the same visitor already has
-    waiting or running, and refused (HTTP 429, with the sentence) beyond PER_VISITOR, or PER_ADDRESS for every
-    session behind one forwarded address."""
-    push = queue.push
-
-    async def push_fairly(body, request, username):
-        session, address = visitor_of(body.session_hash, request)
-        waiting = [e for q in queue.event_queue_per_concurrency_id.values() for e in q.queue]
-        running = [e for job in queue.active_jobs if job for e in job]
-        others = [visitor_of(e.session_hash, e.request) for e in waiting + running]
-        if sum(s == session for s, _ in others) >= PER_VISITOR or (
-            address and sum(a == address for _, a in others) >= PER_ADDRESS
-        ):
-            raise HTTPException(
-                429, f"You already have {PER_VISITOR} requests waiting or running; wait for them."
-            )
-        return await push(body, request, username)
-
-    queue.push = push_fairly
-
-
 def build_ui() -> gr.Blocks:
     with gr.Blocks(title="Q8-Chat — INT8 vs BF16 on a CPU", fill_width=False) as demo:
         gr.Markdown(
@@ -557,10 +504,11 @@ def main() -> None:
     # api_open=False everywhere (Gradio opens it off a Space): /gradio_api/run/* would run a reply outside the
     # queue, and a made-up event id left its generator paused inside the models' shared use for good
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1, api_open=False)
-    admit_fairly(demo._queue)
-    on_space = bool(os.environ.get("SPACE_ID"))
+    admission.admit_fairly(demo._queue)
     demo.launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if on_space else "127.0.0.1"),
+        server_name=os.environ.get(
+            "GRADIO_SERVER_NAME", "0.0.0.0" if admission.on_a_space() else "127.0.0.1"
+        ),
         theme=gr.themes.Soft(primary_hue="indigo", neutral_hue="slate"),
         css_paths=[ASSETS / "style.css"],
         show_error=True,  # API clients get Gradio's validation sentence, not 'an exception was raised'

@@ -4,6 +4,7 @@ own LocalHub (tests/localhub/server.py) ever listens, and every model comes from
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -128,6 +129,18 @@ def local_hub(data_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory, tokenizer) -> dict:
+    """Two tiny Llamas with different random weights, each with its INT8 copy: apps that start in seconds."""
+    from quantize.tools import random_model
+
+    root = tmp_path_factory.mktemp("pairs")
+    return {
+        name: random_model.build_config_model(root / name, tokenizer, size=TINY_LLAMA, samples=4, seed=seed)
+        for seed, name in enumerate(("tiny-a", "tiny-b"))
+    }
+
+
+@pytest.fixture(scope="session")
 def int8_run(default_dir) -> dict:
     """The real maintainer command on the embedded default model, once per session, pushed to a LocalHub.
     Its output folder is where `python app.py` looks for the default INT8 model, so the app tests reuse it."""
@@ -216,28 +229,73 @@ def app_url(app_server) -> str:
 def raw_call(url: str, api_name: str, data: list) -> list:
     """An event of the app through Gradio's queue protocol by hand, as the page (or a script imitating it) calls
     it, hidden from the API or not: join, then read the event stream to the end."""
-    import json
     import uuid
 
+    r, read = join(url, api_name, data, session=uuid.uuid4().hex)
+    assert r.ok, r.text
+    kind, out = read()
+    assert kind == "complete", (kind, out)
+    return out
+
+
+@functools.lru_cache
+def fn_index(url: str, api_name: str) -> int:
     import requests
 
     config = requests.get(url + "config", timeout=10).json()
-    fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
-    session = uuid.uuid4().hex
-    body = json.dumps(
-        {"data": data, "fn_index": fn, "session_hash": session, "event_data": None, "trigger_id": None}
-    )  # ensure_ascii: the surrogate travels as the escape \ud800
-    r = requests.post(
-        url + "gradio_api/queue/join", data=body, headers={"Content-Type": "application/json"}, timeout=10
-    )
-    assert r.ok, r.text
+    return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
+
+
+def join(url: str, api_name: str, data: list, session: str | None = None, headers: dict | None = None):
+    """One request into the app's queue as a script sends it, not as gradio_client would: through /queue/join
+    with the session hash it chose (a fresh one each time, if it likes), or with none at all through the public
+    /call/<api_name> route; with whatever headers it likes. Returns (the HTTP response, how to read the result):
+    read() waits for the event's end and gives ("complete", data) or ("error", message)."""
+    import json
+
+    import requests
+
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    if session is None:
+        r = requests.post(
+            f"{url}gradio_api/call/{api_name}", json={"data": data}, headers=headers, timeout=30
+        )
+        event = r.json().get("event_id") if r.ok else None
+        return r, lambda: read_call(f"{url}gradio_api/call/{api_name}/{event}")
+    body = {"data": data, "fn_index": fn_index(url, api_name), "session_hash": session, "event_data": None,
+            "trigger_id": None}  # fmt: skip
+    r = requests.post(url + "gradio_api/queue/join", data=json.dumps(body), headers=headers, timeout=30)
+    return r, lambda: read_session(url, session)
+
+
+def read_call(stream_url: str, timeout: float = 600) -> tuple[str, object]:
+    import json
+
+    import requests
+
+    kind = None
+    with requests.get(stream_url, stream=True, timeout=timeout) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"event:"):
+                kind = line[6:].strip().decode()
+            elif line.startswith(b"data:") and kind in ("complete", "error"):
+                return kind, json.loads(line[5:])
+    return "ended", None
+
+
+def read_session(url: str, session: str, timeout: float = 600) -> tuple[str, object]:
+    import json
+
+    import requests
+
     with requests.get(
-        url + "gradio_api/queue/data", params={"session_hash": session}, stream=True, timeout=120
-    ) as stream:
-        for line in stream.iter_lines():
+        url + "gradio_api/queue/data", params={"session_hash": session}, stream=True, timeout=timeout
+    ) as r:
+        for line in r.iter_lines():
             if line.startswith(b"data:"):
                 msg = json.loads(line[5:])
                 if msg.get("msg") == "process_completed":
-                    assert msg["success"], msg
-                    return msg["output"]["data"]
-    raise AssertionError("the event stream ended without a result")
+                    if msg.get("success"):
+                        return "complete", msg["output"]["data"]
+                    return "error", msg.get("output", {}).get("error")
+    return "ended", None

@@ -7,26 +7,15 @@ import os
 
 import pytest
 import torch
-from conftest import ANSWER, ARTIFACTS, QUESTION, ROOT, TINY_LLAMA, raw_call, running_app, wait_for
+from conftest import ANSWER, ARTIFACTS, QUESTION, ROOT, raw_call, running_app, wait_for
 from test_app_server import BOT, app_page
 
 from app import DEFAULT_SYSTEM
 from quantize.runtime import decoders
 from quantize.runtime.chat import as_markdown, build_prompt, text_of
 from quantize.runtime.generate import Sampling, stream
-from quantize.tools import random_model
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_pairs(tmp_path_factory, tokenizer) -> dict:
-    """Two tiny Llamas with different random weights, each with its INT8 copy."""
-    root = tmp_path_factory.mktemp("pairs")
-    return {
-        name: random_model.build_config_model(root / name, tokenizer, size=TINY_LLAMA, samples=4, seed=seed)
-        for seed, name in enumerate(("tiny-a", "tiny-b"))
-    }
 
 
 def test_first_start_bf16_answers_while_int8_builds(tiny_pairs, tmp_path):

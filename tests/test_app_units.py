@@ -303,16 +303,36 @@ def test_status_never_collects_garbage(monkeypatch):
     assert status["rss_bytes"] > 0 and 2 not in collections and not trims, (collections, trims)
 
 
-def test_visitors_are_told_apart_by_session_and_on_a_space_by_forwarded_address(monkeypatch):
-    """A Space's proxy names the visitor's address; a loopback one (local clients, tests) never groups sessions,
-    and outside a Space a forwarded header is not believed."""
+def test_a_visitor_is_their_session_and_the_address_the_proxy_saw(monkeypatch):
+    """On a Space the address is the X-Forwarded-For entry HF's proxy appended (the right-most, over every header
+    line), never one the client wrote before it; off a Space, the peer; a loopback address is this machine's own
+    clients and groups nothing; a call with no session is its address's."""
+    from starlette.datastructures import Headers
 
-    def request(host: str, forwarded: str = ""):
-        return SimpleNamespace(client=SimpleNamespace(host=host), headers={"x-forwarded-for": forwarded})
+    from quantize.runtime import admission
 
-    monkeypatch.delenv("SPACE_ID", raising=False)
-    assert app.visitor_of("s1", request("127.0.0.1")) == ("s1", None)
-    assert app.visitor_of("s1", request("203.0.113.7", "198.51.100.1")) == ("s1", "203.0.113.7")
+    def request(host: str, *forwarded: str):
+        headers = Headers(raw=[(b"x-forwarded-for", f.encode()) for f in forwarded])
+        return SimpleNamespace(client=SimpleNamespace(host=host), headers=headers)
+
+    for var in ("SPACE_ID", "SYSTEM"):
+        monkeypatch.delenv(var, raising=False)
+    assert admission.visitor_of("s1", request("127.0.0.1")) == ("s1", None)
+    assert admission.visitor_of("s1", request("203.0.113.7", "198.51.100.1")) == ("s1", "203.0.113.7")
     monkeypatch.setenv("SPACE_ID", "me/q8-chat")
-    assert app.visitor_of("s2", request("10.0.0.2", "198.51.100.1, 10.0.0.1")) == ("s2", "198.51.100.1")
-    assert app.visitor_of("s3", request("127.0.0.1")) == ("s3", None)
+    assert admission.visitor_of("s2", request("10.0.0.2", "1.2.3.4, 198.51.100.1")) == ("s2", "198.51.100.1")
+    assert admission.visitor_of("s2", request("10.0.0.2", "1.2.3.4", "198.51.100.1")) == (
+        "s2",
+        "198.51.100.1",
+    )
+    assert admission.visitor_of("s3", request("127.0.0.1")) == ("s3", None)
+    assert admission.visitor_of(None, request("10.0.0.2", "198.51.100.1"))[1] == "198.51.100.1"
+    assert (
+        admission.visitor_of(None, request("10.0.0.2", "198.51.100.1"))[0]
+        != admission.visitor_of(None, request("10.0.0.2", "198.51.100.2"))[0]
+    )
+    monkeypatch.setattr(admission, "PROXY_HOPS", 2)  # a proxy of the owner's own in front of HF's
+    assert (
+        admission.visitor_of("s4", request("10.0.0.2", "6.6.6.6, 198.51.100.1, 10.1.1.1"))[1]
+        == "198.51.100.1"
+    )

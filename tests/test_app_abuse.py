@@ -1,0 +1,100 @@
+"""A script against the running app, over raw HTTP as its author would drive it (not gradio_client's defaults):
+a fresh session hash with every request, no session at all through /gradio_api/call, a forged X-Forwarded-For,
+owner actions from another machine. On a Space (SPACE_ID set, the tiny pair: replies of 256 tokens that take a
+second or two) and on `python app.py` as it runs on the default model."""
+
+import threading
+import uuid
+
+import pytest
+from conftest import join, running_app
+
+from app import DEFAULT_SYSTEM
+from quantize.runtime.chat import text_of
+
+pytestmark = pytest.mark.slow
+# What the README promises: one address holds at most 4 requests waiting or running, one visitor (a session, or
+# all of one address's session-less calls) 3; the app has 8 reply slots and a queue of 16.
+ONE_ADDRESS, ONE_VISITOR = 4, 3
+LONG = ["Write a very long story about a ship.", [], DEFAULT_SYSTEM, 256, 0.0, 0.95, False, None]
+
+
+@pytest.fixture(scope="module")
+def space_url(tiny_pairs, tmp_path_factory):
+    """The app as a Space runs it (SPACE_ID set: behind HF's proxy), on a tiny pair with no admin token."""
+    bf16_dir, int8_dir = tiny_pairs["tiny-a"]
+    log = tmp_path_factory.mktemp("space") / "app-space-abuse.log"
+    env = dict(SPACE_ID="me/q8-chat", Q8CHAT_BF16_MODEL=str(bf16_dir), Q8CHAT_INT8_MODEL=str(int8_dir))
+    with running_app(log, **env) as (url, _):
+        yield url
+
+
+def flood(url: str, requests_: list[tuple[str | None, dict]]) -> tuple[list, int]:
+    """Sends every (session, headers) request at once, as fast as one client can; returns the readers of those
+    the app took and how many it refused with HTTP 429 (anything else fails the test)."""
+    taken, refused = [], 0
+    for session, headers in requests_:
+        r, read = join(url, "chat", LONG, session=session, headers=headers)
+        if r.status_code == 429:
+            assert "waiting or running" in r.json()["detail"], r.text
+            refused += 1
+        else:
+            assert r.ok, (r.status_code, r.text)
+            taken.append(read)
+    return taken, refused
+
+
+def all_answered(readers: list) -> list:
+    """Reads every taken request to its end, together (a reply streams only while its stream is read)."""
+    results: list = [None] * len(readers)
+
+    def one(i: int) -> None:
+        results[i] = readers[i]()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(readers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return results
+
+
+def answered(result) -> bool:
+    kind, data = result
+    return kind == "complete" and data[0][-1]["role"] == "assistant" and bool(text_of(data[0][-1]["content"]))
+
+
+def test_fresh_sessions_behind_a_forged_forwarded_header_count_as_one_address(space_url):
+    """Twelve requests, each with a fresh session and a made-up left-most X-Forwarded-For entry; HF's proxy adds
+    the real address after it. The app counts them as the one address they are: a few are taken, the rest refused
+    at once. A second visitor, who even writes the flooder's address first, is not counted with the flooder and
+    gets an answer; every request taken is answered. (Before: the limit trusted the left-most entry, which the
+    client writes, and all twelve were taken.)"""
+    flooder = "198.51.100.7"
+    requests_ = [(uuid.uuid4().hex, {"X-Forwarded-For": f"10.9.8.{i}, {flooder}"}) for i in range(12)]
+    taken, refused = flood(space_url, requests_)
+    victim = flood(space_url, [(uuid.uuid4().hex, {"X-Forwarded-For": f"{flooder}, 203.0.113.50"})])[0]
+    print(f"12 fresh sessions with forged headers: {len(taken)} taken, {refused} refused")
+    assert 1 <= len(taken) <= ONE_ADDRESS and refused == 12 - len(taken)
+    results = all_answered(taken + victim)
+    assert len(victim) == 1 and all(answered(r) for r in results), results
+
+
+def test_session_less_calls_count_as_one_visitor(space_url):
+    """The public /gradio_api/call/chat route carries no session, and Gradio gives each call its own: ten such
+    calls from one client are one visitor, a few taken, the rest refused at once, and each taken one answered.
+    (Before: each call was a visitor of its own, never counted.)"""
+    taken, refused = flood(space_url, [(None, {}) for _ in range(10)])
+    print(f"10 session-less calls: {len(taken)} taken, {refused} refused")
+    assert 1 <= len(taken) <= ONE_VISITOR and refused == 10 - len(taken)
+    assert all(answered(r) for r in all_answered(taken))
+
+
+def test_owner_actions_off_a_space_are_for_this_machine_only(app_url):
+    """`python app.py` bound to a public address with no admin token: a client from another machine (here: named
+    by a proxy on this one, which uvicorn believes) cannot start the benchmark, which would hold the CPU; the
+    machine's own client can (test_app_server's benchmark test). (Before: off a Space, anyone could.)"""
+    r, read = join(app_url, "benchmark", [8, 1, ""], headers={"X-Forwarded-For": "203.0.113.9"})
+    assert r.ok, r.text
+    kind, message = read()
+    assert kind == "error" and "only on the machine" in str(message), (kind, message)
