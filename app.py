@@ -10,6 +10,7 @@ the live decode), sessions.py (Stop, Clear), panel.py (the panel's text and data
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -68,7 +69,13 @@ def reply(prepare, history, settings: tuple, compare: bool, clear_count: int, re
         yield {UI.chatbot: kept, UI.message: typed, UI.notice: f"Not sent: {e}"}
         return
     notice = " ".join(f"Note: {n}" for n in [*notes, turn.note] if n)
-    yield from answer(turn, sampling, compare, notice, session, keeping)
+    # registered first, so Stop and Clear reach a reply that waits for a switch or the benchmark to end
+    with SESSIONS.generation(session) as gen, STATE.cpu.shared() as moved:  # the scheduler batches replies
+        # closing: when Gradio closes us (the visitor left), the answer's stream is closed at once, and stops
+        with contextlib.closing(answer(turn, sampling, compare, notice, gen, keeping)) as outs:
+            for out in outs:
+                yield out
+                moved()  # resumed: the reply is alive (serving.CpuUse drops the shares of replies that stand still)
 
 
 def respond(message, history, system, max_new, temperature, top_p, compare, clear_count, request: gr.Request):
@@ -86,53 +93,51 @@ def continue_reply(
 
 
 def answer(
-    turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, session: str, keeping: chat.Keeping
+    turn: chat.Turn, sampling: Sampling, compare: bool, notice: str, gen: Generation, keeping: chat.Keeping
 ):
     """Streams the chat model's answer into the last message (after what it already says), then BF16's answer
     to the same ids for the comparison, then the panel and the race of the two. Each model keeps the visitor's
     conversation for their next turn (`keeping`)."""
     history, ids, prefix = turn.history, turn.ids, chat.text_of(turn.history[-1]["content"])
-    # registered first, so Stop and Clear reach a reply that waits for a switch or the benchmark to end
-    with SESSIONS.generation(session) as gen, STATE.cpu.shared():  # the scheduler decodes replies together
-        model = STATE.chat_model()  # read once the models are ours: a switch may have happened meanwhile
-        if model.decoder is None or not STATE.ready:  # it did, and the next pair is still loading
-            gr.Warning("The models were switched while your message waited; send it again in a moment.")
-            yield {UI.notice: "Not sent: the models were switched while it waited."}
-            return
-        yield {UI.message: "", UI.notice: notice, UI.last_prompt: turn.prompt}
-        comparing = compare and STATE.compare_available and model is STATE.int8
-        try:
-            first = yield from stream_one(
-                model, turn, sampling, gen, fair(keeping, comparing, ids), history, prefix
-            )
-        except remote.EndpointError as e:  # the server is down or slow: the app is not
-            yield dict(zip(UI.emptied, empty_chat())) if gen.abandoned else server_failed(e, turn, prefix)
-            return
-        int8 = first if model is STATE.int8 else None
-        bf16, compared = (None if int8 else first), False
-        if not gen.stop.is_set() and comparing:
-            bf16, why = yield from compare_bf16(int8, turn, sampling, gen, keeping)
-            compared, notice = bf16 is not None, f"{notice} {why}".strip()
-        if gen.abandoned:  # Clear: our last word agrees with Clear's, whichever reaches the page last
-            yield dict(zip(UI.emptied, empty_chat()))
-            return
-        # the last reply running gives the temporaries back to the OS (not per /status; under load a full
-        # collection would stall the others' steps)
-        if STATE.cpu.replies == 1:
-            machine.release_memory()
-        out = panel_outputs(int8, bf16) | {
-            UI.chatbot: history,
-            UI.message: "",
-            UI.notice: notice,
-            UI.bf16_text: bf16.text if compared else "",
-            UI.live: panel.live_line(model.label, first, STATE.window, done=True),
-        }
-        if gen.stop.is_set():
-            out[UI.table] = panel.STOPPED[compared] + out[UI.table]
-        if int8 and compared:
-            race = {"INT8": int8, "BF16": bf16}
-            out |= {UI.race: race} | race_outputs(race, float("inf"))
-        yield out
+    model = STATE.chat_model()  # read once the models are ours: a switch may have happened meanwhile
+    if model.decoder is None or not STATE.ready:  # it did, and the next pair is still loading
+        gr.Warning("The models were switched while your message waited; send it again in a moment.")
+        yield {UI.notice: "Not sent: the models were switched while it waited."}
+        return
+    yield {UI.message: "", UI.notice: notice, UI.last_prompt: turn.prompt}
+    comparing = compare and STATE.compare_available and model is STATE.int8
+    try:
+        first = yield from stream_one(
+            model, turn, sampling, gen, fair(keeping, comparing, ids), history, prefix
+        )
+    except remote.EndpointError as e:  # the server is down or slow: the app is not
+        yield dict(zip(UI.emptied, empty_chat())) if gen.abandoned else server_failed(e, turn, prefix)
+        return
+    int8 = first if model is STATE.int8 else None
+    bf16, compared = (None if int8 else first), False
+    if not gen.stop.is_set() and comparing:
+        bf16, why = yield from compare_bf16(int8, turn, sampling, gen, keeping)
+        compared, notice = bf16 is not None, f"{notice} {why}".strip()
+    if gen.abandoned:  # Clear: our last word agrees with Clear's, whichever reaches the page last
+        yield dict(zip(UI.emptied, empty_chat()))
+        return
+    # the last reply running gives the temporaries back to the OS (not per /status; under load a full
+    # collection would stall the others' steps)
+    if STATE.cpu.replies == 1:
+        machine.release_memory()
+    out = panel_outputs(int8, bf16) | {
+        UI.chatbot: history,
+        UI.message: "",
+        UI.notice: notice,
+        UI.bf16_text: bf16.text if compared else "",
+        UI.live: panel.live_line(model.label, first, STATE.window, done=True),
+    }
+    if gen.stop.is_set():
+        out[UI.table] = panel.STOPPED[compared] + out[UI.table]
+    if int8 and compared:
+        race = {"INT8": int8, "BF16": bf16}
+        out |= {UI.race: race} | race_outputs(race, float("inf"))
+    yield out
 
 
 def compare_bf16(

@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -336,3 +337,60 @@ def test_a_visitor_is_their_session_and_the_address_the_proxy_saw(monkeypatch):
         admission.visitor_of("s4", request("10.0.0.2", "6.6.6.6, 198.51.100.1, 10.1.1.1"))[1]
         == "198.51.100.1"
     )
+
+
+def test_a_reply_never_resumed_does_not_hold_the_models_for_good():
+    """A reply whose generator is paused for good inside its share of the models (a client gone without Gradio
+    closing it): while the engine still works for it, the benchmark waits; once the engine is idle and the reply
+    has stood still long enough, the benchmark gets the models, and the reply, should it move after all, waits
+    for the benchmark to end. A reply that keeps moving is never dropped."""
+    engine_working = threading.Event()
+    engine_working.set()
+    cpu = serving.CpuUse(working=engine_working.is_set)
+    cpu.STALE_S = 0.3
+
+    def reply():
+        with cpu.shared() as moved:
+            yield "first token"
+            moved()
+            yield "second token"
+
+    paused = reply()
+    next(paused)  # and never again
+    alone_started = threading.Event()
+
+    def benchmark():
+        with cpu.alone():
+            alone_started.set()
+            time.sleep(0.5)
+
+    bench = threading.Thread(target=benchmark)
+    bench.start()
+    assert not alone_started.wait(1.0)  # the engine still decodes for the paused reply
+    engine_working.clear()
+    assert alone_started.wait(5.0)
+    resumed = threading.Thread(target=lambda: next(paused))
+    resumed.start()
+    resumed.join(0.2)
+    assert resumed.is_alive()  # the dropped reply moves again only once the benchmark is done
+    bench.join(5)
+    resumed.join(5)
+    assert not resumed.is_alive() and not cpu.alone_now
+
+    def streaming(until: threading.Event):  # a reply whose visitor reads every token, the engine idle
+        with cpu.shared() as moved:
+            while not until.is_set():
+                yield
+                moved()
+
+    done = threading.Event()
+    streamer = threading.Thread(target=lambda: [time.sleep(0.05) for _ in streaming(done)])
+    streamer.start()
+    alone_started.clear()
+    second = threading.Thread(target=benchmark)
+    second.start()
+    assert not alone_started.wait(1.0)  # a live reply is never dropped
+    done.set()
+    assert alone_started.wait(5.0)
+    second.join(5)
+    streamer.join(5)

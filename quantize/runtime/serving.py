@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -91,22 +92,42 @@ class OneAtATime:
 
 class CpuUse:
     """Replies share the models (the scheduler batches them); switching the pair and the benchmark need them
-    alone: they wait for the replies in progress, and replies asked for meanwhile wait for them."""
+    alone: they wait for the replies in progress, and replies asked for meanwhile wait for them.
 
-    def __init__(self) -> None:
+    A reply whose generator is never resumed again (a client that vanished without Gradio closing it) would hold
+    its share for good, and the benchmark, a switch and every reply after them would wait forever. So a share
+    says when its reply last moved (`moved`), and `alone` drops the shares that all stood still for STALE_S while
+    the engine had no work (`working`); a dropped reply that moves after all waits for `alone` to end."""
+
+    STALE_S = 60.0
+
+    def __init__(self, working: Callable[[], bool] = lambda: False) -> None:
         self.changed = threading.Condition()
-        self.replies, self.alone_now = 0, False
+        self.moved_at: dict[int, float] = {}  # per share, when its reply last moved
+        self.alone_now, self.working, self.next_share = False, working, 0
+
+    @property
+    def replies(self) -> int:
+        return len(self.moved_at)
 
     @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self) -> Iterator[Callable[[], None]]:
         with self.changed:
             self.changed.wait_for(lambda: not self.alone_now)
-            self.replies += 1
+            share, self.next_share = self.next_share, self.next_share + 1
+            self.moved_at[share] = time.monotonic()
+
+        def moved() -> None:
+            with self.changed:
+                if share not in self.moved_at:  # dropped as stale: the models may be another's alone now
+                    self.changed.wait_for(lambda: not self.alone_now)
+                self.moved_at[share] = time.monotonic()
+
         try:
-            yield
+            yield moved
         finally:
             with self.changed:
-                self.replies -= 1
+                self.moved_at.pop(share, None)
                 self.changed.notify_all()
 
     @contextmanager
@@ -114,13 +135,28 @@ class CpuUse:
         with self.changed:
             self.changed.wait_for(lambda: not self.alone_now)
             self.alone_now = True
-            self.changed.wait_for(lambda: self.replies == 0)
+            while not self.changed.wait_for(self.idle, timeout=1.0):
+                pass
         try:
             yield
         finally:
             with self.changed:
                 self.alone_now = False
                 self.changed.notify_all()
+
+    def idle(self) -> bool:
+        """No reply holds a share, once those that stood still with the engine idle are dropped."""
+        now = time.monotonic()
+        if (
+            self.moved_at
+            and not self.working()
+            and all(now - t > self.STALE_S for t in self.moved_at.values())
+        ):
+            log.warning(
+                "%d replies stood still for %.0f s: their shares are dropped", self.replies, self.STALE_S
+            )
+            self.moved_at.clear()
+        return not self.moved_at
 
     def busy(self) -> bool:
         return self.replies > 0 or self.alone_now
@@ -143,7 +179,7 @@ class Serving:
     # the maintainer command (`python -m quantize`'s main(argv, stage_bar)), handed in by the app: the runtime never
     # imports the build; None: INT8 models come from Q8CHAT_INT8_MODEL only
     build: Callable[..., int] | None = None
-    cpu: CpuUse = field(default_factory=lambda: CpuUse())
+    cpu: CpuUse = field(default_factory=lambda: CpuUse(working=lambda: chat.SCHEDULER.running))
 
     @property
     def compare_available(self) -> bool:
