@@ -55,8 +55,9 @@ def reply(prepare, history, settings: tuple, compare: bool, clear_count: int, re
     visitor = getattr(request, "session_hash", None)  # API calls have one too
     session = visitor or f"anon-{time.monotonic_ns()}"
     keeping = chat.Keeping(visitor, epoch=chat.PREFIXES.epoch(visitor)) if visitor else chat.Keeping()
-    if SESSIONS.cleared_since(session, clear_count):  # asked for before the visitor pressed Clear
-        yield {}
+    # asked for before the visitor pressed Clear: by the page's count, or it waited in the queue meanwhile
+    if SESSIONS.cleared_since(session, clear_count, admission.joined_at(request)):
+        yield {UI.notice: gr.skip()}  # nothing changes (an empty dict would be read as one output's value)
         return
     try:
         if not STATE.ready:

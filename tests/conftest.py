@@ -265,7 +265,8 @@ def join(url: str, api_name: str, data: list, session: str | None = None, header
     body = {"data": data, "fn_index": fn_index(url, api_name), "session_hash": session, "event_data": None,
             "trigger_id": None}  # fmt: skip
     r = requests.post(url + "gradio_api/queue/join", data=json.dumps(body), headers=headers, timeout=30)
-    return r, lambda: read_session(url, session)
+    event = r.json().get("event_id") if r.ok else None
+    return r, lambda: read_session(url, session, event)
 
 
 def read_call(stream_url: str, timeout: float = 600) -> tuple[str, object]:
@@ -283,7 +284,8 @@ def read_call(stream_url: str, timeout: float = 600) -> tuple[str, object]:
     return "ended", None
 
 
-def read_session(url: str, session: str, timeout: float = 600) -> tuple[str, object]:
+def read_session(url: str, session: str, event: str, timeout: float = 600) -> tuple[str, object]:
+    """The end of one event of a session (a session's stream carries all its events)."""
     import json
 
     import requests
@@ -294,7 +296,7 @@ def read_session(url: str, session: str, timeout: float = 600) -> tuple[str, obj
         for line in r.iter_lines():
             if line.startswith(b"data:"):
                 msg = json.loads(line[5:])
-                if msg.get("msg") == "process_completed":
+                if msg.get("msg") == "process_completed" and msg.get("event_id") == event:
                     if msg.get("success"):
                         return "complete", msg["output"]["data"]
                     return "error", msg.get("output", {}).get("error")

@@ -7,7 +7,8 @@ import threading
 import uuid
 
 import pytest
-from conftest import join, running_app
+import requests
+from conftest import fn_index, join, running_app
 
 from app import DEFAULT_SYSTEM
 from quantize.runtime.chat import text_of
@@ -21,10 +22,12 @@ LONG = ["Write a very long story about a ship.", [], DEFAULT_SYSTEM, 256, 0.0, 0
 
 @pytest.fixture(scope="module")
 def space_url(tiny_pairs, tmp_path_factory):
-    """The app as a Space runs it (SPACE_ID set: behind HF's proxy), on a tiny pair with no admin token."""
+    """The app as a Space runs it (SPACE_ID set: behind HF's proxy), on a tiny pair with no admin token, one reply
+    at a time (so that a reply waits in the queue behind another)."""
     bf16_dir, int8_dir = tiny_pairs["tiny-a"]
     log = tmp_path_factory.mktemp("space") / "app-space-abuse.log"
-    env = dict(SPACE_ID="me/q8-chat", Q8CHAT_BF16_MODEL=str(bf16_dir), Q8CHAT_INT8_MODEL=str(int8_dir))
+    env = dict(SPACE_ID="me/q8-chat", Q8CHAT_BF16_MODEL=str(bf16_dir), Q8CHAT_INT8_MODEL=str(int8_dir),
+               Q8CHAT_SLOTS="1")  # fmt: skip
     with running_app(log, **env) as (url, _):
         yield url
 
@@ -98,3 +101,30 @@ def test_owner_actions_off_a_space_are_for_this_machine_only(app_url):
     assert r.ok, r.text
     kind, message = read()
     assert kind == "error" and "only on the machine" in str(message), (kind, message)
+
+
+def test_clear_drops_a_reply_still_waiting_in_the_queue(space_url):
+    """A visitor sends a message that waits in the queue behind another visitor's long replies, then presses
+    Clear (through the page's own route, as the page does): when its turn comes, the cleared message is not
+    answered, and the chat stays empty. (Before: the page's clear count is a state read when the reply runs, after
+    Clear wrote it, so the cleared conversation came back.)"""
+    mine = uuid.uuid4().hex  # (one reader per session: a session's stream gives each message once)
+    ahead = [join(space_url, "chat", LONG, session=uuid.uuid4().hex)[1] for _ in range(2)]
+    r, read_mine = join(
+        space_url,
+        "chat",
+        ["Hello, who are you?", [], DEFAULT_SYSTEM, 16, 0.0, 0.95, False, None],
+        session=mine,
+    )
+    assert r.ok, r.text
+    cleared = requests.post(
+        space_url + "gradio_api/run/predict",
+        json={"data": [], "fn_index": fn_index(space_url, "clear_chat"), "session_hash": mine, "event_data": None,
+              "trigger_id": None},
+        timeout=30,
+    )  # fmt: skip
+    assert cleared.ok, cleared.text
+    results = all_answered([*ahead, read_mine])
+    assert all(answered(r) for r in results[:2]), results
+    kind, data = results[2]
+    assert kind == "complete" and not (isinstance(data[0], list) and data[0]), data

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import time
 
 from fastapi import HTTPException
 
@@ -100,9 +101,15 @@ def admit_fairly(queue) -> None:
             raise HTTPException(
                 429, f"Your address already has {PER_ADDRESS} requests waiting or running; wait for them."
             )
+        request.state.joined_at = time.monotonic()  # a Clear after it drops it (sessions.cleared_since)
         return await push(body, request, username)
 
     queue.push = push_fairly
+
+
+def joined_at(request) -> float | None:
+    """When a request joined the queue (time.monotonic), as push_fairly noted it; None for one that did not."""
+    return getattr(getattr(request, "state", None), "joined_at", None)
 
 
 def owner_refusal(token, request) -> str | None:
