@@ -158,11 +158,22 @@ def looks_like_path(model: str) -> bool:
     )
 
 
+# What a download takes from a model repo: its configs, tokenizer, card and safetensors weights; never pickled
+# weights (which run code as they load), remote code, or whatever else a repo holds (a large repo filled the disk)
+DOWNLOADED = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.md")
+# transformers' names for safetensors weights: a download is served from these or not at all
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
 def resolve_model(
-    model: str | None, revision: str | None = None, token: str | None = None, skip: tuple[str, ...] = ()
+    model: str | None,
+    revision: str | None = None,
+    token: str | None = None,
+    skip: tuple[str, ...] = (),
+    allow: tuple[str, ...] = DOWNLOADED,
 ) -> Path:
     """Turn a model argument into a local folder (see the module docstring); raises ModelError. A Hub download
-    leaves out the files matching the patterns in `skip`."""
+    takes the files matching `allow` and leaves out those matching `skip`."""
     if not model:
         try:
             return default_model_dir()
@@ -198,7 +209,13 @@ def resolve_model(
 
     try:
         return Path(
-            snapshot_download(model, revision=revision, token=token, ignore_patterns=list(skip) or None)
+            snapshot_download(
+                model,
+                revision=revision,
+                token=token,
+                allow_patterns=list(allow),
+                ignore_patterns=list(skip) or None,
+            )
         )
     except GatedRepoError as e:
         raise ModelError(f"{model!r} is gated: accept its terms on the Hub and set HF_TOKEN.") from e
@@ -228,7 +245,11 @@ def resolve_int8(model: str, revision: str | None = None, token: str | None = No
             f"The INT8 model {model!r} stores pickled weights, which are only loaded from the Hub at a commit "
             f"hash: set Q8CHAT_INT8_REVISION to the 40-character commit (got {revision or 'none'!r})."
         )
-    return resolve_model(model, revision=revision, token=token, skip=(f"{EXPORT_DIR}/*",))
+    pinned = (
+        *DOWNLOADED,
+        "pytorch_model.bin",
+    )  # INC's weights: the pin above is what makes them safe to load
+    return resolve_model(model, revision=revision, token=token, skip=(f"{EXPORT_DIR}/*",), allow=pinned)
 
 
 def refuse_downloaded_pickles(folder: Path) -> None:
@@ -237,10 +258,11 @@ def refuse_downloaded_pickles(folder: Path) -> None:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     downloaded = Path(folder).resolve().is_relative_to(Path(HF_HUB_CACHE).resolve())
-    if downloaded and not any(Path(folder).glob("*.safetensors")):
+    # transformers' own names, not any *.safetensors: beside a decoy file, it would load pytorch_model.bin
+    if downloaded and not any((Path(folder) / name).is_file() for name in SAFETENSORS_WEIGHTS):
         raise ModelError(
-            f"{Path(folder).name} from the Hub has no safetensors weights, only pickled ones, which the app does not "
-            "load from a download: use a revision of the model with safetensors, or a local folder."
+            f"{Path(folder).name} from the Hub has no safetensors weights, only pickled ones, which are never "
+            "loaded from a download: use a revision of the model with safetensors, or a local folder."
         )
 
 

@@ -138,3 +138,27 @@ def test_vllm_serves_the_export(folders, default_dir, tokenizer, tmp_path):
     assert abs(row["long_perplexity_ratio"] - figures["perplexity_ratio"]) < 0.01, (row, figures)
     card = (int8_dir / "README.md").read_text()
     assert re.search(r"^\| int8_vllm \| – \| – \| – \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", card, re.M), card
+
+
+def test_vllm_child_sees_none_of_our_secrets_and_its_words_stay_off_the_card(tmp_path, monkeypatch):
+    """The vLLM child of the build's vLLM stage, here a stand-in Python that records its environment and fails
+    the way a crashing vLLM does (a traceback naming local paths): the child saw no token or key of ours (Hub,
+    admin, endpoint), and the error the card will carry names neither the paths nor the traceback."""
+    from quantize.build import vllm_quality
+    from quantize.errors import ModelError
+
+    seen = tmp_path / "env.json"
+    fake = tmp_path / "python"
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\njson.dump(dict(os.environ), open({str(seen)!r}, 'w'))\n"
+        "sys.exit('Traceback: /home/maintainer/secret-project/model.py line 3: boom')\n"
+    )
+    fake.chmod(0o755)
+    for name in ("HF_TOKEN", "Q8CHAT_ADMIN_TOKEN", "Q8CHAT_ENDPOINT_API_KEY", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.setenv(name, f"planted-{name}")
+    with pytest.raises(ModelError) as err:
+        vllm_quality.served(str(fake), tmp_path / "w8a8", {})
+    child = json.loads(seen.read_text())
+    assert not [k for k, v in child.items() if v.startswith("planted-")], sorted(child)
+    assert "PATH" in child and child.get("HF_HUB_OFFLINE") == "1"
+    assert "/home/maintainer" not in str(err.value) and "boom" not in str(err.value), err.value

@@ -5,7 +5,8 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import HUB_TOKEN, local_hub
+import torch
+from conftest import HUB_TOKEN, local_hub, run_cli
 
 from quantize import models
 from quantize.errors import ModelError
@@ -130,3 +131,37 @@ def test_the_app_never_unpickles_a_downloaded_bf16_model(tmp_path, default_dir):
         serving.load_pair(state, serving.Pair("pickled", bf16="test-user/pickled"))
     assert state.bf16.decoder is None and "no safetensors weights" in state.bf16.error, state.bf16.error
     assert not state.ready
+
+
+def test_a_decoy_safetensors_file_does_not_let_downloaded_pickles_load(tmp_path, default_dir):
+    """A Hub repo with pickled weights (pytorch_model.bin) and a decoy `extra.safetensors` beside them, and a
+    large file the model does not need: the app and the maintainer's command refuse it in one sentence, and the
+    download never fetched the pickle or the large file. (Before: any *.safetensors let transformers unpickle
+    pytorch_model.bin, and a download took the whole repo.)"""
+    import shutil
+
+    from huggingface_hub import HfApi
+    from safetensors.torch import save_file
+
+    from quantize.runtime import serving
+
+    folder = tmp_path / "decoy"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(default_dir / name, folder / name)
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle anyone may open")
+    save_file({"decoy": torch.zeros(1)}, str(folder / "extra.safetensors"))
+    (folder / "training_data.tar").write_bytes(b"\0" * 1_000_000)
+    with local_hub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint, token=HUB_TOKEN)
+        api.create_repo("test-user/decoy")
+        api.upload_folder(folder_path=str(folder), repo_id="test-user/decoy")
+        before = len(hub.requests)
+        state = serving.Serving([])
+        serving.load_pair(state, serving.Pair("decoy", bf16="test-user/decoy"))
+        cli = run_cli("--model", "test-user/decoy", "--out", str(tmp_path / "out"))
+        fetched = [path for _, path in hub.requests[before:]]
+    assert state.bf16.decoder is None and "no safetensors weights" in state.bf16.error, state.bf16.error
+    assert cli.returncode != 0 and "no safetensors weights" in cli.stderr, cli.stderr[-2000:]
+    assert not any(p.endswith(("pytorch_model.bin", "training_data.tar")) for p in fetched), fetched
+    assert any(p.endswith("config.json") for p in fetched), fetched

@@ -160,6 +160,7 @@ def prepare(args: argparse.Namespace):
     if args.alpha is not None:
         rec = recipe.Recipe(**{**rec.__dict__, "alpha": args.alpha})
     src = models.resolve_model(args.model, revision=args.revision)
+    models.refuse_downloaded_pickles(src)
     tok = models.load_tokenizer(src, trust_remote_code=args.trust_remote_code)
     config = models.load_config(src, trust_remote_code=args.trust_remote_code)
     kind = config.model_type
