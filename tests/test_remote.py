@@ -105,6 +105,123 @@ def test_a_server_that_is_slow_or_down_is_a_sentence(tmp_path):
     assert KEY not in log.read_text() and "sk-endpoint" not in log.read_text()
 
 
+class Rude(ThreadingHTTPServer):
+    """An OpenAI-compatible server that misbehaves in one of these ways (`how`), over real HTTP: "endless" streams
+    tokens past max_tokens for ever, "keepalive" sends only keep-alive comments, "long line" one line that never
+    ends, "huge error" a refusal with a 64 MB body. `hung_up` is set when the app closed the connection under it,
+    `sent` counts the bytes it wrote until then."""
+
+    daemon_threads = True
+
+    def __init__(self, how: str) -> None:
+        self.how, self.hung_up, self.asked, self.sent = how, threading.Event(), threading.Event(), 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                body = json.dumps({"data": [{"id": "rude-model", "owned_by": "nobody"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                server.asked.set()
+                huge = server.how == "huge error"
+                self.send_response(503 if huge else 200)
+                self.send_header(
+                    "Content-Length" if huge else "Content-Type",
+                    str(64 << 20) if huge else "text/event-stream",
+                )
+                self.end_headers()
+                token = "data: " + json.dumps({"choices": [{"text": "x"}]}) + "\n\n"
+                piece = {"endless": token, "keepalive": ": keep-alive\n\n", "long line": "data: " + "x" * 65536,
+                         "huge error": "e" * 65536}[server.how]  # fmt: skip
+                try:
+                    for _ in range(100_000):  # about a minute of keep-alives, 6 GB of the others
+                        self.wfile.write(piece.encode())
+                        self.wfile.flush()
+                        server.sent += len(piece)
+                        if server.how == "keepalive":
+                            server.hung_up.wait(0.05)
+                except OSError:  # the app hung up
+                    server.hung_up.set()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self):
+        from quantize.runtime import remote
+
+        return remote.Endpoint(f"http://127.0.0.1:{self.server_address[1]}/v1", role="INT8")
+
+
+def remote_reply(endpoint, stop: threading.Event | None = None, tokens: int = 16):
+    from quantize.runtime import remote
+    from quantize.runtime.generate import Sampling
+
+    sampling = Sampling(max_new_tokens=tokens, temperature=0.0, top_p=1.0)
+    replies = list(
+        remote.decode_remote(endpoint, None, [1, 2, 3], sampling, stop or threading.Event(), None, 0.1)
+    )
+    return replies[-1]
+
+
+def test_a_server_that_ignores_max_tokens_is_cut_off_at_the_visitors_length():
+    rude = Rude("endless")
+    reply = remote_reply(rude.endpoint, tokens=16)
+    assert len(reply.token_ids) == 16 and reply.text == "x" * 16
+    wait_for(rude.hung_up.is_set, 30, "the app to hang up on the server")
+
+
+def test_stop_hangs_up_on_a_server_that_sends_only_keep_alives():
+    """A server that keeps the connection alive and sends no token: the visitor's Stop ends the reply and the
+    connection at once, not at the next token (there is none)."""
+    rude, stop = Rude("keepalive"), threading.Event()
+    done = threading.Event()
+    reply: list = []
+    threading.Thread(target=lambda: (reply.append(remote_reply(rude.endpoint, stop)), done.set())).start()
+    wait_for(rude.asked.is_set, 30, "the request to reach the server")
+    assert not done.wait(1.0)  # keep-alives only: the reply goes on
+    stop.set()
+    wait_for(done.is_set, 10, "the reply to end on Stop")
+    wait_for(rude.hung_up.is_set, 10, "the connection to be closed")
+    assert reply[0].token_ids == []
+
+
+def test_a_reply_that_never_ends_meets_its_deadline(monkeypatch):
+    from quantize.runtime import remote
+
+    monkeypatch.setattr(remote, "REPLY_S", 1.0)
+    rude = Rude("keepalive")
+    with pytest.raises(remote.EndpointError, match="took more than 1 s"):
+        remote_reply(rude.endpoint)
+    wait_for(rude.hung_up.is_set, 10, "the connection to be closed")
+
+
+@pytest.mark.parametrize(
+    ("how", "says"), [("long line", "without ending a line"), ("huge error", "HTTP 503")]
+)
+def test_a_line_or_an_error_page_of_any_size_is_read_only_so_far(how, says):
+    """A line that never ends, an error page of 64 MB: the visitor reads a sentence, and the app hung up long before
+    the server sent it all (the server's writes fail)."""
+    from quantize.runtime import remote
+
+    rude = Rude(how)
+    with pytest.raises(remote.EndpointError, match=says) as err:
+        remote_reply(rude.endpoint)
+    assert len(str(err.value)) < 600
+    wait_for(rude.hung_up.is_set, 30, "the app to hang up on the server")
+    assert rude.sent < 16 << 20, rude.sent  # what the app read, and the sockets' buffers
+
+
 def test_a_bad_address_is_a_sentence_and_a_password_in_it_is_never_shown():
     from quantize.runtime import remote
 

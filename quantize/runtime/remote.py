@@ -8,7 +8,9 @@ they arrive: the times include the network. With vLLM each streamed chunk says w
 that `/v1/models` says is vLLM); from another server each chunk with text counts as one token.
 
 Every failure is an EndpointError whose message is the sentence a visitor reads: a server that is down, one that
-sends nothing for Q8CHAT_ENDPOINT_TIMEOUT_S seconds, one that refuses the request. The key in
+sends nothing for Q8CHAT_ENDPOINT_TIMEOUT_S seconds, one that refuses the request, one whose reply takes longer than
+Q8CHAT_ENDPOINT_REPLY_S in all (keep-alives reset the first timeout, not this one) or runs past REPLY_BYTES. A reply
+past the visitor's max_new_tokens is cut there, and Stop hangs up at once, even on a silent server. The key in
 Q8CHAT_ENDPOINT_API_KEY goes in the Authorization header only, never into a message or a log.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +35,10 @@ from quantize.runtime.chat import Reply
 from quantize.runtime.generate import Sampling
 
 TIMEOUT_S = float(os.environ.get("Q8CHAT_ENDPOINT_TIMEOUT_S", "30"))
+# One reply's bounds, whatever the server does: keep-alive lines reset the per-read timeout, a server may ignore
+# max_tokens, and one line or an error page may be of any size
+REPLY_S = float(os.environ.get("Q8CHAT_ENDPOINT_REPLY_S", "300"))
+REPLY_BYTES, LINE_BYTES, REFUSAL_BYTES = 16 << 20, 1 << 20, 64 << 10
 # What of a server's refusal a visitor reads: its own words, cut (a long error page says nothing more)
 REFUSAL_CHARS = 300
 
@@ -115,33 +122,65 @@ class Endpoint:
             self.model, self.owned_by = served[0]["id"], served[0].get("owned_by")
         return self.model
 
-    def stream(self, path: str, body: dict) -> Iterator[Chunk]:
+    def stream(
+        self, path: str, body: dict, stop: threading.Event | None = None, deadline_s: float | None = None
+    ) -> Iterator[Chunk]:
         """The server's streamed answer to `body` at `path`, chunk by chunk as each arrives. Closing the generator
-        closes the connection, which tells vLLM to stop the request."""
+        closes the connection, which tells vLLM to stop the request; so do `stop` (at once, even while the server
+        sends nothing) and the reply's deadline (REPLY_S), which is an EndpointError."""
         body = {"model": self.connect(), "stream": True, "stream_options": {"include_usage": True}, **body}
         if self.owned_by == "vllm":
             body["return_token_ids"] = True
+        watch = None
         try:
             with httpx.stream("POST", f"{self.url}{path}", json=body, headers=self.headers(),
                               timeout=TIMEOUT_S) as r:  # fmt: skip
                 if not r.is_success:
                     raise self.refused(r)
-                for line in r.iter_lines():
+                watch = Watch(r, stop, time.monotonic() + (deadline_s or REPLY_S))
+                for line in self.lines(r):
                     chunk = parse(line)
                     if chunk is not None:
                         yield chunk
-        except httpx.HTTPError as e:
-            raise self.why(e) from None
+        except (httpx.HTTPError, httpx.StreamError) as e:
+            if watch is None or watch.why is None:
+                raise self.why(e) from None
         except (ValueError, KeyError, TypeError, AttributeError, IndexError):
             raise EndpointError(f"The {self.role} server at {self.host} sent something that is not an OpenAI-style "
                                 "streamed completion.") from None  # fmt: skip
+        finally:
+            if watch is not None:
+                watch.done.set()
+        if watch is not None and watch.why == "deadline":
+            raise EndpointError(f"The {self.role} server at {self.host} took more than {deadline_s or REPLY_S:g} s "
+                                "for one reply; it was cut off there.")  # fmt: skip
+
+    def lines(self, r: httpx.Response) -> Iterator[str]:
+        """The response's lines, within LINE_BYTES each and REPLY_BYTES in all (httpx's iter_lines holds a line
+        of any size)."""
+        pending, total = b"", 0
+        for data in r.iter_bytes():
+            total += len(data)
+            pending += data
+            *done, pending = pending.split(b"\n")
+            yield from (line.decode("utf-8", "replace").rstrip("\r") for line in done)
+            if len(pending) > LINE_BYTES or total > REPLY_BYTES:
+                raise EndpointError(f"The {self.role} server at {self.host} sent more than "
+                                    f"{(LINE_BYTES if len(pending) > LINE_BYTES else REPLY_BYTES) >> 20} MB "
+                                    "without ending a line or the reply; it was cut off.")  # fmt: skip
+        if pending:
+            yield pending.decode("utf-8", "replace")
 
     def refused(self, r: httpx.Response) -> EndpointError:
-        r.read()
+        head = b""
+        for data in r.iter_bytes():  # the start of an error page of any size
+            head += data
+            if len(head) >= REFUSAL_BYTES:
+                break
         try:
-            said = r.json()
+            said = json.loads(head)
         except ValueError:
-            said = r.text
+            said = head.decode("utf-8", "replace")
         said = said.get("error", said) if isinstance(said, dict) else said
         said = said.get("message", said) if isinstance(said, dict) else said
         return EndpointError(f"The {self.role} server at {self.host} refused the request (HTTP {r.status_code}): "
@@ -169,6 +208,32 @@ class Endpoint:
             runs = list(pool.map(lambda i: self.time_generation(prompts[i % len(prompts)], tokens), range(n)))
         gaps = [ms for run in runs for ms in run.decode_ms]
         return {"gaps_ms": gaps, "tokens_per_s": n * tokens / (max(r.stamps[-1] for r in runs) - start)}
+
+
+class Watch:
+    """Ends a streamed response from beside it when the visitor stops (`stop`) or the reply's deadline passes:
+    shutting its socket down wakes the read that waits on a silent server (closing it would not)."""
+
+    def __init__(self, r: httpx.Response, stop: threading.Event | None, deadline: float) -> None:
+        self.r, self.stop, self.deadline = r, stop, deadline
+        self.why: str | None = None  # "stopped" or "deadline", once it hung up
+        self.done = threading.Event()  # the stream ended by itself
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            stopped = self.stop is not None and self.stop.is_set()
+            if stopped or time.monotonic() > self.deadline:
+                self.why = "stopped" if stopped else "deadline"
+                return hang_up(self.r)
+
+
+def hang_up(r: httpx.Response) -> None:
+    stream = r.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def listed(r: httpx.Response) -> list[dict]:
@@ -225,7 +290,8 @@ def decode_remote(
     answer = Reply(len(ids), latency.Timing(time.perf_counter()), pieces=[])
     path, body = request(endpoint, messages, ids, sampling)
     shown = time.perf_counter()
-    with contextlib.closing(endpoint.stream(path, body)) as stream:  # closed on Stop: the server stops too
+    # closed on Stop, at once even while the server is silent: the server stops too
+    with contextlib.closing(endpoint.stream(path, body, stop)) as stream:
         for chunk in stream:
             for i, token in enumerate(chunk.token_ids):
                 if token is not None and token == eos:
@@ -234,8 +300,8 @@ def decode_remote(
                 answer.token_ids.append(token)
                 answer.pieces.append(chunk.text if i == 0 else "")
             answer.text += chunk.text
-            if stop.is_set():
-                break
+            if stop.is_set() or len(answer.token_ids) >= sampling.max_new_tokens:
+                break  # a server that ignores max_tokens is cut off at the visitor's length
             if chunk.t - shown >= interval:
                 shown = chunk.t
                 yield answer
