@@ -225,6 +225,33 @@ def test_a_reply_that_fails_inside_a_batch_ends_alone(model, prompts, model_thre
     assert ("step", 2) in spy.rows  # they were in one batch before it failed
 
 
+def test_a_reply_that_fails_among_others_on_the_generic_path_ends_alone(model, prompts, model_thread):
+    """The generic path (no batched step) runs a turn's replies one after another: the second reply fails once
+    the first has already taken its token. The failing reply ends with its error; the first goes on, its cache fed
+    each token once: its prompt and its own tokens, in order. (Before: the turn was rerun one by one, and the first
+    reply's cache read the same token twice; this model's greedy tokens happen not to show it.)"""
+    doomed_size = len(prompts[1]) + TOKENS + 1  # the doomed reply's cache, told apart by its size
+
+    class BreaksOneCache(OneByOne):
+        fed: dict = {}  # per cache size, the tokens its forward passes read
+
+        def forward(self, ids, cache):
+            if cache.k.shape[2] == doomed_size and cache.length >= len(prompts[1]) + 3:
+                raise ValueError("this conversation's cache is full")
+            self.fed.setdefault(cache.k.shape[2], []).extend(ids.tolist())
+            return super().forward(ids, cache)
+
+    generic = BreaksOneCache(model)
+    scheduler = Scheduler(slots=4, run_on=model_thread)
+    fine = scheduler.submit(Sequence(generic, prompts[0], Sampling(max_new_tokens=TOKENS)))
+    doomed = scheduler.submit(Sequence(generic, prompts[1], Sampling(max_new_tokens=TOKENS + 1)))
+    got = read_all([fine])
+    with pytest.raises(ValueError, match="cache is full"):
+        list(doomed.steps())
+    assert generic.fed[len(prompts[0]) + TOKENS] == prompts[0] + got[0][:-1]
+    assert all_greedy(model, prompts[:1], got, [TOKENS])
+
+
 def test_an_empty_prompt_ends_at_once_with_a_sentence(model, model_thread):
     seq = Scheduler(slots=1, run_on=model_thread).submit(Sequence(model, [], Sampling(max_new_tokens=4)))
     with pytest.raises(ValueError, match="empty prompt"):

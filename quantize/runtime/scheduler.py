@@ -187,13 +187,18 @@ class Scheduler:
 
     def decode_all(self) -> None:
         """One step for every decoding sequence, a batch per model. A batch that fails is run again one sequence
-        at a time, so a failure (a full cache) ends only the replies it belongs to."""
+        at a time, so a failure (a full cache) ends only the replies it belongs to: the engine's `step` advances
+        no cache unless the whole pass succeeds. A decoder without `step` (the generic path) runs its sequences
+        one by one from the start, since each pass advances its own cache: a rerun would feed a token twice."""
         decoding = [
             s for s in self.active if s.last is not None and not s.stop.is_set()
         ]  # stopped: leave next
         for decoder in {id(s.decoder): s.decoder for s in decoding}.values():
             batch = [s for s in decoding if s.decoder is decoder]
-            if not self.decode(batch) and len(batch) > 1:
+            if not hasattr(decoder, "step"):
+                for seq in batch:
+                    self.decode([seq])
+            elif not self.decode(batch) and len(batch) > 1:
                 for seq in batch:
                     self.decode([seq])
 
@@ -217,9 +222,9 @@ class Scheduler:
         """A batch of several runs `step`; one alone runs `forward`, the path generate.stream and the bench time,
         so a reply alone decodes as it did before there was a scheduler."""
         ids = torch.tensor([s.last for s in batch])
-        if len(batch) > 1 and hasattr(decoder, "step"):
+        if len(batch) > 1:
             return decoder.step(ids, [s.cache for s in batch])
-        return torch.cat([decoder.forward(ids[i : i + 1], s.cache) for i, s in enumerate(batch)])
+        return decoder.forward(ids, batch[0].cache)
 
     def emit(self, batch: list[Sequence], logits: torch.Tensor, start: float) -> None:
         """Each sequence's next token from its row of logits (the pass began at `start`); one that is done, or whose
