@@ -50,8 +50,8 @@ def asset(name: str):
 
 
 def reply(prepare, history, settings: tuple, compare: bool, clear_count: int, request, typed=gr.skip()):
-    """The one path of Send, Retry, an example and Continue: checks, then `answer`. `prepare(history)` makes
-    the Turn from the checked history; a refusal keeps the history and the `typed` text as they were."""
+    """The one path of Send, Retry, an example and Continue: checks, then `answer`. `prepare(history, budget)`
+    makes the Turn from the checked history, within the tokens the model may read; a refusal keeps the history and the `typed` text as they were."""
     visitor = getattr(request, "session_hash", None)  # API calls have one too
     session = visitor or f"anon-{time.monotonic_ns()}"
     keeping = chat.Keeping(visitor, epoch=chat.PREFIXES.epoch(visitor)) if visitor else chat.Keeping()
@@ -63,7 +63,7 @@ def reply(prepare, history, settings: tuple, compare: bool, clear_count: int, re
         if not STATE.ready:
             raise chat.Refused(STATE.status or "The models are still loading; try again in a moment.")
         sampling, notes = chat.read_settings(*settings)
-        turn = prepare(chat.check_history(history))
+        turn = prepare(chat.check_history(history), chat.input_budget(STATE.window, sampling.max_new_tokens))
     except chat.Refused as e:
         gr.Warning(str(e))
         kept = history if isinstance(history, list) else []

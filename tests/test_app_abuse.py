@@ -8,10 +8,11 @@ import uuid
 
 import pytest
 import requests
-from conftest import fn_index, join, running_app
+from conftest import TINY_LLAMA, fn_index, join, running_app
 
 from app import DEFAULT_SYSTEM
 from quantize.runtime.chat import text_of
+from quantize.tools import random_model
 
 pytestmark = pytest.mark.slow
 # What the README promises: one address holds at most 4 requests waiting or running, one visitor (a session, or
@@ -20,15 +21,19 @@ ONE_ADDRESS, ONE_VISITOR = 4, 3
 LONG = ["Write a very long story about a ship.", [], DEFAULT_SYSTEM, 256, 0.0, 0.95, False, None]
 
 
+WINDOW = 512  # the tiny model's context window: under the app's 1,024-token input limit
+
+
 @pytest.fixture(scope="module")
-def space_url(tiny_pairs, tmp_path_factory):
-    """The app as a Space runs it (SPACE_ID set: behind HF's proxy), on a tiny pair with no admin token, one reply
-    at a time (so that a reply waits in the queue behind another)."""
-    bf16_dir, int8_dir = tiny_pairs["tiny-a"]
-    log = tmp_path_factory.mktemp("space") / "app-space-abuse.log"
+def space_url(tokenizer, tmp_path_factory):
+    """The app as a Space runs it (SPACE_ID set: behind HF's proxy), with no admin token, one reply at a time (so
+    that a reply waits in the queue behind another), on a tiny Llama whose window is WINDOW tokens."""
+    root = tmp_path_factory.mktemp("space")
+    size = {**TINY_LLAMA, "max_position_embeddings": WINDOW}
+    bf16_dir, int8_dir = random_model.build_config_model(root / "model", tokenizer, size=size, samples=4)
     env = dict(SPACE_ID="me/q8-chat", Q8CHAT_BF16_MODEL=str(bf16_dir), Q8CHAT_INT8_MODEL=str(int8_dir),
                Q8CHAT_SLOTS="1")  # fmt: skip
-    with running_app(log, **env) as (url, _):
+    with running_app(root / "app-space-abuse.log", **env) as (url, _):
         yield url
 
 
@@ -128,3 +133,23 @@ def test_clear_drops_a_reply_still_waiting_in_the_queue(space_url):
     assert all(answered(r) for r in results[:2]), results
     kind, data = results[2]
     assert kind == "complete" and not (isinstance(data[0], list) and data[0]), data
+
+
+def test_a_long_chat_fits_a_model_whose_window_is_under_the_input_limit(space_url):
+    """A model that reads 512 tokens, a chat of about 1,000 tokens and a reply of 64: the oldest turns are left out
+    so that the prompt and the reply fit the window, the visitor is told, and the reply is whole. (Before: the
+    prompt was cut at 1,024 tokens whatever the window, and the reply failed.)"""
+    turn = "Tell me about ships and the sea and the old harbour. " * 4
+    history = [
+        {"role": r, "content": [{"type": "text", "text": turn}]}
+        for _ in range(10)
+        for r in ("user", "assistant")
+    ]
+    data = ["And now?", history, DEFAULT_SYSTEM, 64, 0.0, 0.95, False, None]
+    r, read = join(space_url, "chat", data, session=uuid.uuid4().hex)
+    assert r.ok, r.text
+    kind, out = read()
+    assert kind == "complete", out
+    chat, notice = out[0], out[5]
+    assert text_of(chat[-2]["content"]) == "And now?" and text_of(chat[-1]["content"]), chat[-1]
+    assert "left out" in notice, notice

@@ -98,7 +98,21 @@ def check_history(history) -> list[dict]:
     return list(history)
 
 
-def check_message(tokenizer, message, history: list[dict], system) -> tuple[list[dict], list[int], str]:
+def input_budget(window: int, max_new_tokens: int) -> int:
+    """What the model may read of a request: MAX_INPUT_TOKENS, and within its window (when known) room for the
+    reply. Refused when the reply alone would fill the window."""
+    if not window:
+        return MAX_INPUT_TOKENS
+    if window - max_new_tokens < 16:
+        raise Refused(
+            f"This model reads at most {window:,} tokens: ask for fewer than {window - 16:,} new tokens."
+        )
+    return min(MAX_INPUT_TOKENS, window - max_new_tokens)
+
+
+def check_message(
+    tokenizer, message, history: list[dict], system, budget: int = MAX_INPUT_TOKENS
+) -> tuple[list[dict], list[int], str]:
     """(the conversation sent, its prompt ids, note) for a new message, or Refused with the sentence to show."""
     text, system = clean(message), system if isinstance(system, str) else ""
     if not text:
@@ -111,7 +125,7 @@ def check_message(tokenizer, message, history: list[dict], system) -> tuple[list
             raise Refused(f"{what} has {len(got):,} characters; the limit is {limit:,}. "
                           "Shorten it — your text is still in the box.")  # fmt: skip
     try:
-        ids, dropped = build_prompt(tokenizer, system, history, text)
+        ids, dropped = build_prompt(tokenizer, system, history, text, budget)
     except ValueError as e:
         raise Refused(f"{e} Your text is still in the box.") from None
     note = (
@@ -234,9 +248,9 @@ class Turn:
     messages: list[dict] | None = None  # the conversation `ids` render, for a server (None: Continue's ids)
 
 
-def new_turn(tokenizer, message, system, history: list[dict]) -> Turn:
-    """A typed message after `history`, or Refused."""
-    messages, ids, note = check_message(tokenizer, message, history, system)
+def new_turn(tokenizer, message, system, history: list[dict], budget: int = MAX_INPUT_TOKENS) -> Turn:
+    """A typed message after `history`, read within `budget` tokens (input_budget), or Refused."""
+    messages, ids, note = check_message(tokenizer, message, history, system, budget)
     exchange = [
         {"role": "user", "content": as_markdown(messages[-1]["content"])},
         {"role": "assistant", "content": ""},
@@ -244,16 +258,18 @@ def new_turn(tokenizer, message, system, history: list[dict]) -> Turn:
     return Turn(history + exchange, ids, ids, note, messages)
 
 
-def continuation(tokenizer, last_prompt: list[int] | None, history: list[dict]) -> Turn:
+def continuation(
+    tokenizer, last_prompt: list[int] | None, history: list[dict], budget: int = MAX_INPUT_TOKENS
+) -> Turn:
     """The last answer's prompt and what it said, so the model picks up where it stopped; or Refused when there is
-    nothing to continue or the two pass MAX_INPUT_TOKENS (characters counted first, before any tokenizing)."""
+    nothing to continue or the two pass `budget` (characters counted first, before any tokenizing)."""
     if not last_prompt or not history or history[-1]["role"] != "assistant":
         raise Refused("Nothing to continue: send a message first.")
     said = text_of(history[-1]["content"])
     ids = continuation_ids(tokenizer, last_prompt, said) if len(said) <= MAX_INPUT_CHARS else []
-    if not ids or len(ids) > MAX_INPUT_TOKENS:
+    if not ids or len(ids) > budget:
         raise Refused(
-            f"This answer and its prompt have reached the input limit of {MAX_INPUT_TOKENS:,} tokens, so it "
+            f"This answer and its prompt have reached the input limit of {budget:,} tokens, so it "
             "cannot be continued: ask a follow-up question instead."
         )
     return Turn(history, ids, last_prompt)
