@@ -30,6 +30,7 @@ from quantize import machine
 from quantize.build import cli
 from quantize.runtime import admission, chat, latency, panel, remote, serving
 from quantize.runtime.generate import Sampling
+from quantize.runtime.scheduler import NoRoom
 from quantize.runtime.sessions import Generation, Sessions
 
 log = logging.getLogger("q8chat")
@@ -111,7 +112,8 @@ def answer(
         first = yield from stream_one(
             model, turn, sampling, gen, fair(keeping, comparing, ids), history, prefix
         )
-    except remote.EndpointError as e:  # the server is down or slow: the app is not
+    # the server is down or slow, or this machine has no room for the reply's cache: the app is not down
+    except (remote.EndpointError, NoRoom) as e:
         yield dict(zip(UI.emptied, empty_chat())) if gen.abandoned else server_failed(e, turn, prefix)
         return
     int8 = first if model is STATE.int8 else None
@@ -150,13 +152,13 @@ def compare_bf16(
     yield panel_outputs(int8, None) | {UI.table: "Running the same prompt on BF16…\n\n" + table}
     try:
         return (yield from stream_one(STATE.bf16, turn, sampling, gen, keeping)), ""
-    except remote.EndpointError as e:
+    except (remote.EndpointError, NoRoom) as e:
         gr.Warning(str(e))
         return None, f"Not compared: {e}"
 
 
-def server_failed(error: remote.EndpointError, turn: chat.Turn, prefix: str) -> dict:
-    """The chat when the server failed to answer: what it had written stays (Continue picks it up); when it wrote
+def server_failed(error: Exception, turn: chat.Turn, prefix: str) -> dict:
+    """The chat when the server (or the memory for its cache) failed to answer: what it had written stays (Continue picks it up); when it wrote
     nothing, the chat is as it was and the message is back in the box."""
     gr.Warning(str(error))
     history = turn.history

@@ -30,6 +30,14 @@ CGROUP_FILES = (
 def memory_room() -> int:
     """Bytes the models may take: the OS's available memory, the container's cgroup room and
     Q8CHAT_MEMORY_BYTES, whichever is least (called with no model loaded)."""
+    room = [os_room()]
+    if os.environ.get("Q8CHAT_MEMORY_BYTES"):
+        room.append(int(os.environ["Q8CHAT_MEMORY_BYTES"]))
+    return min(room)
+
+
+def os_room() -> int:
+    """Bytes free now: the OS's available memory, or the container's cgroup room if that is less."""
     import psutil
 
     room = [psutil.virtual_memory().available]
@@ -39,8 +47,6 @@ def memory_room() -> int:
             break
         except (OSError, ValueError):  # absent, or "max": no limit
             continue
-    if os.environ.get("Q8CHAT_MEMORY_BYTES"):
-        room.append(int(os.environ["Q8CHAT_MEMORY_BYTES"]))
     return min(room)
 
 

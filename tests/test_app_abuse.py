@@ -153,3 +153,26 @@ def test_a_long_chat_fits_a_model_whose_window_is_under_the_input_limit(space_ur
     chat, notice = out[0], out[5]
     assert text_of(chat[-2]["content"]) == "And now?" and text_of(chat[-1]["content"]), chat[-1]
     assert "left out" in notice, notice
+
+
+def test_a_reply_whose_cache_would_not_fit_is_refused_with_a_sentence(tiny_pairs, tmp_path):
+    """Memory for the INT8 model and ~60 KB more (Q8CHAT_MEMORY_BYTES; BF16 does not fit, INT8 answers alone):
+    a reply that would write 256 new tokens (~150 KB of cache) is not admitted, the visitor reads why and finds
+    the message back in the box, and the app answers the next, small reply. (Before: every cache was allocated
+    unchecked, and on an overcommitting kernel the OOM killer would end the app.)"""
+    from quantize.runtime import engine
+
+    bf16_dir, int8_dir = tiny_pairs["tiny-a"]
+    int8_bytes = engine.load(int8_dir).weight_bytes
+    env = dict(Q8CHAT_BF16_MODEL=str(bf16_dir), Q8CHAT_INT8_MODEL=str(int8_dir),
+               Q8CHAT_MEMORY_BYTES=str(int8_bytes + 60_000))  # fmt: skip
+    with running_app(tmp_path / "app-no-room-for-caches.log", **env) as (url, proc):
+        big = ["Hello there", [], DEFAULT_SYSTEM, 256, 0.0, 0.95, False, None]
+        kind, out = join(url, "chat", big, session=uuid.uuid4().hex)[1]()
+        assert kind == "complete", out
+        assert "Not answered" in out[5] and "MB of memory" in out[5], out[5]
+        assert out[0] == [] and out[1] == "Hello there", out[:2]
+        small = ["Hello there", [], DEFAULT_SYSTEM, 8, 0.0, 0.95, False, None]
+        kind, out = join(url, "chat", small, session=uuid.uuid4().hex)[1]()
+        assert kind == "complete" and text_of(out[0][-1]["content"]), out
+        assert proc.poll() is None

@@ -37,6 +37,10 @@ class OneByOne:
     def new_cache(self, max_len):
         return self.model.new_cache(max_len)
 
+    @property
+    def position_bytes(self) -> int:
+        return self.model.position_bytes
+
     def forward(self, ids, cache):
         self.rows.append(("prompt" if len(ids) > 1 else "token", len(ids)))
         return self.model.forward(ids, cache)
@@ -360,3 +364,25 @@ def test_a_kept_prefix_is_taken_only_as_far_as_allowed_and_clear_wins_over_a_run
     spy.rows.clear()
     reply(scheduler, spy, second, "visitor")
     assert spy.rows[0] == ("prompt", len(second))
+
+
+def test_a_reply_whose_cache_does_not_fit_beside_the_others_waits_for_one_to_end(
+    model, prompts, model_thread
+):
+    """Room for one reply's cache at a time: the second waits in line, though a slot is free, until the first
+    ends, then runs; both are whole. With nothing in the slots to wait for, a cache that does not fit ends its
+    reply with the sentence."""
+    from quantize.runtime.scheduler import NoRoom
+
+    one = (
+        (len(prompts[0]) + TOKENS) * 2 * len(model.blocks) * model.kv_heads * model.head_dim * 2
+    )  # BF16 K, V
+    spy = Spy(model)
+    scheduler = Scheduler(slots=4, run_on=model_thread, room=lambda: (1 << 40, int(one * 1.5)))
+    seqs = [scheduler.submit(Sequence(spy, prompts[0], Sampling(max_new_tokens=TOKENS))) for _ in range(2)]
+    got = read_all(seqs)
+    assert got[0] == got[1] and len(got[0]) == TOKENS
+    assert ("step", 2) not in spy.rows  # never decoded together: the second waited for the first's cache
+    tight = Scheduler(slots=4, run_on=model_thread, room=lambda: (one // 2, None))
+    with pytest.raises(NoRoom, match="MB of memory"):
+        list(tight.submit(Sequence(model, prompts[0], Sampling(max_new_tokens=TOKENS))).steps())

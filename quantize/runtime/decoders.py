@@ -46,6 +46,15 @@ class HFDecoder:
         tied = any(p.data_ptr() in out_ptrs for p in emb.parameters())
         return self.weight_bytes - (0 if tied else weight_bytes(emb))
 
+    @property
+    def position_bytes(self) -> int:
+        """K and V of every layer at one position, from the config's names (0 where a family names them otherwise)."""
+        c = self.model.config
+        layers, heads = getattr(c, "num_hidden_layers", 0), getattr(c, "num_attention_heads", 0)
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        head_dim = getattr(c, "head_dim", None) or (getattr(c, "hidden_size", 0) // heads if heads else 0)
+        return 2 * layers * kv_heads * head_dim * self.model.dtype.itemsize
+
     def new_cache(self, max_len: int | None = None) -> HFCache:
         # models that only take legacy tuples (BLOOM, MPT in transformers 4.45) start from None
         return HFCache(DynamicCache() if self.model._supports_cache_class else None)

@@ -274,6 +274,11 @@ class Engine:
         )
         malloc_trim()
 
+    @property
+    def position_bytes(self) -> int:
+        """What one position of a cache takes: K and V of every layer."""
+        return 2 * len(self.blocks) * self.kv_heads * self.head_dim * self.dtype.itemsize
+
     def new_cache(self, max_len: int | None = None) -> Cache:
         n = min(max_len or self.max_len, self.max_len)
         return Cache(len(self.blocks), self.kv_heads, n, self.head_dim, self.dtype)

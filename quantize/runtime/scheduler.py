@@ -8,7 +8,10 @@ path, runs them one by one). A sequence leaves at its last token, at Stop, or wh
 free for the next turn.
 
 Memory: a sequence's KV cache holds its prompt and its new tokens and nothing more, so the caches in slots hold
-at most slots x (chat.MAX_INPUT_TOKENS + the largest max_new_tokens) positions. A sequence that names its visitor
+at most slots x (chat.MAX_INPUT_TOKENS + the largest max_new_tokens) positions. A cache's pages become resident
+only as it is written, so an overcommitting kernel would let caches grow past the machine and its OOM killer end
+the app: a sequence takes a slot only when its whole cache fits the room there is (`room`) beside what the caches
+in slots may still write; else it waits for one to end, or, with none in slots, ends with NoRoom's sentence. A sequence that names its visitor
 (`keeping`) leaves its cache to `prefixes` (runtime/prefixes.py, a byte budget of its own) for the visitor's next
 turn, which then reads only the tokens after what it shares with it.
 """
@@ -20,7 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
@@ -68,13 +71,29 @@ class Sequence:
             self.stop.set()
 
 
+class NoRoom(RuntimeError):
+    """A reply whose cache the machine's memory cannot hold; the message is the visitor's sentence."""
+
+
+def cache_bytes(decoder: object, positions: int) -> int:
+    """What a cache of `positions` takes once written (0 for a decoder that does not say its bytes per position)."""
+    return positions * getattr(decoder, "position_bytes", 0)
+
+
 class Scheduler:
-    """Sequences in line, in prefill and in decode, turned over on `run_on` (one thread) while any are left."""
+    """Sequences in line, in prefill and in decode, turned over on `run_on` (one thread) while any are left.
+    `room()` gives the bytes free for caches now: (what the OS and the cgroup leave, what the app's own budget
+    leaves beside the weights and kept caches, or None)."""
 
     def __init__(
-        self, slots: int, run_on: Executor, chunk: int = PREFILL_CHUNK, prefixes: Prefixes | None = None
+        self,
+        slots: int,
+        run_on: Executor,
+        chunk: int = PREFILL_CHUNK,
+        prefixes: Prefixes | None = None,
+        room: Callable[[], tuple[int, int | None]] | None = None,
     ) -> None:
-        self.slots, self.run_on, self.chunk = slots, run_on, chunk
+        self.slots, self.run_on, self.chunk, self.room = slots, run_on, chunk, room
         self.prefixes = prefixes or Prefixes(budget=0)
         self.lock = threading.Lock()
         self.waiting: deque[Sequence] = deque()
@@ -123,7 +142,13 @@ class Scheduler:
             for seq in [s for s in (*self.active, *self.waiting) if s.stop.is_set()]:
                 self.finish(seq)
             while self.waiting and len(self.active) < self.slots:
+                short = self.short_of_room(self.waiting[0])
+                if short and self.active:
+                    break  # it waits, first in line, for a reply in a slot to end and free its cache
                 seq = self.waiting.popleft()
+                if short:
+                    self.finish(seq, NoRoom(short))
+                    continue
                 try:  # its cache may not fit in memory: that reply ends, the others go on
                     self.give_cache(seq)
                     if seq.sampling.temperature > 0:
@@ -137,6 +162,25 @@ class Scheduler:
                 seq.place = place + 1
             self.running = bool(self.active)
             return self.running
+
+    def short_of_room(self, seq: Sequence) -> str | None:
+        """None when the sequence's whole cache fits the room beside the caches in slots, else why not."""
+        positions = len(seq.prompt) + seq.sampling.max_new_tokens
+        need = cache_bytes(seq.decoder, positions)
+        if self.room is None or not need:
+            return None
+        written = sum(cache_bytes(s.decoder, s.read + len(s.said)) for s in self.active)
+        unwritten = sum(
+            cache_bytes(s.decoder, len(s.prompt) + s.sampling.max_new_tokens) for s in self.active
+        )
+        unwritten -= written
+        os_room, budget = self.room()
+        free = min(os_room - unwritten, budget - written - unwritten if budget is not None else os_room)
+        if need <= free:
+            return None
+        return (f"This conversation needs {need / 1e6:,.0f} MB of memory for its {positions:,} positions, and the "
+                f"machine has {max(free, 0) / 1e6:,.0f} MB left now: try a shorter conversation or fewer new "
+                "tokens.")  # fmt: skip
 
     def give_cache(self, seq: Sequence) -> None:
         """A cache for the sequence's prompt and new tokens: with its visitor's kept prefix where there is one, so

@@ -11,11 +11,13 @@ Configuration (environment):
                   original) that answer instead of models loaded here (runtime/remote.py); the first pair's
                   BF16 model then gives only its tokenizer. Q8CHAT_ENDPOINT_API_KEY, Q8CHAT_ENDPOINT_TIMEOUT_S
   Q8CHAT_THREADS  torch threads (default: all cores)
-  Q8CHAT_MEMORY_BYTES  memory the two models may take (default: what the OS and the container's cgroup leave)
+  Q8CHAT_MEMORY_BYTES  memory the two models, then their caches, may take (default: what the OS and the container's
+                       cgroup leave)
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -286,11 +288,24 @@ def status(state: Serving) -> dict:
     }
 
 
+# What the OS must keep beside the caches: a prompt's activations, the page's buffers
+CACHE_HEADROOM_BYTES = 256 << 20
+
+
+def cache_room(state: Serving) -> tuple[int, int | None]:
+    """The scheduler's room for caches (scheduler.Scheduler): what the OS and the container leave now, less a
+    headroom; and with Q8CHAT_MEMORY_BYTES, what it leaves beside the loaded weights and the visitors' kept caches."""
+    budget = os.environ.get("Q8CHAT_MEMORY_BYTES")
+    held = state.int8.weight_bytes + state.bf16.weight_bytes + chat.PREFIXES.nbytes
+    return machine.os_room() - CACHE_HEADROOM_BYTES, int(budget) - held if budget else None
+
+
 def load_pair(state: Serving, pair: Pair) -> None:
     """Load BF16 (the chat answers from then on), then the INT8 copy, building it first if needed. Runs in a
     background thread; every failure ends up in the state for the page, never kills the app."""
     torch.set_num_threads(threads())
     state.pair, state.int8, state.bf16, state.report = pair, LoadedModel("INT8"), LoadedModel("BF16"), None
+    chat.SCHEDULER.room = functools.partial(cache_room, state)
     if pair.int8_endpoint or pair.bf16_endpoint:
         return serve_remote(state, pair)
     try:
