@@ -3,6 +3,7 @@ a fresh session hash with every request, no session at all through /gradio_api/c
 owner actions from another machine. On a Space (SPACE_ID set, the tiny pair: replies of 256 tokens that take a
 second or two) and on `python app.py` as it runs on the default model."""
 
+import json
 import threading
 import uuid
 
@@ -22,19 +23,21 @@ LONG = ["Write a very long story about a ship.", [], DEFAULT_SYSTEM, 256, 0.0, 0
 
 
 WINDOW = 512  # the tiny model's context window: under the app's 1,024-token input limit
+ADMIN_TOKEN = "q8-admin-PLANTED-0123456789abcdef"  # the Space owner's: must never show in a log or a page
 
 
 @pytest.fixture(scope="module")
-def space_url(tokenizer, tmp_path_factory):
+def space_app(tokenizer, tmp_path_factory):
     """The app as a Space runs it (SPACE_ID set: behind HF's proxy), with no admin token, one reply at a time (so
     that a reply waits in the queue behind another), on a tiny Llama whose window is WINDOW tokens."""
     root = tmp_path_factory.mktemp("space")
     size = {**TINY_LLAMA, "max_position_embeddings": WINDOW}
     bf16_dir, int8_dir = random_model.build_config_model(root / "model", tokenizer, size=size, samples=4)
     env = dict(SPACE_ID="me/q8-chat", Q8CHAT_BF16_MODEL=str(bf16_dir), Q8CHAT_INT8_MODEL=str(int8_dir),
-               Q8CHAT_SLOTS="1")  # fmt: skip
-    with running_app(root / "app-space-abuse.log", **env) as (url, _):
-        yield url
+               Q8CHAT_SLOTS="1", Q8CHAT_ADMIN_TOKEN=ADMIN_TOKEN)  # fmt: skip
+    log = root / "app-space-abuse.log"
+    with running_app(log, **env) as (url, _):
+        yield url, log
 
 
 def flood(url: str, requests_: list[tuple[str | None, dict]]) -> tuple[list, int]:
@@ -72,7 +75,8 @@ def answered(result) -> bool:
     return kind == "complete" and data[0][-1]["role"] == "assistant" and bool(text_of(data[0][-1]["content"]))
 
 
-def test_fresh_sessions_behind_a_forged_forwarded_header_count_as_one_address(space_url):
+def test_fresh_sessions_behind_a_forged_forwarded_header_count_as_one_address(space_app):
+    space_url, _ = space_app
     """Twelve requests, each with a fresh session and a made-up left-most X-Forwarded-For entry; HF's proxy adds
     the real address after it. The app counts them as the one address they are: a few are taken, the rest refused
     at once. A second visitor, who even writes the flooder's address first, is not counted with the flooder and
@@ -88,7 +92,8 @@ def test_fresh_sessions_behind_a_forged_forwarded_header_count_as_one_address(sp
     assert len(victim) == 1 and all(answered(r) for r in results), results
 
 
-def test_session_less_calls_count_as_one_visitor(space_url):
+def test_session_less_calls_count_as_one_visitor(space_app):
+    space_url, _ = space_app
     """The public /gradio_api/call/chat route carries no session, and Gradio gives each call its own: ten such
     calls from one client are one visitor, a few taken, the rest refused at once, and each taken one answered.
     (Before: each call was a visitor of its own, never counted.)"""
@@ -108,7 +113,8 @@ def test_owner_actions_off_a_space_are_for_this_machine_only(app_url):
     assert kind == "error" and "only on the machine" in str(message), (kind, message)
 
 
-def test_clear_drops_a_reply_still_waiting_in_the_queue(space_url):
+def test_clear_drops_a_reply_still_waiting_in_the_queue(space_app):
+    space_url, _ = space_app
     """A visitor sends a message that waits in the queue behind another visitor's long replies, then presses
     Clear (through the page's own route, as the page does): when its turn comes, the cleared message is not
     answered, and the chat stays empty. (Before: the page's clear count is a state read when the reply runs, after
@@ -135,7 +141,8 @@ def test_clear_drops_a_reply_still_waiting_in_the_queue(space_url):
     assert kind == "complete" and not (isinstance(data[0], list) and data[0]), data
 
 
-def test_a_long_chat_fits_a_model_whose_window_is_under_the_input_limit(space_url):
+def test_a_long_chat_fits_a_model_whose_window_is_under_the_input_limit(space_app):
+    space_url, _ = space_app
     """A model that reads 512 tokens, a chat of about 1,000 tokens and a reply of 64: the oldest turns are left out
     so that the prompt and the reply fit the window, the visitor is told, and the reply is whole. (Before: the
     prompt was cut at 1,024 tokens whatever the window, and the reply failed.)"""
@@ -176,3 +183,19 @@ def test_a_reply_whose_cache_would_not_fit_is_refused_with_a_sentence(tiny_pairs
         kind, out = join(url, "chat", small, session=uuid.uuid4().hex)[1]()
         assert kind == "complete" and text_of(out[0][-1]["content"]), out
         assert proc.poll() is None
+
+
+def test_the_owners_token_opens_the_benchmark_and_shows_nowhere(space_app):
+    """On a Space with Q8CHAT_ADMIN_TOKEN set: the benchmark is refused without it and with a near miss, runs with
+    it, and the token is in no log line, no page, no API description, no answer."""
+    url, log = space_app
+    outcomes = []
+    for token in ("", ADMIN_TOKEN[:-1], ADMIN_TOKEN):
+        r, read = join(url, "benchmark", [8, 1, token])
+        assert r.ok, r.text
+        outcomes.append(read())
+    assert [kind for kind, _ in outcomes] == ["error", "error", "complete"], outcomes
+    assert "admin token" in str(outcomes[0][1]) and "Median ms / token" in str(outcomes[2][1])
+    pages = [requests.get(url + p, timeout=30).text for p in ("", "config", "gradio_api/info")]
+    for text in [log.read_text(), *pages, json.dumps(outcomes)]:
+        assert ADMIN_TOKEN not in text and ADMIN_TOKEN[:-1] not in text
