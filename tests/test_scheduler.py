@@ -198,62 +198,48 @@ def test_a_decoder_without_batched_steps_runs_its_replies_one_by_one(model, prom
     assert ("token", 1) in generic.rows and not any(kind == "step" for kind, _ in generic.rows)
 
 
-def test_a_reply_that_fails_inside_a_batch_ends_alone(model, prompts, model_thread):
-    """One reply's pass fails after three of its tokens (as a full cache would): the batch is run again one
-    reply at a time, that reply ends with the error, the other goes on greedily (no token of its fed twice or
-    lost in the rerun)."""
+@pytest.mark.parametrize("batched", [True, False], ids=["batched step", "generic path"])
+def test_a_reply_that_fails_among_others_ends_alone(model, prompts, model_thread, batched):
+    """One reply's pass fails after three of its tokens (as a full cache would), in a turn where another reply
+    decodes too: with the engine's batched step (which advances no cache unless whole) the batch is run again one
+    reply at a time; on the generic path (no step) the replies run one after another, the failing one after the
+    other has taken its token. Either way the failing reply ends with its error and the other goes on, its cache
+    fed each token once: its prompt and its own tokens, in order. (Before, on the generic path, the turn was rerun
+    and the first reply's cache read its token twice; this model's greedy tokens happen not to show it.)"""
     doomed_size = len(prompts[1]) + TOKENS + 1  # the doomed reply's cache, told apart by its size
+    fed: dict[int, list[int]] = {}  # per cache size, the tokens the model read into it
 
     def full(cache) -> bool:
         return cache.k.shape[2] == doomed_size and cache.length >= len(prompts[1]) + 3
 
-    class BreaksOneCache(Spy):
-        def forward(self, ids, cache):
-            if full(cache):
-                raise ValueError("this conversation's cache is full")
-            return super().forward(ids, cache)
+    def forward(self, ids, cache):
+        if full(cache):
+            raise ValueError("this conversation's cache is full")
+        fed.setdefault(cache.k.shape[2], []).extend(ids.tolist())
+        return Spy.forward(self, ids, cache)
 
-        def step(self, ids, caches):
-            if any(full(c) for c in caches):
-                raise ValueError("this conversation's cache is full")
-            return super().step(ids, caches)
+    def step(self, ids, caches):
+        if any(full(c) for c in caches):
+            raise ValueError("this conversation's cache is full")
+        for token, c in zip(ids.tolist(), caches):
+            fed.setdefault(c.k.shape[2], []).append(token)
+        return Spy.step(self, ids, caches)
 
-    spy = BreaksOneCache(model)
+    kind = type(
+        "BreaksOneCache",
+        (Spy,) if batched else (OneByOne,),
+        {"forward": forward} | ({"step": step} if batched else {}),
+    )
+    decoder = kind(model)
     scheduler = Scheduler(slots=4, run_on=model_thread)
-    fine = scheduler.submit(Sequence(spy, prompts[0], Sampling(max_new_tokens=TOKENS)))
-    doomed = scheduler.submit(Sequence(spy, prompts[1], Sampling(max_new_tokens=TOKENS + 1)))
+    fine = scheduler.submit(Sequence(decoder, prompts[0], Sampling(max_new_tokens=TOKENS)))
+    doomed = scheduler.submit(Sequence(decoder, prompts[1], Sampling(max_new_tokens=TOKENS + 1)))
     got = read_all([fine])
     with pytest.raises(ValueError, match="cache is full"):
         list(doomed.steps())
+    assert fed[len(prompts[0]) + TOKENS] == prompts[0] + got[0][:-1]
     assert all_greedy(model, prompts[:1], got, [TOKENS])
-    assert ("step", 2) in spy.rows  # they were in one batch before it failed
-
-
-def test_a_reply_that_fails_among_others_on_the_generic_path_ends_alone(model, prompts, model_thread):
-    """The generic path (no batched step) runs a turn's replies one after another: the second reply fails once
-    the first has already taken its token. The failing reply ends with its error; the first goes on, its cache fed
-    each token once: its prompt and its own tokens, in order. (Before: the turn was rerun one by one, and the first
-    reply's cache read the same token twice; this model's greedy tokens happen not to show it.)"""
-    doomed_size = len(prompts[1]) + TOKENS + 1  # the doomed reply's cache, told apart by its size
-
-    class BreaksOneCache(OneByOne):
-        fed: dict = {}  # per cache size, the tokens its forward passes read
-
-        def forward(self, ids, cache):
-            if cache.k.shape[2] == doomed_size and cache.length >= len(prompts[1]) + 3:
-                raise ValueError("this conversation's cache is full")
-            self.fed.setdefault(cache.k.shape[2], []).extend(ids.tolist())
-            return super().forward(ids, cache)
-
-    generic = BreaksOneCache(model)
-    scheduler = Scheduler(slots=4, run_on=model_thread)
-    fine = scheduler.submit(Sequence(generic, prompts[0], Sampling(max_new_tokens=TOKENS)))
-    doomed = scheduler.submit(Sequence(generic, prompts[1], Sampling(max_new_tokens=TOKENS + 1)))
-    got = read_all([fine])
-    with pytest.raises(ValueError, match="cache is full"):
-        list(doomed.steps())
-    assert generic.fed[len(prompts[0]) + TOKENS] == prompts[0] + got[0][:-1]
-    assert all_greedy(model, prompts[:1], got, [TOKENS])
+    assert (("step", 2) in decoder.rows) == batched  # together in one batch before it failed
 
 
 def test_an_empty_prompt_ends_at_once_with_a_sentence(model, model_thread):
