@@ -143,7 +143,8 @@ def test_vllm_serves_the_export(folders, default_dir, tokenizer, tmp_path):
 def test_vllm_child_sees_none_of_our_secrets_and_its_words_stay_off_the_card(tmp_path, monkeypatch):
     """The vLLM child of the build's vLLM stage, here a stand-in Python that records its environment and fails
     the way a crashing vLLM does (a traceback naming local paths): the child saw no token or key of ours (Hub,
-    admin, endpoint), and the error the card will carry names neither the paths nor the traceback."""
+    admin, endpoint), and the error the card will carry names neither the paths nor the traceback, which is kept in a log file of the
+    maintainer's cache."""
     from quantize.build import vllm_quality
     from quantize.errors import ModelError
 
@@ -156,9 +157,12 @@ def test_vllm_child_sees_none_of_our_secrets_and_its_words_stay_off_the_card(tmp
     fake.chmod(0o755)
     for name in ("HF_TOKEN", "Q8CHAT_ADMIN_TOKEN", "Q8CHAT_ENDPOINT_API_KEY", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.setenv(name, f"planted-{name}")
+    monkeypatch.setenv("Q8CHAT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelError) as err:
         vllm_quality.served(str(fake), tmp_path / "w8a8", {})
     child = json.loads(seen.read_text())
     assert not [k for k, v in child.items() if v.startswith("planted-")], sorted(child)
     assert "PATH" in child and child.get("HF_HUB_OFFLINE") == "1"
     assert "/home/maintainer" not in str(err.value) and "boom" not in str(err.value), err.value
+    kept = list((tmp_path / "cache" / "logs").glob("vllm-*.log"))  # for the maintainer, on this machine
+    assert len(kept) == 1 and "boom" in kept[0].read_text()

@@ -14,8 +14,10 @@ import math
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
+from quantize import models
 from quantize.build import evaluate
 from quantize.errors import ModelError
 from quantize.runtime.prefixes import common_prefix
@@ -53,13 +55,12 @@ def served(python: str, folder: Path, job: dict, timeout: float = 1800) -> dict:
                                  text=True, timeout=timeout, cwd=tmp, env=env)  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as e:
             raise ModelError(f"vLLM could not serve {folder.name}: {type(e).__name__}") from None
-        if (
-            run.returncode != 0
-        ):  # its words (local paths, this machine) go to the maintainer's log, not the card
-            log.warning("vLLM on %s exited with %d:\n%s", folder, run.returncode, run.stderr[-4000:])
-            raise ModelError(
-                f"vLLM could not serve {folder.name} (exit code {run.returncode}; see the build's log)"
-            )
+        if run.returncode != 0:  # its words (tracebacks, local paths) stay on this machine, never on the card
+            saved = models.cache_dir() / "logs" / f"vllm-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(run.stderr)
+            log.warning("vLLM's output on %s is in %s", folder.name, saved)
+            raise ModelError(f"vLLM could not serve {folder.name} (exit code {run.returncode})")
         return json.loads(out.read_text())
 
 
