@@ -170,12 +170,11 @@ class Scheduler:
         if self.room is None or not need:
             return None
         written = sum(cache_bytes(s.decoder, s.read + len(s.said)) for s in self.active)
-        unwritten = sum(
-            cache_bytes(s.decoder, len(s.prompt) + s.sampling.max_new_tokens) for s in self.active
-        )
-        unwritten -= written
+        reserved = sum(cache_bytes(s.decoder, len(s.prompt) + s.sampling.max_new_tokens) for s in self.active)
         os_room, budget = self.room()
-        free = min(os_room - unwritten, budget - written - unwritten if budget is not None else os_room)
+        free = os_room - (reserved - written)  # the OS already counts what the caches in slots have written
+        if budget is not None:
+            free = min(free, budget - reserved)
         if need <= free:
             return None
         return (f"This conversation needs {need / 1e6:,.0f} MB of memory for its {positions:,} positions, and the "
