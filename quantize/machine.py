@@ -74,6 +74,24 @@ def malloc_trim() -> None:
         pass
 
 
+MADV_DONTNEED = 4  # Linux: the range's anonymous pages are dropped and read back as zeros
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Give the whole pages inside a contiguous tensor's memory back to the OS while the tensor stays allocated
+    (a free cache slot: its pages are resident again only when written). A no-op where libc has no madvise."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        try:
+            ctypes.CDLL("libc.so.6").madvise(
+                ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED
+            )
+        except (OSError, AttributeError):
+            pass
+
+
 def release_memory() -> None:
     """Collect what Python no longer reaches, then give the freed pages back to the OS."""
     gc.collect()

@@ -196,10 +196,14 @@ def test_cache_is_written_in_place_and_equals_one_prefill(tiny, tokenizer, kind)
 
 
 def decode_together(e, prompts: list[torch.Tensor], steps: int = 6) -> tuple[list, list]:
-    """The prompts prefilled alone, then decoded by `Engine.step` in a changing batch: the first two from the start,
-    the third joining at step 2, the first leaving after step 3. Returns each sequence's logits (its prefill's, then
+    """The prompts prefilled alone into slots of a pool, then decoded by `Engine.step` in a changing batch: the
+    first two from the start, the third joining at step 2, the first leaving after step 3. Returns each sequence's logits (its prefill's, then
     one row a step it was in) and the greedy tokens it was fed."""
-    caches = [e.new_cache(64) for _ in prompts]
+    pool = e.new_pool(5)
+    slots = [pool.take(64) for _ in range(5)]  # slot 0 is another reply's, never in these steps
+    e.forward(prompts[1], slots[2])
+    pool.give_back(slots[2])  # slot 2 held a reply that ended: the batch's slots are not adjacent
+    caches = [slots[3], slots[1], slots[4]]  # nor in the batch's order
     logits = [[e.forward(p, c)] for p, c in zip(prompts, caches)]
     fed = [[] for _ in prompts]
     for step in range(steps):
@@ -263,6 +267,43 @@ def test_a_batch_step_gives_each_sequence_its_own_logits(built, tokenizer, famil
     for prompt, got, tokens in zip(prompts, together, fed):
         alone = decode_alone(e, prompt, tokens)
         assert (got - alone).abs().max() <= tolerance * alone.abs().max(), (family, (got - alone).abs().max())
+
+
+def test_a_pool_grows_with_its_longest_conversation_and_its_caches_move_with_it(built, tokenizer):
+    """A pool made for short replies takes one longer than it holds: the tensors grow, and the reply already in a
+    slot goes on from what it had (its next step's logits are its own alone), beside the newcomer."""
+    _, bf16_dir, _ = built("llama")
+    e = engine.load(bf16_dir)
+    pool, prompt = e.new_pool(2), torch.tensor(tokenizer("A short one.").input_ids)
+    short = pool.take(len(prompt) + 2)
+    token = int(e.forward(prompt, short).argmax())
+    long = pool.take(e.max_len)  # more positions than the pool made room for
+    long_prompt = torch.arange(300) % 200 + 5
+    e.forward(long_prompt, long)
+    rows = e.step(torch.tensor([token, 7]), [short, long])
+    alone = decode_alone(e, prompt, [token])[-1]
+    assert (rows[0] - alone).abs().max() <= ONE_PASS_TOLERANCE["bf16"] * alone.abs().max()
+    with pytest.raises(ValueError, match="positions"):  # still the model's window at most
+        e.forward(torch.arange(e.max_len - 300), long)
+
+
+def resident_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_slot_given_back_returns_its_memory_to_the_os(default_dir):
+    """A pool's slot costs no memory until its reply writes it; written whole, then given back, the process's
+    resident memory drops by what it held, though the slot stays allocated for the next reply."""
+    e = engine.load(default_dir)
+    pool, before = e.new_pool(1), resident_bytes()
+    cache = pool.take(e.max_len)
+    held = cache.k.numel() * cache.k.element_size() * 2
+    assert held > 150e6  # well above what the rest of the process moves meanwhile
+    assert resident_bytes() - before < 0.1 * held, (resident_bytes() - before, held)
+    cache.k.fill_(1.0), cache.v.fill_(1.0)  # as a long conversation writes it
+    before = resident_bytes()
+    pool.give_back(cache)
+    assert before - resident_bytes() > 0.9 * held, (before - resident_bytes(), held)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -23,6 +23,7 @@ Anything else (other architectures, static-INT8 recipes) runs on the generic pat
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from quantize.errors import ModelError
 from quantize.families import FAMILIES, LLAMA, Family
-from quantize.machine import malloc_trim
+from quantize.machine import malloc_trim, release_pages
 from quantize.runtime.kernels import (
     COMPILED_ROWS,
     ONEDNN_ROWS_MIN_WEIGHTS,
@@ -192,13 +193,70 @@ class Block:
 
 
 class Cache:
-    """K and V of every layer for one conversation, written in place: [layers, kv_heads, max_len, head_dim]."""
+    """K and V of every layer for one conversation, written in place: [layers, kv_heads, max_len, head_dim]; a
+    slot of a `Pool` (`pool`, `slot`) when it is one of the scheduler's, so a batched step attends to all its
+    sequences at once."""
 
-    def __init__(self, layers: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> None:
-        # torch.empty does not touch the pages: memory becomes resident only as positions are written
-        self.k = torch.empty(layers, kv_heads, max_len, head_dim, dtype=dtype)
-        self.v = torch.empty_like(self.k)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, pool: Pool | None = None, slot: int = 0) -> None:
+        self.k, self.v, self.pool, self.slot = k, v, pool, slot
         self.length = 0
+
+
+class Pool:
+    """The caches of a scheduler's slots in one tensor each for K and V, [slots, layers, kv_heads, capacity,
+    head_dim], so one attention call per layer reads every sequence of a batched step (`Engine.step`). The
+    capacity follows the longest conversation taken (powers of two, up to the model's window); pages become
+    resident only as positions are written, and a slot given back returns its pages to the OS.
+
+    A batched step reads every row's slot as far as the longest row's position (masked past its own): the
+    memory there must hold finite numbers, since a masked NaN still spoils the softmax's product with V. So the
+    tensors start as zeros, given back pages read as zeros, and the model writes only finite K and V."""
+
+    FIRST_CAPACITY = 256
+
+    def __init__(self, slots: int, layers: int, kv_heads: int, head_dim: int, max_len: int, dtype) -> None:
+        self.shape, self.max_len, self.dtype = (slots, layers, kv_heads, 0, head_dim), max_len, dtype
+        self.k = self.v = torch.empty(0, dtype=dtype)
+        self.free, self.taken = list(range(slots)), {}
+
+    def take(self, positions: int) -> Cache:
+        """A free slot's cache with room for `positions` (the window at most: forward says what is past it)."""
+        if not self.free:
+            raise RuntimeError("every slot of this pool is taken")
+        self.grow(positions)
+        slot = self.free.pop(self.free.index(min(self.free)))  # low slots first: a batch spans few
+        self.taken[slot] = cache = Cache(self.k[slot], self.v[slot], self, slot)
+        return cache
+
+    def give_back(self, cache: Cache) -> None:
+        """The slot is free again; its written pages go back to the OS (they read as zeros if touched again)."""
+        del self.taken[cache.slot]
+        self.free.append(cache.slot)
+        for t in (cache.k, cache.v):
+            release_pages(t)
+        cache.k = cache.v = None
+
+    def grow(self, positions: int) -> None:
+        """New tensors with room for `positions` if these have none; the taken caches move into them as they
+        are."""
+        capacity = max(self.FIRST_CAPACITY, 1 << max(positions - 1, 1).bit_length())
+        capacity = min(capacity, self.max_len)
+        if self.k.dim() == 5 and capacity <= self.k.shape[3]:
+            return
+        shape = (*self.shape[:3], capacity, self.shape[4])
+        k, v = untouched_zeros(shape, self.dtype), untouched_zeros(shape, self.dtype)
+        for slot, cache in self.taken.items():
+            k[slot, :, :, : cache.length] = cache.k[:, :, : cache.length]
+            v[slot, :, :, : cache.length] = cache.v[:, :, : cache.length]
+            cache.k, cache.v = k[slot], v[slot]
+        self.k, self.v = k, v
+
+
+def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros whose pages stay untouched until written: calloc (numpy's zeros) maps fresh pages for a large block,
+    which the OS hands out zeroed, where torch.zeros writes every one (and so makes it all resident)."""
+    raw = np.zeros(math.prod(shape) * torch.empty(0, dtype=dtype).element_size(), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 # A prompt runs in passes of at most PREFILL_CHUNK tokens, each padded to a multiple of PREFILL_STEP (one_pass).
@@ -281,7 +339,13 @@ class Engine:
 
     def new_cache(self, max_len: int | None = None) -> Cache:
         n = min(max_len or self.max_len, self.max_len)
-        return Cache(len(self.blocks), self.kv_heads, n, self.head_dim, self.dtype)
+        # torch.empty does not touch the pages: memory becomes resident only as positions are written
+        k = torch.empty(len(self.blocks), self.kv_heads, n, self.head_dim, dtype=self.dtype)
+        return Cache(k, torch.empty_like(k))
+
+    def new_pool(self, slots: int) -> Pool:
+        """Caches for a scheduler's `slots`, which `step` attends to in one call per layer."""
+        return Pool(slots, len(self.blocks), self.kv_heads, self.head_dim, self.max_len, self.dtype)
 
     def forward(self, ids: torch.Tensor, cache: Cache, all_logits: bool = False) -> torch.Tensor:
         """ids: [T] token ids following what `cache` holds. Returns FP32 logits of the last token ([1, vocab]),
@@ -311,35 +375,71 @@ class Engine:
             mask = slopes if mask is None else slopes + mask
         rotation = None if self.rotation is None else self.rotation[start : start + n]
         x = self.through_blocks(
-            self.embedded(ids, where), lambda layer, qkv: self.attend(qkv, [cache], layer, rotation, [mask])
+            self.embedded(ids, where), lambda layer, qkv: self.attend(qkv, cache, layer, rotation, mask)
         )
         logits = self.logits(x[:T] if all_logits else x[T - 1 : T])
         cache.length = start + T  # only once the pass is whole: a failed one leaves the cache as it was
         return logits
 
     def step(self, ids: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
-        """One new token for each of several sequences at once ([B] ids, the B sequences' own caches, of any
-        lengths): the Linears read their weights once for all B rows (INT8 scales each row as a lone token), and
-        each row attends to its own cache at its own position. Returns FP32 logits, [B, vocab]."""
+        """One new token for each of several sequences at once ([B] ids; B slots of one `Pool`, of any lengths):
+        the Linears read their weights once for all B rows (INT8 scales each row as a lone token), and one
+        attention call per layer reads every row's slot up to its own position. Returns FP32 logits, [B, vocab]."""
+        pool = caches[0].pool
+        if pool is None or any(c.pool is not pool for c in caches):
+            raise ValueError("A batched step reads the slots of one pool (Engine.new_pool).")
         full = [c for c in caches if c.length >= c.k.shape[2]]
         if full:
             raise ValueError(
                 f"A conversation needs {full[0].length + 1} positions; its cache holds {full[0].k.shape[2]}."
             )
-        where = torch.tensor([c.length for c in caches])
+        where, slots = torch.tensor([c.length for c in caches]), torch.tensor([c.slot for c in caches])
         rotation = None if self.rotation is None else self.rotation[where]
-        masks = [
-            None if self.alibi is None else self.alibi[:, None, : p + 1].to(self.dtype)
-            for p in where.tolist()
-        ]
+        lo, span = int(slots.min()), int(slots.max() - slots.min()) + 1
+        mask = self.slot_mask(where, slots - lo, span)
 
-        def attend_each(layer: int, qkv: torch.Tensor) -> torch.Tensor:
-            return self.attend(qkv, caches, layer, rotation, masks)
+        def attend_slots(layer: int, qkv: torch.Tensor) -> torch.Tensor:
+            return self.attend_slots(qkv, pool, layer, rotation, where, slots, lo, mask)
 
-        logits = self.logits(self.through_blocks(self.embedded(ids.reshape(-1), where), attend_each))
+        logits = self.logits(self.through_blocks(self.embedded(ids.reshape(-1), where), attend_slots))
         for c in caches:  # only once the pass is whole: a batch that fails is run again one by one
             c.length += 1
         return logits
+
+    def slot_mask(self, where: torch.Tensor, rows: torch.Tensor, span: int) -> torch.Tensor:
+        """[span, 1 or H, 1, S] for slots lo..lo+span-1 (S: the furthest position + 1): each batch row (at `rows`)
+        sees its positions up to `where`, with ALiBi's slopes; a slot between them that is not in the batch sees
+        position 0 only, so its row (thrown away) stays finite."""
+        S = int(where.max()) + 1
+        last = torch.zeros(span, dtype=torch.long).index_copy_(0, rows, where)
+        mask = torch.zeros(span, 1, 1, S).masked_fill_(
+            torch.arange(S) > last[:, None, None, None], float("-inf")
+        )
+        return mask if self.alibi is None else mask + self.alibi[None, :, None, :S]
+
+    def attend_slots(
+        self,
+        qkv: torch.Tensor,
+        pool: Pool,
+        layer: int,
+        rotation: torch.Tensor | None,
+        where: torch.Tensor,
+        slots: torch.Tensor,
+        lo: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """A batched step's rows of fused q/k/v ([B, (H + 2 KV) * D], row i at position where[i] of slot
+        slots[i]): q and k rotated, K and V written to their slots, then every query attends to its slot in one
+        call over the pool's slots lo..lo+span-1. Returns [B, H * D]."""
+        B, H, KV, D = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        qkv = qkv.view(B, H + 2 * KV, D)
+        qk = qkv[:, : H + KV] if rotation is None else rope(qkv[:, : H + KV], rotation)
+        pool.k[slots, layer, :, where] = qk[:, H:]  # [B, KV, D]: one position of each row's slot
+        pool.v[slots, layer, :, where] = qkv[:, H + KV :]
+        span, S = mask.shape[0], mask.shape[-1]
+        q = qk.new_zeros(span, 1, H, D).index_copy_(0, slots - lo, qk[:, None, :H])
+        k, v = (t[lo : lo + span, layer, :, :S] for t in (pool.k, pool.v))
+        return self.attention(q, k, v, mask)[slots - lo].reshape(B, H * D)
 
     def embedded(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """The tokens' input vectors, each at its position `where` (learned positions add that row)."""
@@ -376,62 +476,52 @@ class Engine:
     def attend(
         self,
         qkv: torch.Tensor,
-        caches: list[Cache],
+        cache: Cache,
         layer: int,
         rotation: torch.Tensor | None,
-        masks: list[torch.Tensor | None],
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Rows of fused q/k/v ([T, (H + 2 KV) * D]): all T rows of one sequence (a prompt, a token), or one row
-        of each of T sequences (a batched step), with the rows' rotations ([T, D/2]). q and k are rotated for
-        all rows at once; then each sequence's K and V are written to its cache after what it holds, and its
-        queries attend to it. Returns [T, H * D]."""
+        """One sequence's T rows of fused q/k/v ([T, (H + 2 KV) * D]: a prompt or a token) with their rotations
+        ([T, D/2]): q and k rotated, K and V written to its cache after what it holds, its queries attending to
+        all of it. mask: causal [T, S], with ALiBi's slopes [H, T or 1, S]. Returns [T, H * D]."""
         T, H, KV, D = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = qkv.view(T, H + 2 * KV, D)
         qk = qkv[:, : H + KV] if rotation is None else rope(qkv[:, : H + KV], rotation)
-        rows = [slice(None)] if len(caches) == 1 else [slice(i, i + 1) for i in range(T)]
-        out = [
-            self.attend_one(qk[r, :H], qk[r, H:], qkv[r, H + KV :], cache, layer, mask)
-            for r, cache, mask in zip(rows, caches, masks)
-        ]
-        return out[0] if len(out) == 1 else torch.cat(out)
-
-    def attend_one(
-        self,
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        cache: Cache,
-        layer: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One sequence's T queries ([T, H, D]) and new K/V ([T, KV, D]): written to its cache after what it
-        holds, the queries attending to all of it. Returns [T, H * D]."""
-        T, H, KV, D = q.shape[0], self.heads, self.kv_heads, self.head_dim
-        G = H // KV
         end = cache.length + T
-        cache.k[layer, :, cache.length : end] = k_new.transpose(0, 1)
-        cache.v[layer, :, cache.length : end] = v_new.transpose(0, 1)
+        cache.k[layer, :, cache.length : end] = qk[:, H:].transpose(0, 1)
+        cache.v[layer, :, cache.length : end] = qkv[:, H + KV :].transpose(0, 1)
         k, v = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [KV, S, D], views of the cache
-        if self.attn_cap is None and (T > 1 or self.dtype == torch.bfloat16):
-            return self.fused_attention(q, k, v, mask)
-        # GQA without repeating K/V: the G query heads of a group become G rows against one cached head
-        q = q.reshape(T, KV, G, D).permute(1, 2, 0, 3).reshape(KV, G * T, D)
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)  # [KV, G*T, S]
+        if self.attn_cap is None and T > 1:
+            return self.fused_attention(qk[:, :H], k, v, mask)
+        mask = None if mask is None else mask.view(1, -1, *mask.shape[-2:])
+        return self.attention(qk[None, :, :H], k[None], v[None], mask).reshape(T, H * D)
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """N sequences' T queries each ([N, T, H, D]) against their caches ([N, KV, S, D]), in FP32 whatever the
+        cache holds: on a 2-vCPU AMD EPYC, SDPA's BF16 kernel took 6-8x as long for tokens (8 sequences, 64 to
+        1000 positions: 1256 against 221 us a layer at 300), and oneDNN's BF16 matmul builds and keeps a kernel
+        for every new length (1.1 MB each, never given back). A token and a batched step come here; a prompt
+        too when Gemma 2 soft-caps its scores. GQA without repeating K/V: a group's G query heads are G x T rows
+        against one cached head. mask: [N or 1, 1 or H, T or 1, S]. Returns [N, T, H, D], activations' dtype."""
+        N, T, H, KV, D = *q.shape[:3], self.kv_heads, self.head_dim
+        G = H // KV
+        q = q.float().view(N, T, KV, G, D).permute(0, 2, 3, 1, 4).reshape(N, KV, G * T, D)
+        scores = torch.matmul(q, k.float().transpose(-1, -2)).mul_(self.scale)  # [N, KV, G*T, S]
         if self.attn_cap is not None:  # Gemma 2's soft-capping, before the mask
             scores = torch.tanh(scores / self.attn_cap) * self.attn_cap
-        if mask is not None:  # causal [T, S], or with ALiBi's slopes per head [H, 1 or T, S]
-            scores.view(KV, G, T, end).add_(mask if mask.dim() == 2 else mask.view(KV, G, -1, end))
-        out = torch.bmm(scores.softmax(-1), v)  # [KV, G*T, D]
-        return out.view(KV, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
+        if mask is not None:
+            heads = (KV, G) if mask.shape[1] > 1 else (1, 1)  # per head (ALiBi) or one for all
+            scores.view(N, KV, G, T, -1).add_(mask.float().view(mask.shape[0], *heads, *mask.shape[-2:]))
+        out = torch.matmul(scores.softmax(-1), v.float())  # [N, KV, G*T, D]
+        return out.view(N, KV, G, T, D).permute(0, 3, 1, 2, 4).reshape(N, T, H, D).to(self.dtype)
 
     def fused_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """SDPA's fused kernel (ALiBi comes in the mask): for a prompt (2.4x (FP32) and 2.1x (BF16) faster than
-        the two bmm at 512 tokens), and for a BF16 token, where the bmm were oneDNN's BF16 matmul: 2.7x slower
-        (73 against 27 us at 64 positions) and a kernel built and kept for every new context length (1.1 MB
-        each, never given back: an app's memory grew with every token). An FP32 token keeps the bmm, faster
-        there beyond ~100 positions."""
+        """SDPA's fused kernel for a prompt (ALiBi comes in the mask): 2.4x (FP32) and 2.1x (BF16) faster than
+        the two matmuls at 512 tokens."""
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k[None], v[None], mask, scale=self.scale, enable_gqa=True
         )

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from quantize.runtime.engine import Cache
 
-# What all kept caches may hold together, in bytes (Q8CHAT_PREFIX_MB; 0 turns reuse off). A kept cache holds its
-# whole capacity (prompt + max_new_tokens positions) at most; at the default model's 46 KB per position for INT8
-# (FP32 K and V) and 23 KB for BF16, 256 MB keeps about 3,700 positions of capacity for both models: some ten
-# visitors' 250-token chats with their 128 new tokens.
+# What all kept caches may hold together, in bytes (Q8CHAT_PREFIX_MB; 0 turns reuse off). A kept cache is a copy
+# of the positions its conversation wrote; at the default model's 46 KB per position for INT8 (FP32 K and V) and
+# 23 KB for BF16, 256 MB keeps about 3,700 positions for both models: some ten visitors' 250-token chats with
+# their 128 new tokens.
 BUDGET_BYTES = int(float(os.environ.get("Q8CHAT_PREFIX_MB", "256")) * 1e6)
 FORGOTTEN = 10_000  # visitors whose Clear is remembered (a reply still running then keeps nothing)
 
@@ -45,7 +45,7 @@ class Kept:
 
     @property
     def nbytes(self) -> int:
-        """What it holds in memory at most: its whole capacity (positions never written are never touched)."""
+        """What it holds in memory: a copy of the positions its reply wrote."""
         return 2 * self.cache.k.numel() * self.cache.k.element_size()
 
 
@@ -85,35 +85,39 @@ class Prefixes:
             return self.usable(self.kept.get((visitor, id(decoder))), decoder, prompt)
 
     def take(
-        self, visitor: Hashable, decoder: object, prompt: list[int], capacity: int, at_most: int | None = None
-    ) -> tuple[Cache | None, int]:
-        """A cache of `capacity` positions for `prompt` that already holds the longest start of it this visitor's
-        last reply on `decoder` left (`at_most` of its tokens, if given), and the number of positions that is.
-        (None, 0) when nothing is kept or nothing matches. What was kept is handed over, not shared: a second
-        reply of the visitor at the same time reads its prompt in full."""
+        self, visitor: Hashable, decoder: object, prompt: list[int], into: object, at_most: int | None = None
+    ) -> int:
+        """Copies into the fresh cache `into` the longest start of `prompt` this visitor's last reply on `decoder`
+        left (`at_most` of its tokens, if given), and returns how many positions that is (0 when nothing is kept
+        or nothing matches). What was kept is handed over, not shared: a second reply of the visitor at the same
+        time reads its prompt in full."""
+        if not isinstance(into, Cache):
+            return 0
         with self.lock:
             kept = self.kept.pop((visitor, id(decoder)), None)
             self.nbytes -= kept.nbytes if kept else 0
         n = min(self.usable(kept, decoder, prompt), len(prompt) if at_most is None else at_most)
         if n <= 0:
-            return None, 0
-        cache = kept.cache
-        if cache.k.shape[2] < min(capacity, decoder.max_len):  # too short: the prefix moves into a new cache
-            cache = decoder.new_cache(capacity)
-            cache.k[:, :, :n] = kept.cache.k[:, :, :n]
-            cache.v[:, :, :n] = kept.cache.v[:, :, :n]
-        cache.length = n  # positions after n are written over by this turn
-        return cache, n
+            return 0
+        into.k[:, :, :n] = kept.cache.k[:, :, :n]
+        into.v[:, :, :n] = kept.cache.v[:, :, :n]
+        into.length = n
+        return n
 
     def keep(self, visitor: Hashable, decoder: object, tokens: list[int], cache: object, epoch: int) -> None:
-        """Keep a finished reply's cache (`tokens`: its prompt and what it said), dropping the least recently
-        used ones until all fit the budget. Nothing is kept from a reply the visitor cleared since it started
-        (`epoch`), nor a cache larger than the whole budget."""
+        """Keep a copy of a finished reply's cache (`tokens`: its prompt and what it said) as long as what it
+        holds, dropping the least recently used ones until all fit the budget. Nothing is kept from a reply the
+        visitor cleared since it started (`epoch`), nor a cache larger than the whole budget."""
         if not isinstance(cache, Cache) or cache.length == 0:
             return
-        kept = Kept(weakref.ref(decoder), tokens[: cache.length], cache)
+        n = cache.length
+        if 2 * cache.k[:, :, :n].numel() * cache.k.element_size() > self.budget:
+            return
+        copy = Cache(cache.k[:, :, :n].clone(), cache.v[:, :, :n].clone())
+        copy.length = n
+        kept = Kept(weakref.ref(decoder), tokens[:n], copy)
         with self.lock:
-            if kept.nbytes > self.budget or self.clears.get(visitor, 0) != epoch:
+            if self.clears.get(visitor, 0) != epoch:
                 return
             old = self.kept.pop((visitor, id(decoder)), None)
             self.kept[(visitor, id(decoder))] = kept

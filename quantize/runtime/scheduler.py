@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
@@ -101,6 +102,7 @@ class Scheduler:
             Sequence
         ] = []  # in slots: prefilling until `read` reaches the prompt, then decoding
         self.running = False  # a loop is on run_on, or about to be
+        self.pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model's slots, gone with it
 
     def submit(self, seq: Sequence) -> Sequence:
         """Put a reply in line; it ends at once with a ValueError if there is nothing to read."""
@@ -182,15 +184,24 @@ class Scheduler:
                 "tokens.")  # fmt: skip
 
     def give_cache(self, seq: Sequence) -> None:
-        """A cache for the sequence's prompt and new tokens: with its visitor's kept prefix where there is one, so
+        """A cache for the sequence's prompt and new tokens (a slot of its model's pool, for a decoder with pools,
+        so its batched steps attend in one call), with its visitor's kept prefix copied in where there is one:
         its prompt is read from the end of that on."""
-        capacity, keeping = len(seq.prompt) + seq.sampling.max_new_tokens, seq.keeping
+        capacity, keeping, pool = len(seq.prompt) + seq.sampling.max_new_tokens, seq.keeping, self.pool(seq)
+        seq.cache = pool.take(capacity) if pool else seq.decoder.new_cache(capacity)
         if keeping.visitor is not None:
-            seq.cache, seq.kept = self.prefixes.take(
-                keeping.visitor, seq.decoder, seq.prompt, capacity, keeping.at_most
+            seq.kept = self.prefixes.take(
+                keeping.visitor, seq.decoder, seq.prompt, seq.cache, keeping.at_most
             )
-        seq.cache = seq.cache or seq.decoder.new_cache(capacity)
         seq.read = seq.kept
+
+    def pool(self, seq: Sequence) -> object:
+        """The cache pool of the sequence's model, made at its first reply; None for a decoder without pools."""
+        if not hasattr(seq.decoder, "new_pool"):
+            return None
+        if seq.decoder not in self.pools:
+            self.pools[seq.decoder] = seq.decoder.new_pool(self.slots)
+        return self.pools[seq.decoder]
 
     def finish(self, seq: Sequence, error: BaseException | None = None) -> None:
         """The sequence leaves its slot or the line; its reader gets the error, or the end. Its cache is kept for
@@ -202,6 +213,8 @@ class Scheduler:
         visitor = seq.keeping.visitor
         if error is None and visitor is not None and seq.cache is not None:
             self.prefixes.keep(visitor, seq.decoder, seq.prompt + seq.said, seq.cache, seq.keeping.epoch)
+        if getattr(seq.cache, "pool", None) is not None:
+            seq.cache.pool.give_back(seq.cache)
         seq.cache = None
         if error is not None:
             seq.out.put(error)
