@@ -203,8 +203,9 @@ class Cache:
 
 
 class Pool:
-    """The caches of a scheduler's slots in one tensor each for K and V, [slots, layers, kv_heads, capacity,
-    head_dim], so one attention call per layer reads every sequence of a batched step (`Engine.step`). The
+    """The caches of a scheduler's slots in one tensor each for K and V, [layers, slots, kv_heads, capacity,
+    head_dim], so one attention call per layer reads every sequence of a batched step (`Engine.step`): a layer's
+    slots are one strided batch for the matmuls, where slot-major tensors made them copy K and V every step. The
     capacity follows the longest conversation taken (powers of two, up to the model's window); pages become
     resident only as positions are written, and a slot given back returns its pages to the OS.
 
@@ -215,7 +216,7 @@ class Pool:
     FIRST_CAPACITY = 256
 
     def __init__(self, slots: int, layers: int, kv_heads: int, head_dim: int, max_len: int, dtype) -> None:
-        self.shape, self.max_len, self.dtype = (slots, layers, kv_heads, 0, head_dim), max_len, dtype
+        self.shape, self.max_len, self.dtype = (layers, slots, kv_heads, 0, head_dim), max_len, dtype
         self.k = self.v = torch.empty(0, dtype=dtype)
         self.free, self.taken = list(range(slots)), {}
 
@@ -225,15 +226,15 @@ class Pool:
             raise RuntimeError("every slot of this pool is taken")
         self.grow(positions)
         slot = self.free.pop(self.free.index(min(self.free)))  # low slots first: a batch spans few
-        self.taken[slot] = cache = Cache(self.k[slot], self.v[slot], self, slot)
+        self.taken[slot] = cache = Cache(self.k[:, slot], self.v[:, slot], self, slot)
         return cache
 
     def give_back(self, cache: Cache) -> None:
         """The slot is free again; its written pages go back to the OS (they read as zeros if touched again)."""
         del self.taken[cache.slot]
         self.free.append(cache.slot)
-        for t in (cache.k, cache.v):
-            release_pages(t)
+        for layer in (*cache.k, *cache.v):
+            release_pages(layer)
         cache.k = cache.v = None
 
     def grow(self, positions: int) -> None:
@@ -246,9 +247,9 @@ class Pool:
         shape = (*self.shape[:3], capacity, self.shape[4])
         k, v = untouched_zeros(shape, self.dtype), untouched_zeros(shape, self.dtype)
         for slot, cache in self.taken.items():
-            k[slot, :, :, : cache.length] = cache.k[:, :, : cache.length]
-            v[slot, :, :, : cache.length] = cache.v[:, :, : cache.length]
-            cache.k, cache.v = k[slot], v[slot]
+            k[:, slot, :, : cache.length] = cache.k[:, :, : cache.length]
+            v[:, slot, :, : cache.length] = cache.v[:, :, : cache.length]
+            cache.k, cache.v = k[:, slot], v[:, slot]
         self.k, self.v = k, v
 
 
@@ -434,11 +435,11 @@ class Engine:
         B, H, KV, D = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = qkv.view(B, H + 2 * KV, D)
         qk = qkv[:, : H + KV] if rotation is None else rope(qkv[:, : H + KV], rotation)
-        pool.k[slots, layer, :, where] = qk[:, H:]  # [B, KV, D]: one position of each row's slot
-        pool.v[slots, layer, :, where] = qkv[:, H + KV :]
+        pool.k[layer, slots, :, where] = qk[:, H:]  # [B, KV, D]: one position of each row's slot
+        pool.v[layer, slots, :, where] = qkv[:, H + KV :]
         span, S = mask.shape[0], mask.shape[-1]
         q = qk.new_zeros(span, 1, H, D).index_copy_(0, slots - lo, qk[:, None, :H])
-        k, v = (t[lo : lo + span, layer, :, :S] for t in (pool.k, pool.v))
+        k, v = (t[layer, lo : lo + span, :, :S] for t in (pool.k, pool.v))
         return self.attention(q, k, v, mask)[slots - lo].reshape(B, H * D)
 
     def embedded(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
