@@ -35,7 +35,7 @@ from tqdm import tqdm
 from quantize import machine, models
 from quantize.errors import ModelError
 from quantize.machine import settled_rss, why_pair_does_not_fit
-from quantize.runtime import chat, decoders, remote
+from quantize.runtime import chat, decoders, kernels, remote
 
 log = logging.getLogger("q8chat")
 # The app decodes its replies together (chat.SLOTS > 1): the INT8 engine may run several rows on oneDNN, from a
@@ -400,14 +400,17 @@ def serve_int8(state: Serving, pair: Pair) -> None:
         if not models.is_int8_folder(int8_dir):
             state.status = "First start: building the INT8 model with SmoothQuant; BF16 answers meanwhile."
             build_int8(state, pair.bf16, int8_dir)
-    state.status = "Loading the INT8 model…"
+    # the second copy of INT8's large Linears for batches (engine.load) only where memory has room for both copies
+    # now, BF16 already in it: the comparison comes first
+    batched = BATCHED and why_pair_does_not_fit(0, 2 * decoders.weight_file_bytes(int8_dir)) is None
+    compiling = kernels.rows_kind(batched, not kernels.full_range_activations()) == "compiled"
+    state.status = "Loading the INT8 model" + (
+        " and compiling its kernels (kept on disk: the next start reads them back)…" if compiling else "…"
+    )
     int8 = LoadedModel(
         f"INT8 · {pair.int8 or int8_dir.name}"
         + (f" @ {pair.revision[:10]}" if pair.int8 and pair.revision else "")
     )
-    # the second copy of INT8's large Linears for batches (engine.load) only where memory has room for both copies
-    # now, BF16 already in it: the comparison comes first
-    batched = BATCHED and why_pair_does_not_fit(0, 2 * decoders.weight_file_bytes(int8_dir)) is None
     load_resident(int8, lambda: decoders.open_int8(int8_dir, batched=batched))
     report = Path(int8_dir) / "quantize_report.json"
     state.report = json.loads(report.read_text()) if report.is_file() else None
