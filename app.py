@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from quantize import machine
-from quantize.build import cli
+from quantize.maintainer import cli
 from quantize.runtime import admission, chat, latency, panel, remote, serving
 from quantize.runtime.generate import Sampling
 from quantize.runtime.scheduler import NoRoom

@@ -1,7 +1,7 @@
-"""Q8-Chat's INT8 model: how it is made (build/), how it is run (runtime/), how it is measured (tools/).
+"""Q8-Chat's INT8 model: how it is made (maintainer/), how it is run (runtime/), how it is measured (tools/).
 
     runtime/      what the app runs: the engine, the generation loop, the chat, serving, the panel
-    build/        the maintainer step, `python -m quantize`: SmoothQuant INT8, verified, carded, pushed
+    maintainer/   the maintainer step, `python -m quantize`: SmoothQuant INT8, verified, carded, pushed
     tools/        measuring tools: `python -m quantize.bench`, `python -m quantize.tools.frontier`
     data/         calibration chats, held-out text, the model card's template, the latest bench and frontier
     families.py   every model family, one row each: what the engine runs and what the recipe smooths

@@ -1,8 +1,8 @@
-"""python -m quantize: the maintainer command, quantize/build/cli.py."""
+"""python -m quantize: the maintainer command, quantize/maintainer/cli.py."""
 
 import sys
 
-from quantize.build.cli import main
+from quantize.maintainer.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Every model family Q8-Chat runs and quantizes, one row each (FAMILIES): the one place a family is described.
 
 A row says how transformers 4.45 names and computes the family's decoder, which is all the engine needs to run it
-(runtime/engine.py), and what the recipe needs to smooth it (build/recipe.py): the Linears by role, found from the
+(runtime/engine.py), and what the recipe needs to smooth it (maintainer/recipe.py): the Linears by role, found from the
 same names, the pairs it may smooth itself, how its norms are shown to Neural Compressor. The block path, the BF16
 reference and the bench's random models read the same rows. A block is
 x += post_attn(o(attention(norm_attn(x)))); x += post_mlp(down(act(gate) * up)(norm_mlp(x))).

@@ -39,11 +39,11 @@ DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_CONVERSION_VERSION = 2
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$|^[A-Za-z0-9][\w.-]{0,95}$")
-# INC's folder (built from the whole model) or the engine's alone (built block by block: quantize/build/blockwise.py)
+# INC's folder (built from the whole model) or the engine's alone (built block by block: quantize/maintainer/blockwise.py)
 INT8_MARKERS = ("inc_config.json", "engine.safetensors", "engine.safetensors.index.json")
 
 
-# Where `python -m quantize` writes the INT8 model's compressed-tensors copy for vLLM (build/export.py), inside the
+# Where `python -m quantize` writes the INT8 model's compressed-tensors copy for vLLM (maintainer/export.py), inside the
 # INT8 folder; the app never reads it, so a Hub download for the app leaves it out.
 EXPORT_DIR = "w8a8"
 

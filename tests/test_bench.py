@@ -204,7 +204,7 @@ def test_peer_gguf_predicts_like_transformers(peer_gguf, tokenizer):
 def test_prompt_tokens_prefill_prose_prompts_of_that_length(tmp_path, tokenizer):
     """--prompt-tokens N: every engine is given N-token slices of the held-out prose, so its time to first token
     is an N-token prefill, and the report says what was prefilled."""
-    from quantize.build import evaluate
+    from quantize.maintainer import evaluate
 
     bf16_dir, int8_dir = random_model.build_config_model(
         tmp_path / "tiny", tokenizer, size=TINY_LLAMA, samples=4

@@ -1,4 +1,4 @@
-"""Block-by-block quantization (quantize/build/blockwise.py) against INC's whole-model path, on config-built models of
+"""Block-by-block quantization (quantize/maintainer/blockwise.py) against INC's whole-model path, on config-built models of
 each family the engine serves: the same smoothing and the same INT8 weights; bounded memory; a killed run that
 resumes into the same folder; shards; a refusal before the work when the machine cannot hold it."""
 
@@ -18,8 +18,8 @@ from conftest import ROOT, TINY_LLAMA, TINY_OPT, wait_for
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantize.build import blockwise, calibration, export, recipe
 from quantize.errors import ModelError
+from quantize.maintainer import blockwise, calibration, export, recipe
 from quantize.runtime import decoders, engine
 
 pytestmark = pytest.mark.slow  # INC runs, a block at a time
@@ -179,7 +179,7 @@ RUN = """
 import sys
 from pathlib import Path
 from quantize import models
-from quantize.build import blockwise, calibration, export, recipe
+from quantize.maintainer import blockwise, calibration, export, recipe
 src, work, out = map(Path, sys.argv[1:4])
 tok = models.load_tokenizer(src)
 rec = recipe.RECIPES[recipe.DEFAULT_RECIPE]

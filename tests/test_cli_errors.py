@@ -111,7 +111,7 @@ def test_empty_calibration_set(tmp_path):
 def test_stages_resume_only_the_same_run(tmp_path):
     import argparse
 
-    from quantize.build.pipeline import Record, fingerprint
+    from quantize.maintainer.pipeline import Record, fingerprint
 
     args = argparse.Namespace(
         model=None,
@@ -327,7 +327,8 @@ def test_a_model_below_its_bar_is_not_pushed_unless_asked(tmp_path, tiny_model):
 def test_maintainers_own_calibration_text_and_eval_chats(tmp_path, tiny_model, tokenizer):
     """--calibration-file as plain text (cut into 512-token pieces) and --eval-file as JSON chats: the quality
     numbers are measured on those chats (their user turns as prompts, all turns as prose), and the card says so."""
-    from quantize.build.evaluate import heldout_text  # any long English text will do as a calibration file
+    # any long English text will do as a calibration file
+    from quantize.maintainer.evaluate import heldout_text
 
     calib = tmp_path / "my-calibration.txt"
     calib.write_text(heldout_text())
@@ -358,9 +359,9 @@ def test_maintainers_own_calibration_text_and_eval_chats(tmp_path, tiny_model, t
 
 # The command as it runs a model above the size where the block path starts (a tiny model stands in for a 7B one)
 ABOVE_BLOCK_SIZE = """import sys
-from quantize.build import blockwise
+from quantize.maintainer import blockwise
 blockwise.WHOLE_MODEL_MAX_PARAMS = 0
-from quantize.build.cli import main
+from quantize.maintainer.cli import main
 sys.exit(main(sys.argv[1:]))"""
 
 
@@ -399,15 +400,16 @@ def test_a_large_model_that_would_be_quantized_whole_is_refused_before_the_work(
 
 FINGERPRINT = """
 import sys
-from quantize.build.cli import parse_args
-from quantize.build.pipeline import fingerprint
+from quantize.maintainer.cli import parse_args
+from quantize.maintainer.pipeline import fingerprint
 print(fingerprint(parse_args(["--out", "x"]), sys.argv[1]))
 """
 
 
 def test_a_change_to_the_build_code_starts_over_and_one_to_the_page_does_not(tmp_path):
-    """The fingerprint a rerun resumes by, computed on a copy of the package as a file in it changes: the build's
-    code (subfolders too) and the runtime it measures with start over; the page's code and the tools do not."""
+    """The fingerprint a rerun resumes by, computed on a copy of the package as a file in it changes: the
+    maintainer step's code (subfolders too) and what it imports start over; the page's code and the tools do
+    not."""
     shutil.copytree(ROOT / "quantize", tmp_path / "quantize", ignore=shutil.ignore_patterns("__pycache__"))
 
     def key() -> str:
@@ -432,7 +434,15 @@ def test_a_change_to_the_build_code_starts_over_and_one_to_the_page_does_not(tmp
         touch(page)
     assert key() == first
     seen = {first}
-    for build in ("build/recipe.py", "runtime/engine.py", "families.py", "build/extra/more.py"):
+    # runtime/prefixes.py: the step imports common_prefix from it (a fixed list of the page's files left it out)
+    built = (
+        "maintainer/recipe.py",
+        "runtime/engine.py",
+        "runtime/prefixes.py",
+        "families.py",
+        "maintainer/x/y.py",
+    )
+    for build in built:
         touch(build)
         seen.add(key())
-    assert len(seen) == 5  # each change gave a new fingerprint
+    assert len(seen) == len(built) + 1  # each change gave a new fingerprint

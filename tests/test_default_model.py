@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from quantize import models
-from quantize.build import evaluate
+from quantize.maintainer import evaluate
 from quantize.runtime.decoders import HFDecoder
 from quantize.runtime.generate import Sampling, stream
 

@@ -14,7 +14,7 @@ from conftest import ROOT, TINY_LLAMA, TINY_OPT
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from quantize import machine, models
-from quantize.build import calibration, recipe
+from quantize.maintainer import calibration, recipe
 from quantize.runtime import decoders, engine, kernels
 from quantize.runtime.decoders import HFDecoder
 from quantize.runtime.generate import Sampling, stream

@@ -5,7 +5,7 @@ import weakref
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantize.build import evaluate
+from quantize.maintainer import evaluate
 from quantize.runtime.decoders import HFDecoder
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

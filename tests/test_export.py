@@ -14,7 +14,7 @@ import torch
 from conftest import ANSWER, QUESTION, ROOT
 from safetensors.torch import load_file
 
-from quantize.build import evaluate
+from quantize.maintainer import evaluate
 from quantize.runtime import engine
 
 # What compressed-tensors calls the scheme vLLM's CPU INT8 kernel runs (its QuantizationArgs, as llm-compressor
@@ -85,11 +85,11 @@ def vllm_python() -> str:
 
 
 def served(python: str, folder: Path, job: dict, tmp_path: Path) -> dict:
-    """vLLM's offline engine on `folder`, measured on the job's token ids (quantize/build/vllm_check.py)."""
+    """vLLM's offline engine on `folder`, measured on the job's token ids (quantize/maintainer/vllm_check.py)."""
     job_file, out = tmp_path / "job.json", tmp_path / f"{folder.name}.json"
     job_file.write_text(json.dumps(job))
     run = subprocess.run(
-        [python, str(ROOT / "quantize/build/vllm_check.py"), str(folder), str(job_file), str(out)],
+        [python, str(ROOT / "quantize/maintainer/vllm_check.py"), str(folder), str(job_file), str(out)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -145,8 +145,8 @@ def test_vllm_child_sees_none_of_our_secrets_and_its_words_stay_off_the_card(tmp
     the way a crashing vLLM does (a traceback naming local paths): the child saw no token or key of ours (Hub,
     admin, endpoint), and the error the card will carry names neither the paths nor the traceback, which is kept in a log file of the
     maintainer's cache."""
-    from quantize.build import vllm_quality
     from quantize.errors import ModelError
+    from quantize.maintainer import vllm_quality
 
     seen = tmp_path / "env.json"
     fake = tmp_path / "python"

@@ -1,7 +1,7 @@
 """The package's layering, read from its source: every import statement, function-level ones included.
 
-runtime/ is what the app runs, build/ the maintainer step, tools/ the measuring tools, and the modules at the top of
-quantize/ shared leaves. The runtime imports neither the build nor the tools; the build does not import the tools;
+runtime/ is what the app runs, maintainer/ the maintainer step, tools/ the measuring tools, and the modules at the top of
+quantize/ shared leaves. The runtime imports neither the maintainer step nor the tools; the maintainer step does not import the tools;
 the leaves import only leaves; and no module reaches itself through its imports."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def layer(name: str) -> str:
     parts = name.split(".")
     return (
         parts[1]
-        if len(parts) > 2 or name in ("quantize.runtime", "quantize.build", "quantize.tools")
+        if len(parts) > 2 or name in ("quantize.runtime", "quantize.maintainer", "quantize.tools")
         else "leaf"
     )
 
@@ -64,14 +64,14 @@ def test_the_reader_sees_the_imports_it_checks():
     assert (
         "quantize.runtime.decoders" in GRAPH["quantize.runtime.serving"]
     )  # from quantize.runtime import decoders
-    assert "quantize.build.recipe" in GRAPH["quantize.build.blockwise"]
-    assert {layer(n) for n in GRAPH} == {"command", "leaf", "runtime", "build", "tools"}
+    assert "quantize.maintainer.recipe" in GRAPH["quantize.maintainer.blockwise"]
+    assert {layer(n) for n in GRAPH} == {"command", "leaf", "runtime", "maintainer", "tools"}
 
 
 @pytest.mark.parametrize(
     "lower, higher",
-    [("runtime", {"build", "tools", "command"}), ("build", {"tools", "command"}),
-     ("leaf", {"runtime", "build", "tools", "command"})],
+    [("runtime", {"maintainer", "tools", "command"}), ("maintainer", {"tools", "command"}),
+     ("leaf", {"runtime", "maintainer", "tools", "command"})],
 )  # fmt: skip
 def test_no_layer_imports_a_layer_above_it(lower: str, higher: set[str]):
     wrong = sorted(

@@ -1,4 +1,4 @@
-"""quantize.build.hub.push against a real HTTP server speaking the Hub API, with the real huggingface_hub client:
+"""quantize.maintainer.hub.push against a real HTTP server speaking the Hub API, with the real huggingface_hub client:
 one commit, a failure halfway leaves the repo as it was, a rerun completes, the token never shows."""
 
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 from conftest import HUB_TOKEN, local_hub, wait_for
 
-from quantize.build.hub import push
 from quantize.errors import ModelError
+from quantize.maintainer.hub import push
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_push_killed_during_upload_leaves_last_commit_then_rerun_completes(folde
     (folder / "added.txt").write_text("added")
     commits_before = _commits(hub, "test-user/m")
     hub.hold("lfs_upload")  # the upload stops half-way, to be killed in the middle
-    code = f"from quantize.build.hub import push; push({str(folder)!r}, 'test-user/m')"
+    code = f"from quantize.maintainer.hub import push; push({str(folder)!r}, 'test-user/m')"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "HF_TOKEN": HUB_TOKEN})
     wait_for(
         lambda: hub.calls("lfs_upload") > 0 or proc.poll() is not None, 120, "the push to reach the upload"

@@ -352,7 +352,7 @@ def test_card_measures_no_smoothquant_on_the_kernels_that_ship(int8_run, report,
     so the row that should show what smoothing buys compared different precisions.)"""
     import dataclasses
 
-    from quantize.build import calibration, recipe
+    from quantize.maintainer import calibration, recipe
     from quantize.runtime import engine
 
     chats = calibration.calibration_ids(tokenizer, 48)
@@ -406,7 +406,7 @@ def test_engine_serves_the_shipped_folder_as_inc_does(int8_run, int8, bf16, toke
     folder. This model is chaotic under INT8 noise (1e-6 relative noise in one norm flips ~15% of argmaxes), so
     two implementations cannot match token for token: they must measure the same against BF16 (the config-built
     models in test_engine.py do match token for token)."""
-    from quantize.build import evaluate
+    from quantize.maintainer import evaluate
     from quantize.runtime import engine
 
     ours = engine.load(int8_run["out"], reduce_range=True, weight_only_down=False)

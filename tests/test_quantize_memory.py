@@ -34,7 +34,7 @@ def model(tokenizer):
 
 
 def quantize(model, tokenizer, workdir):
-    from quantize.build import calibration, recipe
+    from quantize.maintainer import calibration, recipe
 
     calib = calibration.calibration_ids(tokenizer, 2)
     return recipe.quantize(model, calib, recipe.RECIPES[recipe.DEFAULT_RECIPE], workdir)

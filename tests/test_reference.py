@@ -1,4 +1,4 @@
-"""The BF16 reference run block by block (quantize/build/reference.py), which verifies a block-built model: transformers'
+"""The BF16 reference run block by block (quantize/maintainer/reference.py), which verifies a block-built model: transformers'
 whole model's numbers, in the memory of one block."""
 
 import types
@@ -8,7 +8,7 @@ import torch
 from test_blockwise import DEEP, FAMILIES, build_bf16, peak_since_reset, reset_peak
 
 from quantize import models
-from quantize.build import blockwise, evaluate, pipeline, recipe, reference
+from quantize.maintainer import blockwise, evaluate, pipeline, recipe, reference
 from quantize.runtime.decoders import HFDecoder
 
 # What "the same" means. Teacher-forced windows: one pass of the same modules on the same weights, but the whole

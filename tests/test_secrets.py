@@ -30,7 +30,7 @@ def test_failed_push_with_debug_logging_leaks_no_token(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     code = (
-        "import logging, sys; from quantize.build.hub import push; from quantize.errors import ModelError\n"
+        "import logging, sys; from quantize.maintainer.hub import push; from quantize.errors import ModelError\n"
         "logging.basicConfig(level=logging.DEBUG)\n"
         f"try:\n    push({str(folder)!r}, 'test-user/x')\nexcept ModelError as e:\n    print('error:', e)\n"
         "    raise\n"

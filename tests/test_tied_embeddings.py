@@ -4,7 +4,7 @@ input embeddings (stack notes: top-1 agreement fell to ~1% when it did)."""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quantize.build import recipe
+from quantize.maintainer import recipe
 
 
 def tiny_tied_llama() -> LlamaForCausalLM:

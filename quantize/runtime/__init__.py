@@ -1,4 +1,4 @@
-"""What the app runs (and the build and the bench measure with): it imports neither quantize.build nor quantize.tools.
+"""What the app runs (and the build and the bench measure with): it imports neither quantize.maintainer nor quantize.tools.
 
 engine.py     the decoder INT8 and BF16 both run in, so a gain is quantization's: kernels, cache, attention
 generate.py   the generation loop: one token per forward pass, a time stamp per token

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from quantize import families, files, machine, models
-from quantize.build import evaluate
 from quantize.errors import ModelError
+from quantize.maintainer import evaluate
 from quantize.runtime import decoders, latency, remote
 from quantize.runtime.decoders import HFDecoder
 from quantize.tools import bandwidth, concurrency, footprint, peer, random_model

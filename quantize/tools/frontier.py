@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from quantize import machine, models
-from quantize.build import calibration, card, evaluate, recipe
+from quantize.maintainer import calibration, card, evaluate, recipe
 from quantize.runtime import decoders, latency
 from quantize.runtime.decoders import HFDecoder
 

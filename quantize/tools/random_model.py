@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from quantize import families, files, models
-from quantize.build import blockwise, calibration, recipe
+from quantize.maintainer import blockwise, calibration, recipe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

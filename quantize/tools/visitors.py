@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from quantize.build.evaluate import heldout_prompts
+from quantize.maintainer.evaluate import heldout_prompts
 from quantize.runtime.chat import text_of
 
 

@@ -5,9 +5,11 @@ import os
 import time
 
 if os.environ.get("Q8CHAT_TEST_BUILD_GATE"):
-    from quantize.build import recipe
+    from quantize.maintainer import recipe
 
-    _run_inc = recipe.run_inc  # INC's step, on the whole model or on a block (quantize/build/blockwise.py)
+    _run_inc = (
+        recipe.run_inc
+    )  # INC's step, on the whole model or on a block (quantize/maintainer/blockwise.py)
 
     def gated_run_inc(*args, **kwargs):
         while not os.path.exists(os.environ["Q8CHAT_TEST_BUILD_GATE"]):

@@ -3,7 +3,7 @@ BF16 original, on the quality stage's held-out text and prompts. The card's `int
 
 vLLM reads each window in one pass, as the engine's long-prompt mode does (evaluate.LONG_WINDOW tokens), so the row
 fills those columns; its chat top-1 follows vLLM BF16's greedy answers, as the engine's follows transformers'. Each
-side runs build/vllm_check.py in a child process of the vLLM venv's Python.
+side runs maintainer/vllm_check.py in a child process of the vLLM venv's Python.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from quantize import models
-from quantize.build import evaluate
 from quantize.errors import ModelError
+from quantize.maintainer import evaluate
 from quantize.runtime.prefixes import common_prefix
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ CHILD_ENV_PREFIXES = (
 
 
 def served(python: str, folder: Path, job: dict, timeout: float = 1800) -> dict:
-    """vLLM's offline engine on `folder`, measured on the job's token ids (build/vllm_check.py)."""
+    """vLLM's offline engine on `folder`, measured on the job's token ids (maintainer/vllm_check.py)."""
     with tempfile.TemporaryDirectory(prefix="q8-vllm-") as tmp:
         job_file, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_file.write_text(json.dumps(job))

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quantize.build import blockwise, evaluate
 from quantize.families import FAMILIES
+from quantize.maintainer import blockwise, evaluate
 
 
 class ByBlock:

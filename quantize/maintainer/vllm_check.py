@@ -1,14 +1,14 @@
 """One model served by vLLM's offline engine, measured on given token ids: run with the vLLM venv's Python (vLLM
 needs transformers 5, so it never shares the quantize step's environment), standard library and vLLM only.
 
-    VLLM_PYTHON quantize/build/vllm_check.py MODEL_FOLDER JOB.json OUT.json
+    VLLM_PYTHON quantize/maintainer/vllm_check.py MODEL_FOLDER JOB.json OUT.json
 
 JOB.json: {"windows": [[ids]...], "prompts": [[ids]...], "greedy_tokens": N, "follow": [[prompt ids, answer
 ids]...], "chat": [messages] or null}. OUT.json: the mean negative log-likelihood of every window read in one pass
 (each token's log-probability given those before it) and vLLM's first choice at each of those positions, the
 greedy tokens of each prompt, how often each given answer's token is vLLM's own first choice after what precedes
 it (top-1 agreement along another engine's answers), the chat answer as vLLM detokenizes it, and what vLLM says it
-ran. The pipeline's vLLM stage (build/pipeline.py) and tests/test_export.py run it.
+ran. The pipeline's vLLM stage (maintainer/pipeline.py) and tests/test_export.py run it.
 """
 
 from __future__ import annotations

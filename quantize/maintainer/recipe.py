@@ -260,7 +260,7 @@ def restore_norms(qmodel: nn.Module, originals: dict[str, nn.Module], offset: fl
 
 
 def build_config(recipe: Recipe, family: Family, calibration_size: int, judged: bool = False):
-    """INC's config for `recipe` on `family`; `judged`: a trial of accuracy-aware tuning (quantize/build/tune.py),
+    """INC's config for `recipe` on `family`; `judged`: a trial of accuracy-aware tuning (quantize/maintainer/tune.py),
     passing when its eval_fn's score loses nothing against the FP32 baseline's."""
     from neural_compressor.config import AccuracyCriterion, PostTrainingQuantConfig, TuningCriterion
 
@@ -386,7 +386,7 @@ def quantize(
     judge: Callable[[nn.Module], float] | None = None,
 ) -> QuantizeResult:
     """Quantize a copy of `model` (any float dtype) with `recipe`, calibrating on token-id tensors [1, T];
-    `judge`, INC's eval_fn, makes it a trial of accuracy-aware tuning (quantize/build/tune.py).
+    `judge`, INC's eval_fn, makes it a trial of accuracy-aware tuning (quantize/maintainer/tune.py).
 
     INCQuantizer writes its own files into `workdir`; the caller saves the final folder with `save_int8`.
     """
@@ -416,7 +416,7 @@ def quantize_part(
     workdir: Path,
     judge: Callable[[nn.Module], float] | None = None,
 ) -> tuple[nn.Module, dict, dict, list[str]]:
-    """The recipe on an FP32 part of a model, in place: the whole model, or one decoder block (build/blockwise.py).
+    """The recipe on an FP32 part of a model, in place: the whole model, or one decoder block (maintainer/blockwise.py).
     Its norms shown to INC, the `pairs` INC cannot absorb smoothed on what `run()` passes through it (None: nothing
     to observe), INC's SmoothQuant and INT8 calibrated on `columns` (the part's forward arguments, a sample per
     row), the norms given back and the recipe's tail. Returns the quantized part, INC's tuning config, the evidence
@@ -441,7 +441,7 @@ def quantize_part(
 def run_inc(
     model: nn.Module, columns: dict[str, list], config, workdir: Path, judge
 ) -> tuple[nn.Module, list[str]]:
-    """INCQuantizer on the prepared FP32 model (a whole model, or one block: quantize/build/blockwise.py), calibrated on
+    """INCQuantizer on the prepared FP32 model (a whole model, or one block: quantize/maintainer/blockwise.py), calibrated on
     `columns` (its forward's arguments, one sample per row): the quantized model, and what INC logged meanwhile."""
     import datasets
     from neural_compressor.config import options

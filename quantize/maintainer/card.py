@@ -7,9 +7,9 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from quantize.build.evaluate import against_bar, worst_perplexity_ratio, worst_top1
-from quantize.build.recipe import Recipe
 from quantize.machine import peak_rss_bytes
+from quantize.maintainer.evaluate import against_bar, worst_perplexity_ratio, worst_top1
+from quantize.maintainer.recipe import Recipe
 from quantize.models import EXPORT_DIR
 from quantize.runtime.latency import LABELS, fmt, speedup_line
 

@@ -9,6 +9,7 @@ step (files.replace_dir), so --out never holds a mix of old and new files.
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import hashlib
 import json
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantize import files, machine, models
-from quantize.build import (
+from quantize.errors import ModelError
+from quantize.maintainer import (
     blockwise,
     calibration,
     card,
@@ -30,7 +32,6 @@ from quantize.build import (
     tune,
     vllm_quality,
 )
-from quantize.errors import ModelError
 from quantize.models import EXPORT_DIR
 from quantize.runtime import decoders, engine, latency
 from quantize.runtime.decoders import HFDecoder
@@ -76,23 +77,36 @@ def fingerprint(args: argparse.Namespace, source: Path) -> str:
 
 
 PACKAGE = Path(__file__).parents[1]
-NOT_THE_BUILD = (
-    "tools/",
-    "bench.py",
-    "runtime/chat.py",
-    "runtime/sessions.py",
-    "runtime/serving.py",
-    "runtime/panel.py",
-    "runtime/scheduler.py",
-    "runtime/prefixes.py",
-)
 
 
 def build_code() -> list[Path]:
-    """The modules a stage's result depends on, subfolders included: the build, the runtime it measures with and the
-    shared modules; not the page (chat, sessions, serving, panel, scheduler) nor the tools."""
-    paths = sorted(PACKAGE.rglob("*.py"))
-    return [p for p in paths if not p.relative_to(PACKAGE).as_posix().startswith(NOT_THE_BUILD)]
+    """The modules a stage's result depends on: every file of the maintainer step (subfolders included) and,
+    through their imports (function-level ones too), the package's modules they reach: the runtime it measures
+    with and the shared leaves; not the page or the tools, which the step never imports."""
+    todo = sorted((PACKAGE / "maintainer").rglob("*.py"))
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += imported_files(path)
+    return sorted(seen)
+
+
+def imported_files(path: Path) -> list[Path]:
+    """The package's files that `path` imports: `quantize.a.b` is quantize/a/b.py or quantize/a/b/__init__.py, and
+    `from quantize.a import b` may name the module b."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    parts = [n.split(".")[1:] for n in names if n == "quantize" or n.startswith("quantize.")]
+    files = [PACKAGE.joinpath(*p).with_suffix(".py") for p in parts if p] + [
+        PACKAGE.joinpath(*p, "__init__.py") for p in parts
+    ]
+    return [f for f in files if f.is_file()]
 
 
 @dataclass
@@ -242,14 +256,14 @@ def speed_stage(b: Build) -> dict:
 
 
 def export_stage(b: Build) -> None:
-    """The compressed-tensors folder vLLM serves (build/export.py), made from the engine's file where there is one
+    """The compressed-tensors folder vLLM serves (maintainer/export.py), made from the engine's file where there is one
     (a static-INT8 recipe's model has none: only INC's loader runs it)."""
     if engine.has_engine_file(b.int8_dir):
         export.write_export(b.int8_dir)
 
 
 def vllm_stage(b: Build) -> dict:
-    """The export served by vLLM against vLLM on the BF16 original (build/vllm_quality.py): the card's vLLM row.
+    """The export served by vLLM against vLLM on the BF16 original (maintainer/vllm_quality.py): the card's vLLM row.
     Without a vLLM venv (--vllm-python) or an export, the record says why it was not measured."""
     w8a8 = b.int8_dir / EXPORT_DIR
     if not b.args.vllm_python:

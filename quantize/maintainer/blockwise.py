@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from quantize import families, files, machine, models
-from quantize.build import recipe
 from quantize.errors import ModelError
 from quantize.families import Family
+from quantize.maintainer import recipe
 from quantize.runtime import engine
 
 SHARD_BYTES = (

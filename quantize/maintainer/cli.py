@@ -1,6 +1,6 @@
 """python -m quantize — load, calibrate, SmoothQuant to INT8, verify against BF16, write a model card, push.
 
-The stages are quantize/build/pipeline.py: resumable (a rerun with the same arguments picks up after the last finished
+The stages are quantize/maintainer/pipeline.py: resumable (a rerun with the same arguments picks up after the last finished
 stage), and --out is replaced in one step, so it never holds a mix of old and new files.
 """
 
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from quantize import families, files, models
-from quantize.build import blockwise, card, pipeline, recipe
-from quantize.build.evaluate import QUALITY_BAR
-from quantize.build.hub import get_token, planned_files, push
 from quantize.errors import ModelError
 from quantize.machine import memory_room
+from quantize.maintainer import blockwise, card, pipeline, recipe
+from quantize.maintainer.evaluate import QUALITY_BAR
+from quantize.maintainer.hub import get_token, planned_files, push
 
 EPILOG = """examples:
   python -m quantize --out /tmp/smollm2-int8                      # embedded default model, offline
@@ -36,7 +36,7 @@ OPTIONS = {
     "--model": dict(default=None, help="Hub repo id or local folder (default: the embedded SmolLM2-135M)"),
     "--revision": dict(default=None, help="Hub revision (branch, tag or commit) of --model"),
     "--out": dict(required=True, type=Path, help="folder to write the INT8 model, report and card into"),
-    "--recipe": dict(help="frontier point to build (default %(default)s; see quantize/build/recipe.py)"),
+    "--recipe": dict(help="frontier point to build (default %(default)s; see quantize/maintainer/recipe.py)"),
     "--alpha": dict(default=None, help="SmoothQuant alpha in [0, 1], or 'auto' (default: the recipe's)"),
     "--calibration-samples": dict(type=int, default=48, help="chat samples to calibrate on (default 48)"),
     "--calibration-file": dict(
@@ -180,7 +180,7 @@ def prepare(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, stage_bar=None) -> int:
-    """Check, then every stage (quantize/build/pipeline.py), then the push. `stage_bar` makes the bar over the stages."""
+    """Check, then every stage (quantize/maintainer/pipeline.py), then the push. `stage_bar` makes the bar over the stages."""
     from tqdm import tqdm
 
     check_args(args)

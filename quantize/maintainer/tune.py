@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from quantize import models
-from quantize.build import evaluate, recipe
+from quantize.maintainer import evaluate, recipe
 from quantize.runtime import decoders
 from quantize.runtime.decoders import HFDecoder
 
