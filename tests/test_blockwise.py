@@ -18,6 +18,7 @@ from conftest import ROOT, TINY_LLAMA, TINY_OPT, wait_for
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from quantize import engine_file
 from quantize.errors import ModelError
 from quantize.maintainer import blockwise, calibration, export, recipe
 from quantize.runtime import decoders, engine
@@ -82,7 +83,7 @@ def both_paths(tmp_path, tokenizer, family: str):
 
 
 def tensors_of(folder) -> dict[str, torch.Tensor]:
-    t = engine.Tensors(engine.safetensors_files(folder))
+    t = engine_file.Tensors(engine_file.safetensors_files(folder))
     return {name: t.get(name).clone() for name in t.where}
 
 
@@ -261,7 +262,7 @@ def test_a_large_model_is_written_in_shards_the_engine_reads(tmp_path, tokenizer
     )
     shards = sorted(p.name for p in (tmp_path / "shards").glob("engine-*.safetensors"))
     assert len(shards) >= 2 and not (tmp_path / "shards" / "engine.safetensors").exists()
-    index = __import__("json").loads((tmp_path / "shards" / engine.ENGINE_INDEX).read_text())
+    index = __import__("json").loads((tmp_path / "shards" / engine_file.ENGINE_INDEX).read_text())
     assert sorted(set(index["weight_map"].values())) == shards
     ids = torch.tensor([1, 2, 3, 4])
     a, b = (engine.load(tmp_path / d) for d in ("one", "shards"))

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, TINY_LLAMA, TINY_OPT
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantize import machine, models
+from quantize import engine_file, machine, models
 from quantize.maintainer import calibration, recipe
 from quantize.runtime import decoders, engine, kernels
 from quantize.runtime.decoders import HFDecoder
@@ -96,7 +96,7 @@ def int8_matrices(int8_dir) -> set[str]:
     import json
     import struct
 
-    with open(int8_dir / engine.ENGINE_FILE, "rb") as f:
+    with open(int8_dir / engine_file.ENGINE_FILE, "rb") as f:
         header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
     return {
         n.removesuffix(".qweight")
@@ -628,9 +628,9 @@ def test_engine_file_is_safetensors_with_int8_weights(tiny):
     _, _, int8_dir = tiny
     from safetensors import safe_open
 
-    with safe_open(str(int8_dir / engine.ENGINE_FILE), "pt") as f:
+    with safe_open(str(int8_dir / engine_file.ENGINE_FILE), "pt") as f:
         names = set(f.keys())
-        assert f.metadata()["format"] == engine.FORMAT
+        assert f.metadata()["format"] == engine_file.FORMAT
         q = f.get_tensor("model.layers.0.self_attn.q_proj.qweight")
     assert q.dtype == torch.int8 and q.shape == (TINY_LLAMA["hidden_size"], TINY_LLAMA["hidden_size"])
     assert "lm_head.qweight" in names and "model.embed_tokens.qweight" in names

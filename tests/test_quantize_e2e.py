@@ -352,6 +352,7 @@ def test_card_measures_no_smoothquant_on_the_kernels_that_ship(int8_run, report,
     so the row that should show what smoothing buys compared different precisions.)"""
     import dataclasses
 
+    from quantize import engine_file
     from quantize.maintainer import calibration, recipe
     from quantize.runtime import engine
 
@@ -359,7 +360,7 @@ def test_card_measures_no_smoothquant_on_the_kernels_that_ship(int8_run, report,
     shipped = recipe.RECIPES[report["recipe"]["name"]]
     unsmoothed = dataclasses.replace(shipped, smooth_quant=False, smooth_pairs=())
     base = recipe.quantize(bf16, chats, unsmoothed, tmp_path / "work")
-    assert engine.write_engine_file(base.model, tmp_path)
+    assert engine_file.write_engine_file(base.model, tmp_path)
     base.model.config.to_json_file(tmp_path / "config.json")
     got = measure(engine.load(tmp_path), bf16, tokenizer)
     row = report["quality"]["int8_no_sq"]

@@ -31,11 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantize import families, files, machine, models
+from quantize import engine_file, families, files, machine, models
 from quantize.errors import ModelError
 from quantize.families import Family
 from quantize.maintainer import recipe
-from quantize.runtime import engine
 
 SHARD_BYTES = (
     2 * 2**30
@@ -65,7 +64,7 @@ def why_not_by_block(model_type: str, rec: recipe.Recipe) -> str | None:
 
 
 def parameters(source_dir: Path) -> int:
-    where = engine.Tensors(engine.safetensors_files(Path(source_dir))).where
+    where = engine_file.Tensors(engine_file.safetensors_files(Path(source_dir))).where
     return sum(_numel(info) for _, info, _ in where.values())
 
 
@@ -104,7 +103,7 @@ class Source:
 
     folder: Path
     config: object  # transformers PretrainedConfig
-    tensors: engine.Tensors
+    tensors: engine_file.Tensors
 
     def generation_config(self):
         """The model's generation config, None when the folder has none."""
@@ -118,7 +117,9 @@ class Source:
         from transformers import AutoConfig
 
         return cls(
-            Path(folder), AutoConfig.from_pretrained(folder), engine.Tensors(engine.safetensors_files(folder))
+            Path(folder),
+            AutoConfig.from_pretrained(folder),
+            engine_file.Tensors(engine_file.safetensors_files(folder)),
         )
 
     def load(
@@ -305,7 +306,7 @@ class Progress:
         """The next block's inputs: the captured ones for block 0, else those the last finished block gave."""
         if not self.state["next"]:
             return captured
-        saved = engine.Tensors([self.inputs_file(self.state["next"])])
+        saved = engine_file.Tensors([self.inputs_file(self.state["next"])])
         return [saved.get(str(i)).clone() for i in range(len(captured))]
 
     def finish_block(self, index: int, tensors: dict, outputs: list[torch.Tensor], summary: dict) -> None:
@@ -320,7 +321,9 @@ class Progress:
 
 
 def save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    files.write_safetensors(path, {n: (lambda t=t: t) for n, t in tensors.items()}, {"format": engine.FORMAT})
+    files.write_safetensors(
+        path, {n: (lambda t=t: t) for n, t in tensors.items()}, {"format": engine_file.FORMAT}
+    )
 
 
 def quantize_by_block(
@@ -388,7 +391,7 @@ def quantize_block(
     columns = {"hidden_states": [h[0].numpy() for h in inputs]}
     qmodel, _, evidence, _ = recipe.quantize_part(block, columns, run, pairs, rec, work)
     shutil.rmtree(work, ignore_errors=True)
-    tensors = engine.engine_tensors(qmodel)
+    tensors = engine_file.engine_tensors(qmodel)
     if tensors is None:
         raise ValueError(f"recipe {rec.name} leaves static INT8 Linears, which the engine does not run")
     return tensors, outputs, {"smoothquant": evidence, "modules": recipe.module_counts(qmodel)}
@@ -406,11 +409,11 @@ def quantize_ends(
     """lm_head (after the last block), the embedding and any other table before the blocks (OPT's positions, kept
     FP32 as INC keeps it), one at a time, saved at `path`; their module kinds."""
     head = quantize_head(model, source, hidden, rec, family)
-    ends, counts = engine.engine_tensors(head), recipe.module_counts(head)
+    ends, counts = engine_file.engine_tensors(head), recipe.module_counts(head)
     model.to("meta")  # the FP32 final norm and lm_head the INT8 ones were made from
     embed_name = module_name(model, model.get_input_embeddings())
     embedding = quantize_embedding(model, source, embed_name)
-    ends |= engine.engine_tensors(embedding)
+    ends |= engine_file.engine_tensors(embedding)
     for name, mod in before_blocks(model, layers, family).items():
         if name != embed_name:
             ends |= {f"{name}.{n}": p.detach().float() for n, p in source.load(mod, name).named_parameters()}
@@ -485,19 +488,19 @@ def write_folder(source: Source, work: Path, out: Path, tokenizer) -> None:
         size += f.stat().st_size
     out.mkdir(parents=True, exist_ok=True)
     names = (
-        [engine.ENGINE_FILE]
+        [engine_file.ENGINE_FILE]
         if len(shards) == 1
-        else [engine.shard_name(i, len(shards)) for i in range(len(shards))]
+        else [engine_file.shard_name(i, len(shards)) for i in range(len(shards))]
     )
     weight_map = {}
     for name, group in zip(names, shards):
-        tensors = engine.Tensors(group)  # memory-mapped: one tensor at a time is read and written
+        tensors = engine_file.Tensors(group)  # memory-mapped: one tensor at a time is read and written
         layout = {n: (info["dtype"], info["shape"]) for n, (_, info, _) in tensors.where.items()}
         files.write_safetensors(out / name, {n: functools.partial(tensors.get, n) for n in tensors.where},
-                                {"format": engine.FORMAT}, layout)  # fmt: skip
+                                {"format": engine_file.FORMAT}, layout)  # fmt: skip
         weight_map |= dict.fromkeys(tensors.where, name)
         machine.malloc_trim()
     if len(shards) > 1:
-        index = {"metadata": {"format": engine.FORMAT}, "weight_map": weight_map}
-        files.write_file(out / engine.ENGINE_INDEX, json.dumps(index, indent=1))
+        index = {"metadata": {"format": engine_file.FORMAT}, "weight_map": weight_map}
+        files.write_file(out / engine_file.ENGINE_INDEX, json.dumps(index, indent=1))
     recipe.write_loader_files(out, source.config.to_dict(), tokenizer, source.generation_config())

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from quantize import files
+from quantize import engine_file, files
 from quantize.families import FAMILIES
 from quantize.models import EXPORT_DIR
-from quantize.runtime import engine
 
 # compressed-tensors' description of the scheme (its QuantizationConfig, as vLLM and llm-compressor write it)
 SCHEME = {
@@ -46,14 +45,14 @@ COPIED = ("generation_config.json", "special_tokens_map.json", "tokenizer_config
           "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")  # fmt: skip
 
 
-def dequantized(tensors: engine.Tensors, base: str) -> torch.Tensor:
+def dequantized(tensors: engine_file.Tensors, base: str) -> torch.Tensor:
     """A stored INT8 matrix as BF16: codes times their row's scale (less its zero point, for the embedding)."""
     q, scale = tensors.get(f"{base}.qweight").float(), tensors.get(f"{base}.scale").float()[:, None]
     zero = tensors.get(f"{base}.zero_point").float()[:, None] if f"{base}.zero_point" in tensors else 0.0
     return ((q - zero) * scale).bfloat16()
 
 
-def exported(tensors: engine.Tensors, names: list[str]) -> dict[str, Callable[[], torch.Tensor]]:
+def exported(tensors: engine_file.Tensors, names: list[str]) -> dict[str, Callable[[], torch.Tensor]]:
     """The compressed-tensors name of each stored tensor in `names`, and how to make it."""
     out: dict[str, Callable[[], torch.Tensor]] = {}
     for name in names:
@@ -68,7 +67,7 @@ def exported(tensors: engine.Tensors, names: list[str]) -> dict[str, Callable[[]
     return out
 
 
-def float_linears(tensors: engine.Tensors, config: dict) -> list[str]:
+def float_linears(tensors: engine_file.Tensors, config: dict) -> list[str]:
     """The Linears the recipe left in float (a family's float roles): compressed-tensors must be told to leave
     them alone, as lm_head."""
     family = FAMILIES[config["model_type"]]
@@ -107,12 +106,12 @@ def write_export(int8_folder: Path, out: Path | None = None) -> Path:
     int8_folder = Path(int8_folder)
     out = Path(out or int8_folder / EXPORT_DIR)
     out.mkdir(parents=True, exist_ok=True)
-    shards = engine.safetensors_files(int8_folder)
+    shards = engine_file.safetensors_files(int8_folder)
     config = json.loads((int8_folder / "config.json").read_text())
     weight_map: dict[str, str] = {}
     ignore: list[str] = []
     for i, shard in enumerate(shards):
-        tensors = engine.Tensors([shard])
+        tensors = engine_file.Tensors([shard])
         ignore += float_linears(tensors, config)
         name = (
             "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -1,5 +1,5 @@
 """The maintainer step as a list of named stages over one context: quantize, a baseline without SmoothQuant, the
-quality and the speed against BF16, the card, and the move into --out.
+quality and the speed against BF16, the export for vLLM and its quality there, the card, and the move into --out.
 
 Stages that measure are recorded in <out>.partial/stages.json with a fingerprint of the arguments and the code;
 a rerun with the same arguments picks up after the last recorded stage. The finished folder replaces --out in one
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize import files, machine, models
+from quantize import engine_file, files, machine, models
 from quantize.errors import ModelError
 from quantize.maintainer import (
     blockwise,
@@ -33,7 +33,7 @@ from quantize.maintainer import (
     vllm_quality,
 )
 from quantize.models import EXPORT_DIR
-from quantize.runtime import decoders, engine, latency
+from quantize.runtime import decoders, latency
 from quantize.runtime.decoders import HFDecoder
 
 log = logging.getLogger("q8chat")
@@ -227,7 +227,7 @@ def quality_stage(b: Build) -> dict:
         "bf16": bf16_reference(b),
         "int8": lambda: decoders.open_int8(b.int8_dir),
     }  # INT8 as the app serves it
-    if engine.has_engine_file(b.int8_dir) and (b.int8_dir / "inc_config.json").is_file():
+    if engine_file.has_engine_file(b.int8_dir) and (b.int8_dir / "inc_config.json").is_file():
         # the card offers INC's loader too: measured on the same text, not vouched for by the engine's numbers
         openers["int8_inc"] = lambda: HFDecoder(models.load_inc_int8(b.int8_dir), "INCModelForCausalLM")
     quality = evaluate.compare(openers, "bf16", b.tokenizer, evaluate.held_out(b.args.eval_file))
@@ -258,7 +258,7 @@ def speed_stage(b: Build) -> dict:
 def export_stage(b: Build) -> None:
     """The compressed-tensors folder vLLM serves (maintainer/export.py), made from the engine's file where there is one
     (a static-INT8 recipe's model has none: only INC's loader runs it)."""
-    if engine.has_engine_file(b.int8_dir):
+    if engine_file.has_engine_file(b.int8_dir):
         export.write_export(b.int8_dir)
 
 

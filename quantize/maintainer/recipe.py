@@ -1,6 +1,6 @@
 """The quantization recipe: Neural Compressor's SmoothQuant, through Optimum Intel's INCQuantizer.
 
-What the documented recipe gives, and why this one differs (../shared/docs/stack-notes.md, re-checked here):
+What the documented recipe gives, and why this one differs (each point re-checked against INC's source here):
   * `folding=True` is set explicitly: the default (`folding=False`) takes INC's QDQ path, which is fake
     quantization (FP32 weights and GEMMs wrapped in quantize/dequantize).
   * `config.return_dict=False` while quantizing: otherwise INC's jit trace fails and SmoothQuant is silently
@@ -38,10 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantize import files, models
+from quantize import engine_file, files, models
 from quantize.errors import ModelError
 from quantize.families import FAMILIES, Family, linear_regex, pair
-from quantize.runtime import engine
 
 
 def family_of(model: nn.Module) -> Family:
@@ -551,7 +550,7 @@ def save_int8(result: QuantizeResult, out: Path, tokenizer, original: nn.Module)
     state = result.model.state_dict()
     state["best_configure"] = result.q_config
     torch.save(state, out / "pytorch_model.bin")
-    engine.write_engine_file(result.model, out)
+    engine_file.write_engine_file(result.model, out)
     config = json.loads((out / "config.json").read_text())
     write_loader_files(out, config, tokenizer, getattr(original, "generation_config", None))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from quantize import models
+from quantize import engine_file, models
 from quantize.errors import ModelError
 from quantize.runtime import engine
 
@@ -67,7 +67,7 @@ class HFDecoder:
 
 def weight_file_bytes(folder: Path) -> int:
     """What serving the folder reads: the engine's or the model's safetensors, else its pickled weights."""
-    files = engine.safetensors_files(Path(folder)) or sorted(Path(folder).glob("pytorch_model*.bin"))
+    files = engine_file.safetensors_files(Path(folder)) or sorted(Path(folder).glob("pytorch_model*.bin"))
     return sum(f.stat().st_size for f in files)
 
 
@@ -80,7 +80,7 @@ def open_int8(path: Path, batched: bool = False):
         raise ModelError(
             f"{path} is not an INT8 folder written by `python -m quantize` (no inc_config.json or engine.safetensors)."
         )
-    if engine.is_engine_folder(path) and engine.has_engine_file(path):
+    if engine.is_engine_folder(path) and engine_file.has_engine_file(path):
         try:
             return engine.load(path, batched=batched)
         except (KeyError, ValueError, OSError, RuntimeError) as e:
@@ -95,7 +95,7 @@ def served(model: torch.nn.Module, label: str) -> Iterator:
     """An INT8 model still in memory, served as the app would serve its folder: Q8-Chat's engine where it runs
     the family, transformers otherwise. So a candidate or a baseline is measured with the kernels that ship."""
     with tempfile.TemporaryDirectory() as folder:
-        if engine.runs(model.config.to_dict()) and engine.write_engine_file(model, Path(folder)):
+        if engine.runs(model.config.to_dict()) and engine_file.write_engine_file(model, Path(folder)):
             model.config.to_json_file(Path(folder) / "config.json")
             yield engine.load(Path(folder))
         else:

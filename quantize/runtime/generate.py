@@ -1,7 +1,8 @@
 """The generation loop: one token per forward pass, KV cache, a time stamp per produced token.
 
-The app streams from it, the benchmark and the quality check time it: INT8 and BF16 always run the same loop,
-so their per-token numbers are comparable and come from the loop itself, not from the UI's streaming cadence.
+The benchmark, the panel's interleaved benchmark and the quality check time it (the app's replies run the same
+steps through runtime/scheduler.py): INT8 and BF16 always run the same loop, so their per-token numbers are
+comparable and come from the loop itself, not from the UI's streaming cadence.
 A decoder is anything with `new_cache(max_len)` and `forward(ids, cache) -> logits`: the engine
 (runtime/engine.py) for the families it runs, or `decoders.HFDecoder`, the generic path through transformers.
 """
