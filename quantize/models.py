@@ -191,6 +191,14 @@ def resolve_model(
         return path
     if not REPO_ID.match(model):
         raise ModelError(f"{model!r} is neither a model folder nor a valid Hub repo id (like 'org/name').")
+    return download(model, revision, token, skip, allow)
+
+
+def download(
+    model: str, revision: str | None, token: str | None, skip: tuple[str, ...], allow: tuple[str, ...]
+) -> Path:
+    """A Hub repo's files matching `allow` and not `skip`, in the Hub's cache; each way it can fail as a
+    ModelError's sentence."""
     if not hub_reachable():
         why = (
             "HF_HUB_OFFLINE is set" if offline() else f"the Hub ({hub_endpoint()}) is not reachable from here"

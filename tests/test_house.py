@@ -140,3 +140,19 @@ def test_a_family_is_described_in_one_place():
         if re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", text)
     )
     assert len(names) > 10 and not found, found
+
+
+LONGEST_FUNCTION = 50  # lines, decorators and docstring included: a function does one step
+
+
+def test_no_function_runs_over_fifty_lines():
+    """Every function of the package and of app.py, nested ones and methods included, fits one screen."""
+    paths = [*MODULES.values(), PACKAGE.parent / "app.py"]
+    long = sorted(
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in paths
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION
+    )
+    assert not long, long

@@ -206,30 +206,12 @@ class Engine:
         weight_only_down: bool = False,
         rows: str = "fbgemm",
     ) -> None:
-        from transformers.activations import ACT2FN
-
         config = in_engine_words(config)
         self.config, self.label = config, label
         self.arch = arch = FAMILIES[config["model_type"]]
         int8 = tensors.metadata.get("format") == FORMAT
         self.dtype = torch.float32 if int8 else torch.bfloat16  # the activations INC's INT8 model runs in
-        self.heads = config["num_attention_heads"]
-        self.kv_heads = config.get("num_key_value_heads") or self.heads
-        self.head_dim = config.get("head_dim") or config["hidden_size"] // self.heads
-        self.eps = config.get(arch.eps[0]) or arch.eps[1]
-        self.act = ACT2FN[config.get(arch.activation[0]) or arch.activation[1]]
-        self.scale = (config.get("query_pre_attn_scalar") or self.head_dim) ** -0.5
-        self.attn_cap, self.logit_cap = (
-            config.get("attn_logit_softcapping"),
-            config.get("final_logit_softcapping"),
-        )
-        # as Gemma: the factor rounded to the activations' dtype first
-        self.embed_scale = (
-            torch.tensor(config["hidden_size"] ** 0.5, dtype=self.dtype) if arch.scale_embedding else None
-        )
-        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-        # the cache never outgrows the window, so no layer ever slides (Gemma 2 slides on every other one)
-        self.max_len = min(config.get(arch.max_len) or 4096, window or 1 << 30)
+        self.read_config(config)
         self.reduce_range = reduce_range
         read = _Reader(tensors, self.dtype, reduce_range, weight_only_down, arch, self.eps, rows)
         rope = not (arch.positions or arch.alibi)
@@ -257,6 +239,30 @@ class Engine:
             torch.outer(arch.alibi(self.heads), torch.arange(self.max_len).float()) if arch.alibi else None
         )
         malloc_trim()
+
+    def read_config(self, config: dict) -> None:
+        """What the config says beside the weights: heads, head size, norm eps, activation, the query scale,
+        soft-capping, the embedding scale and the window."""
+        from transformers.activations import ACT2FN
+
+        arch = self.arch
+        self.heads = config["num_attention_heads"]
+        self.kv_heads = config.get("num_key_value_heads") or self.heads
+        self.head_dim = config.get("head_dim") or config["hidden_size"] // self.heads
+        self.eps = config.get(arch.eps[0]) or arch.eps[1]
+        self.act = ACT2FN[config.get(arch.activation[0]) or arch.activation[1]]
+        self.scale = (config.get("query_pre_attn_scalar") or self.head_dim) ** -0.5
+        self.attn_cap, self.logit_cap = (
+            config.get("attn_logit_softcapping"),
+            config.get("final_logit_softcapping"),
+        )
+        # as Gemma: the factor rounded to the activations' dtype first
+        self.embed_scale = (
+            torch.tensor(config["hidden_size"] ** 0.5, dtype=self.dtype) if arch.scale_embedding else None
+        )
+        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+        # the cache never outgrows the window, so no layer ever slides (Gemma 2 slides on every other one)
+        self.max_len = min(config.get(arch.max_len) or 4096, window or 1 << 30)
 
     @property
     def position_bytes(self) -> int:
