@@ -328,10 +328,11 @@ class Engine:
         where, slots = torch.tensor([c.length for c in caches]), torch.tensor([c.slot for c in caches])
         rotation = None if self.rotation is None else self.rotation[where]
         lo, span = int(slots.min()), int(slots.max() - slots.min()) + 1
-        mask = self.slot_mask(where, slots - lo, span)
+        rows = slots - lo  # each batch row's place among the slots the attention call reads
+        mask = self.slot_mask(where, rows, span)
 
         def attend_slots(layer: int, qkv: torch.Tensor) -> torch.Tensor:
-            return self.attend_slots(qkv, pool, layer, rotation, where, slots, lo, mask)
+            return self.attend_slots(qkv, pool, layer, rotation, where, slots, lo, rows, mask)
 
         logits = self.logits(self.through_blocks(self.embedded(ids.reshape(-1), where), attend_slots))
         for c in caches:  # only once the pass is whole: a batch that fails is run again one by one
@@ -358,20 +359,21 @@ class Engine:
         where: torch.Tensor,
         slots: torch.Tensor,
         lo: int,
+        rows: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """A batched step's rows of fused q/k/v ([B, (H + 2 KV) * D], row i at position where[i] of slot
         slots[i]): q and k rotated, K and V written to their slots, then every query attends to its slot in one
-        call over the pool's slots lo..lo+span-1. Returns [B, H * D]."""
+        call over the pool's slots lo..lo+span-1 (row i's is rows[i] among them). Returns [B, H * D]."""
         B, H, KV, D = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = qkv.view(B, H + 2 * KV, D)
         qk = qkv[:, : H + KV] if rotation is None else rope(qkv[:, : H + KV], rotation)
         pool.k[layer, slots, :, where] = qk[:, H:]  # [B, KV, D]: one position of each row's slot
         pool.v[layer, slots, :, where] = qkv[:, H + KV :]
         span, S = mask.shape[0], mask.shape[-1]
-        q = qk.new_zeros(span, 1, H, D).index_copy_(0, slots - lo, qk[:, None, :H])
+        q = qk.new_zeros(span, 1, H, D).index_copy_(0, rows, qk[:, None, :H])
         k, v = (t[layer, lo : lo + span, :, :S] for t in (pool.k, pool.v))
-        return self.attention(q, k, v, mask)[slots - lo].reshape(B, H * D)
+        return self.attention(q, k, v, mask)[rows].reshape(B, H * D)
 
     def embedded(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """The tokens' input vectors, each at its position `where` (learned positions add that row)."""
