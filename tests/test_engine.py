@@ -269,6 +269,46 @@ def test_a_batch_step_gives_each_sequence_its_own_logits(built, tokenizer, famil
         assert (got - alone).abs().max() <= tolerance * alone.abs().max(), (family, (got - alone).abs().max())
 
 
+# The compiled token against the eager one: inductor sums in its own order (FP32; BF16 rounds between ops in
+# other places), so within the one-pass tolerances, not to the bit
+COMPILED_TOLERANCE = {"bf16": 0.02, "int8": 1e-4}
+
+
+# INT8 in every family; BF16 differs only in its Linears (opaque to the graph), so two families (RoPE, ALiBi)
+@pytest.mark.parametrize(
+    ("family", "kind"), [(f, "int8") for f in FAMILIES] + [("llama", "bf16"), ("bloom", "bf16")]
+)
+def test_a_compiled_token_gives_the_eager_engines_logits(built, tokenizer, family, kind):
+    """Loaded compiled, a lone token runs as one compiled graph (the profiler sees the compiled region and every
+    Linear as the opaque op inside it) over a pool's slot, and gives what the eager engine gives for the same
+    tokens, position by position, across a growth of the pool (so another capacity, the same graph)."""
+    if not kernels.compiler():
+        pytest.skip(NO_COMPILER)
+    _, bf16_dir, int8_dir = built(family)
+    folder = bf16_dir if kind == "bf16" else int8_dir
+    eager, compiled = engine.load(folder), engine.load(folder, compiled=True)
+    prompt = torch.tensor(tokenizer("A prompt, and then its reply token by token.").input_ids)
+    fed = [int(t) for t in torch.randint(5, 2000, (8,), generator=torch.Generator().manual_seed(1))]
+    want = decode_alone(eager, prompt, fed)
+    pool = compiled.new_pool(3)
+    pool.take(8)  # slot 0 is another reply's: this one is slot 1, strided views of the pool
+    cache = pool.take(len(prompt) + 4)
+    got = [compiled.forward(prompt, cache)]
+    with torch.profiler.profile() as profile:
+        got += [compiled.forward(torch.tensor([t]), cache) for t in fed[:4]]
+    pool.take(300)  # the pool grows: its capacity, so each layer's K and V, change shape
+    got += [compiled.forward(torch.tensor([t]), cache) for t in fed[4:]]
+    names = [e.name for e in profile.events()]
+    assert any(n.startswith("Torch-Compiled Region") for n in names), family
+    linears = 4 * len(compiled.blocks) + 1  # each token's, at least (the profiler may list an op twice)
+    assert names.count("q8chat::linear") >= 4 * linears, (family, names.count("q8chat::linear"))
+    got = torch.cat(got)
+    # a BF16 Linear inside (a weight-only down_proj on 7-bit CPUs, Gemma 2's head) rounds what inductor sums
+    bf16_inside = kind == "bf16" or {"int8 weight-only", "bfloat16"} & set(eager.kinds.values())
+    tolerance = COMPILED_TOLERANCE["bf16" if bf16_inside else "int8"]
+    assert (got - want).abs().max() <= tolerance * want.abs().max(), (family, (got - want).abs().max())
+
+
 def test_a_pool_grows_with_its_longest_conversation_and_its_caches_move_with_it(built, tokenizer):
     """A pool made for short replies takes one longer than it holds: the tensors grow, and the reply already in a
     slot goes on from what it had (its next step's logits are its own alone), beside the newcomer."""
@@ -386,7 +426,7 @@ np.save(sys.argv[2], e.forward(ids, e.new_cache(16), all_logits=True).numpy())
 
 
 def test_without_a_compiler_the_engine_runs_eager_and_says_so(tiny, tmp_path, monkeypatch):
-    """Compiled rows asked for, in a child whose PATH holds no C++ compiler (and no $CXX): a batched INT8 engine
+    """Compiled rows and the compiled token asked for, in a child whose PATH holds no C++ compiler (and no $CXX): a batched INT8 engine
     loads, says "eager kernels (no C++ compiler)" in its label, and computes what this process's compiled engine
     computes."""
     _, _, int8_dir = tiny
@@ -395,6 +435,7 @@ def test_without_a_compiler_the_engine_runs_eager_and_says_so(tiny, tmp_path, mo
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
     env = {k: v for k, v in os.environ.items() if k != "CXX"} | {
+        kernels.COMPILED_STEP: "1",  # the compiled token asked for too
         "PATH": str(bin_dir),
         "PYTHONPATH": str(ROOT),
     }

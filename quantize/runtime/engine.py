@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from quantize.families import FAMILIES, LLAMA, Family
 from quantize.machine import malloc_trim, release_pages
 from quantize.runtime.kernels import (
     COMPILED_ROWS,
+    COMPILED_STEP,
     ONEDNN_ROWS_MIN_WEIGHTS,
     ROWS_LABEL,
     FloatLinear,
@@ -47,9 +49,11 @@ from quantize.runtime.kernels import (
     Linear,
     WeightOnlyInt8Linear,
     bf16_linear,
+    compiled_step,
     compiler,
     full_range_activations,
     rows_kind,
+    use_project_cache,
 )
 
 
@@ -205,6 +209,7 @@ class Engine:
         reduce_range: bool,
         weight_only_down: bool = False,
         rows: str = "fbgemm",
+        compiled: bool = False,
     ) -> None:
         config = in_engine_words(config)
         self.config, self.label = config, label
@@ -238,6 +243,7 @@ class Engine:
         self.alibi = (
             torch.outer(arch.alibi(self.heads), torch.arange(self.max_len).float()) if arch.alibi else None
         )
+        self.compiled = compile_token(self) if compiled else None
         malloc_trim()
 
     def read_config(self, config: dict) -> None:
@@ -288,6 +294,8 @@ class Engine:
                 f"The conversation needs {cache.length + ids.numel()} positions; this cache holds "
                 f"{cache.k.shape[2]}."
             )
+        if ids.numel() == 1 and self.compiled is not None:
+            return self.compiled_token(ids, cache)
         spans = range(0, ids.numel(), PREFILL_CHUNK)
         logits = [self.one_pass(ids[i : i + PREFILL_CHUNK], cache, all_logits) for i in spans]
         return torch.cat(logits) if all_logits else logits[-1]
@@ -312,6 +320,44 @@ class Engine:
         logits = self.logits(x[:T] if all_logits else x[T - 1 : T])
         cache.length = start + T  # only once the pass is whole: a failed one leaves the cache as it was
         return logits
+
+    def compiled_token(self, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """A lone token through the compiled step (`token`): its position a tensor, the positions it attends to
+        the mask's width, so one graph serves every position and every cache capacity."""
+        S = cache.length + 1
+        mask = torch.zeros(1, 1, 1, S, dtype=self.dtype)
+        if self.alibi is not None:
+            mask = self.alibi[None, :, None, :S].to(self.dtype)
+        logits = self.compiled(ids, torch.tensor([cache.length]), mask, cache.k.unbind(0), cache.v.unbind(0))
+        cache.length = S
+        return logits
+
+    def token(
+        self,
+        ids: torch.Tensor,
+        where: torch.Tensor,
+        mask: torch.Tensor,
+        k: tuple[torch.Tensor, ...],
+        v: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
+        """One token ([1] id) at position `where` ([1]) of one sequence whose layers' K and V are `k` and `v`
+        ([KV, capacity, D] each), attending to the mask's width of positions ([1, 1 or H, 1, S]): the function
+        the compiled step runs (compile_token), the same numbers as `forward` on one token."""
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        rotation = None if self.rotation is None else self.rotation[where]
+
+        def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
+            qkv = qkv.view(1, H + 2 * KV, D)
+            qk = qkv[:, : H + KV] if rotation is None else rope(qkv[:, : H + KV], rotation)
+            # index_put_ on the layer's own tensor: the compiled graph writes one position in place, where a
+            # slice of the whole cache made it copy every layer's cache every token
+            k[layer][:, where] = qk[:, H:].transpose(0, 1)
+            v[layer][:, where] = qkv[:, H + KV :].transpose(0, 1)
+            S = mask.shape[-1]
+            q = qk[None, :, :H]
+            return self.attention(q, k[layer][None, :, :S], v[layer][None, :, :S], mask).reshape(1, H * D)
+
+        return self.logits(self.through_blocks(self.embedded(ids, where), attend))
 
     def step(self, ids: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
         """One new token for each of several sequences at once ([B] ids; B slots of one `Pool`, of any lengths):
@@ -460,6 +506,31 @@ class Engine:
             q.transpose(0, 1)[None], k[None], v[None], mask, scale=self.scale, enable_gqa=True
         )
         return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def compile_token(engine: Engine) -> Callable:
+    """engine.token compiled (inductor's C++ backend), built now on a short cache so no visitor waits for it: one
+    graph for the whole token, every Linear an opaque op in it (kernels.Kernel), positions and capacities as
+    symbols. From its own copy of token's code: dynamo keeps its graphs on the code object, at most 8 (past that
+    it runs eager without a word), so engines sharing one would crowd each other out, and never free theirs."""
+    use_project_cache()
+    token = Engine.token
+    code = types.FunctionType(token.__code__.replace(), token.__globals__, "token", token.__defaults__)
+    compiled = torch.compile(
+        types.MethodType(code, engine), fullgraph=True
+    )  # a partial shares dynamo's wrapper
+    # zeros, not a new cache's torch.empty: the token attends to what is there, and a NaN there stops FBGEMM
+    shape = (len(engine.blocks), engine.kv_heads, 2 * PREFILL_STEP, engine.head_dim)
+    k, v = torch.zeros(shape, dtype=engine.dtype).unbind(0), torch.zeros(shape, dtype=engine.dtype).unbind(0)
+    # past position 1 (a size of 1 would be taken as fixed); capacity and attended positions as symbols
+    mask = torch.zeros(
+        1, 1 if engine.alibi is None else engine.heads, 1, PREFILL_STEP + 1, dtype=engine.dtype
+    )
+    for t, dim in ((mask, 3), *((t, 1) for t in (*k, *v))):
+        torch._dynamo.mark_dynamic(t, dim)
+    with torch.inference_mode():
+        compiled(torch.zeros(1, dtype=torch.long), torch.tensor([PREFILL_STEP]), mask, k, v)
+    return compiled
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -648,14 +719,17 @@ def load(
     reduce_range: bool | None = None,
     weight_only_down: bool | None = None,
     batched: bool = False,
+    compiled: bool | None = None,
 ) -> Engine:
     """The engine for an INT8 folder (`engine.safetensors`) or a BF16 one (`model.safetensors`). By default the
     CPU decides: 8-bit activations with VNNI; else 7-bit ones, and down_proj weight-only. `batched`: it will
     decode many sequences at once (the app's scheduler, where memory has room), so its INT8 Linears run several
     rows (prompts, batches) from a second copy of their weights: on oneDNN for the large ones, or, asked for with
     Q8CHAT_COMPILED_ROWS=1, compiled for every one where a C++ compiler is found (compiled here, once, so no
-    visitor waits for it; kernels.rows_kind)."""
+    visitor waits for it; kernels.rows_kind). `compiled`: a lone token runs as one compiled graph (compile_token);
+    by default where Q8CHAT_COMPILED_STEP=1 asks for it and a C++ compiler is found (kernels.compiled_step)."""
     folder = Path(folder)
+    compiled = compiled_step() if compiled is None else compiled and bool(compiler())
     config = json.loads((folder / "config.json").read_text())
     tensors = Tensors(safetensors_files(folder))
     reduce_range = not full_range_activations() if reduce_range is None else reduce_range
@@ -666,9 +740,13 @@ def load(
     )
     rows = rows_kind(batched and int8, reduce_range)
     label = f"Q8 engine, FBGEMM INT8 ({how})" if int8 else f"Q8 engine, BF16 ({bf16_linear().kernel})"
-    no_compiler = batched and int8 and os.environ.get(COMPILED_ROWS) == "1" and not compiler()
-    label += ROWS_LABEL[rows] + (", eager kernels (no C++ compiler)" if no_compiler else "")
-    e = Engine(config, tensors, label, reduce_range, weight_only_down, rows)
+    asked = os.environ.get(COMPILED_STEP) == "1" or (
+        batched and int8 and os.environ.get(COMPILED_ROWS) == "1"
+    )
+    no_compiler = asked and not compiler()
+    label += ROWS_LABEL[rows] + (", compiled token" if compiled else "")
+    label += ", eager kernels (no C++ compiler)" if no_compiler else ""
+    e = Engine(config, tensors, label, reduce_range, weight_only_down, rows, compiled)
     if (
         rows == "compiled"
     ):  # a prompt's rows through every Linear: inductor builds (or reads back) its kernels

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 import os
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -149,6 +151,16 @@ ROWS_LABEL = {"fbgemm": "", "onednn": ", oneDNN INT8 for several rows", "compile
 COMPILED_ROWS = "Q8CHAT_COMPILED_ROWS"
 
 
+# The compiled decode step (runtime/engine.py, compile_token) is asked for too: on 2 vCPUs its first build takes
+# about a minute per model for the default one (kept on disk: ~15 s from the next start on), and the app loads two
+COMPILED_STEP = "Q8CHAT_COMPILED_STEP"
+
+
+def compiled_step() -> bool:
+    """Whether engines compile their lone-token step: asked for (Q8CHAT_COMPILED_STEP=1) and a C++ compiler found."""
+    return os.environ.get(COMPILED_STEP) == "1" and compiler() is not None
+
+
 def rows_kind(second_copy: bool, reduce_range: bool) -> str:
     """How an engine's INT8 Linears run several rows: with room for a second copy of the weights, compiled where
     asked for (Q8CHAT_COMPILED_ROWS=1) and inductor finds a C++ compiler, else on oneDNN where the CPU has VNNI or
@@ -162,7 +174,42 @@ def rows_kind(second_copy: bool, reduce_range: bool) -> str:
     return "onednn" if onednn_rows() else "fbgemm"
 
 
-class Int8Linear:
+# A compiled decode step (runtime/engine.py, Engine.token) sees every Linear as one opaque op, q8chat::linear:
+# inductor fuses the glue between them (norms, RoPE, the softmax, residuals) while each GEMM stays the kernel it is
+# eagerly. Dynamo cannot trace FBGEMM's packed weights (a TorchScript object), so the op finds its Linear by number.
+# A Library op, not torch.library.custom_op: 5 us a call against 10 (2-vCPU AMD EPYC), ~120 calls a token.
+LINEARS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # weak: a dropped engine's weights go
+NUMBERS = itertools.count()
+OPS = torch.library.Library("q8chat", "DEF")
+OPS.define("linear(Tensor x, int linear) -> Tensor")
+OPS.impl("linear", lambda x, linear: LINEARS[linear].run(x), "CPU")
+torch.library.register_fake("q8chat::linear", lib=OPS)(
+    lambda x, linear: x.new_empty(*x.shape[:-1], LINEARS[linear].out_features)
+)
+
+
+class Kernel:
+    """What every Linear kind shares: `run(x)` computes it, `out_features` its width; called while the compiler
+    traces a step, it is the op q8chat::linear instead."""
+
+    out_features: int
+
+    def __new__(cls, *args, **kwargs) -> Kernel:
+        self = super().__new__(cls)
+        self.number = next(NUMBERS)
+        LINEARS[self.number] = self
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.q8chat.linear(x, self.number)
+        return self.run(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(Kernel):
     """FBGEMM dynamic INT8: s8 weights per output channel, u8 activations with one scale per token. A token
     alone is FBGEMM's per-call scale; several rows (a prompt, a batch of sequences) are quantized row by row first
     (by_rows), so each row gives the numbers it gives alone. With `rows` "onednn" those rows' GEMM is oneDNN's
@@ -181,7 +228,7 @@ class Int8Linear:
         w = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
         self.bias = None if bias is None else bias.float()
         self.packed = torch.ops.quantized.linear_prepack(w, self.bias)
-        self.rows, self.scale = rows, scale.float()
+        self.rows, self.scale, self.out_features = rows, scale.float(), scale.numel()
         self.onednn = torch.ops.onednn.qlinear_prepack(qweight, None) if rows == "onednn" else None
         self.kn = qweight.t().contiguous() if rows == "compiled" else None  # _int_mm's [K, N] layout
         # qlinear_pointwise's arguments after the codes, made once: activation scale 1 and zero point 0, the
@@ -207,7 +254,7 @@ class Int8Linear:
         self.row_sums = self.code_sums * scale.float()
         self.nbytes = qweight.numel() + scale.numel() * 4 + (0 if bias is None else bias.numel() * 4)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
             return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
         return self.by_rows(x)
@@ -239,37 +286,38 @@ class Int8Linear:
         return y if self.bias is None else y.add_(self.bias)
 
 
-class WeightOnlyInt8Linear:
+class WeightOnlyInt8Linear(Kernel):
     """The same s8 weights and scales, BF16 activations (`torch._weight_int8pack_mm`): for the input 7-bit
     activations cannot carry. down_proj's input, silu(gate) * up, holds the outlier channels; on the default model
     7-bit activations there cost top-1 0.872 -> 0.846, this kernel there gives 0.883 (quantize/README.md, "CPUs")."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.qweight, self.scale, self.bias = qweight.contiguous(), scale.to(torch.bfloat16), bias
+        self.out_features = qweight.shape[0]
         self.nbytes = qweight.numel() + scale.numel() * 2 + (0 if bias is None else bias.numel() * 4)
 
     @staticmethod
     def takes(in_features: int) -> bool:
         return in_features % 16 == 0  # the kernel's inner blocking: other widths return inf/nan in torch 2.13
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
-class FloatLinear:
+class FloatLinear(Kernel):
     """`F.linear` in the weight's dtype (an INT8 folder's FP32 tail); the result comes back in the activations'."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight, self.bias = weight.contiguous(), None if bias is None else bias.to(weight.dtype)
-        self.dtype = weight.dtype
+        self.dtype, self.out_features = weight.dtype, weight.shape[0]
         self.nbytes = weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * 2)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
 
 
-class OneDnnBf16Linear:
+class OneDnnBf16Linear(Kernel):
     """A BF16 Linear on oneDNN's matmul with the weight prepacked once: `F.linear` on a plain BF16 weight ran a
     decode step 1.7-2.5x slower (quantize/README.md, "The BF16 side"), and prefill is as fast or faster. Needs oneDNN's BF16
     path (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
@@ -278,15 +326,16 @@ class OneDnnBf16Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.dtype, self.bias = torch.bfloat16, None if bias is None else bias.to(torch.bfloat16)
+        self.out_features = weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
         self.nbytes = weight.numel() * 2 + (0 if bias is None else bias.numel() * 2)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "")
         return y.to(x.dtype)
 
 
-class Fp16GemmBf16Linear:
+class Fp16GemmBf16Linear(Kernel):
     """A BF16 Linear on FBGEMM's fp16 GEMM, for CPUs where oneDNN has no BF16 path (there ATen emulates BF16,
     4-5x slower in prefill). The weights keep their BF16 values: scaled by one power of two so the largest sits
     just under fp16's top, every value down to 2^-32 of the largest is exact in fp16 (BF16 has 8 significant bits,
@@ -296,12 +345,12 @@ class Fp16GemmBf16Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.dtype, self.bias = torch.bfloat16, None if bias is None else bias.float()
-        w = weight.float()
+        self.out_features, w = weight.shape[0], weight.float()
         self.shift = 15 - math.ceil(math.log2(w.abs().max().item() or 1.0))
         self.packed = torch.ops.quantized.linear_prepack_fp16(w.mul_(2.0**self.shift), None)
         self.nbytes = weight.numel() * 2 + (0 if bias is None else bias.numel() * 2)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).mul_(2.0**-self.shift)
         return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)
 

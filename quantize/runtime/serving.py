@@ -309,7 +309,8 @@ def load_pair(state: Serving, pair: Pair) -> None:
     if pair.int8_endpoint or pair.bf16_endpoint:
         return serve_remote(state, pair)
     try:
-        state.status = f"Loading the BF16 model of {pair.name}…"
+        compiling = " and compiling its decode step" if kernels.compiled_step() else ""
+        state.status = f"Loading the BF16 model of {pair.name}{compiling}…"
         src = models.resolve_model(pair.bf16)
         models.refuse_downloaded_pickles(src)
         state.tokenizer = OneAtATime(models.load_tokenizer(src))
@@ -403,7 +404,9 @@ def serve_int8(state: Serving, pair: Pair) -> None:
     # the second copy of INT8's large Linears for batches (engine.load) only where memory has room for both copies
     # now, BF16 already in it: the comparison comes first
     batched = BATCHED and why_pair_does_not_fit(0, 2 * decoders.weight_file_bytes(int8_dir)) is None
-    compiling = kernels.rows_kind(batched, not kernels.full_range_activations()) == "compiled"
+    compiling = kernels.compiled_step() or (
+        kernels.rows_kind(batched, not kernels.full_range_activations()) == "compiled"
+    )
     state.status = "Loading the INT8 model" + (
         " and compiling its kernels (kept on disk: the next start reads them back)…" if compiling else "…"
     )
