@@ -278,10 +278,11 @@ COMPILED_TOLERANCE = {"bf16": 0.02, "int8": 1e-4}
 @pytest.mark.parametrize(
     ("family", "kind"), [(f, "int8") for f in FAMILIES] + [("llama", "bf16"), ("bloom", "bf16")]
 )
-def test_a_compiled_token_gives_the_eager_engines_logits(built, tokenizer, family, kind):
+def test_compiled_steps_give_the_eager_engines_logits(built, tokenizer, family, kind):
     """Loaded compiled, a lone token runs as one compiled graph (the profiler sees the compiled region and every
     Linear as the opaque op inside it) over a pool's slot, and gives what the eager engine gives for the same
-    tokens, position by position, across a growth of the pool (so another capacity, the same graph)."""
+    tokens, position by position, across a growth of the pool (so another capacity, the same graph). So does a
+    batched step, compiled too, over slots neither adjacent nor in order, rows joining and leaving."""
     if not kernels.compiler():
         pytest.skip(NO_COMPILER)
     _, bf16_dir, int8_dir = built(family)
@@ -303,10 +304,18 @@ def test_a_compiled_token_gives_the_eager_engines_logits(built, tokenizer, famil
     linears = 4 * len(compiled.blocks) + 1  # each token's, at least (the profiler may list an op twice)
     assert names.count("q8chat::linear") >= 4 * linears, (family, names.count("q8chat::linear"))
     got = torch.cat(got)
+    texts = ["A short one.", "A longer prompt, so that its positions run well past the others'.", "Hi"]
+    prompts = [torch.tensor(tokenizer(t).input_ids) for t in texts]
+    with torch.profiler.profile() as profile:  # a batched step, compiled: the same rows as eager's
+        together, fed_together = decode_together(compiled, prompts)
+    assert any(e.name.startswith("Torch-Compiled Region") for e in profile.events()), family
     # a BF16 Linear inside (a weight-only down_proj on 7-bit CPUs, Gemma 2's head) rounds what inductor sums
     bf16_inside = kind == "bf16" or {"int8 weight-only", "bfloat16"} & set(eager.kinds.values())
     tolerance = COMPILED_TOLERANCE["bf16" if bf16_inside else "int8"]
     assert (got - want).abs().max() <= tolerance * want.abs().max(), (family, (got - want).abs().max())
+    for prompt, got, tokens in zip(prompts, together, fed_together):  # the eager engine fed the same tokens
+        want = decode_alone(eager, prompt, tokens)
+        assert (got - want).abs().max() <= tolerance * want.abs().max(), (family, (got - want).abs().max())
 
 
 def test_a_pool_grows_with_its_longest_conversation_and_its_caches_move_with_it(built, tokenizer):

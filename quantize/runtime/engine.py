@@ -243,7 +243,9 @@ class Engine:
         self.alibi = (
             torch.outer(arch.alibi(self.heads), torch.arange(self.max_len).float()) if arch.alibi else None
         )
-        self.compiled = compile_token(self) if compiled else None
+        self.compiled, self.marking = None, False
+        if compiled:
+            compile_tokens(self)
         malloc_trim()
 
     def read_config(self, config: dict) -> None:
@@ -322,47 +324,26 @@ class Engine:
         return logits
 
     def compiled_token(self, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """A lone token through the compiled step (`token`): its position a tensor, the positions it attends to
-        the mask's width, so one graph serves every position and every cache capacity."""
+        """A lone token through the compiled `tokens`: its cache one row of one slot, its position a tensor, the
+        positions it attends to the mask's width, so one graph serves every position and cache capacity."""
         S = cache.length + 1
-        mask = torch.zeros(1, 1, 1, S, dtype=self.dtype)
-        if self.alibi is not None:
-            mask = self.alibi[None, :, None, :S].to(self.dtype)
-        logits = self.compiled(ids, torch.tensor([cache.length]), mask, cache.k.unbind(0), cache.v.unbind(0))
+        mask = torch.zeros(1, 1, 1, S)  # FP32, as a batched step's (slot_mask): one graph takes both
+        if self.alibi is not None:  # the slopes rounded as forward rounds them
+            mask = self.alibi[None, :, None, :S].to(self.dtype).float().contiguous()
+        k, v = (t[:, None].unbind(0) for t in (cache.k, cache.v))
+        if self.marking:  # compile_tokens: positions and capacity vary
+            marked((mask, 3), *((t, 2) for t in (*k, *v)))
+        logits = self.compiled(
+            ids, torch.tensor([cache.length]), torch.zeros(1, dtype=torch.long), mask, k, v
+        )
         cache.length = S
         return logits
-
-    def token(
-        self,
-        ids: torch.Tensor,
-        where: torch.Tensor,
-        mask: torch.Tensor,
-        k: tuple[torch.Tensor, ...],
-        v: tuple[torch.Tensor, ...],
-    ) -> torch.Tensor:
-        """One token ([1] id) at position `where` ([1]) of one sequence whose layers' K and V are `k` and `v`
-        ([KV, capacity, D] each), attending to the mask's width of positions ([1, 1 or H, 1, S]): the function
-        the compiled step runs (compile_token), the same numbers as `forward` on one token."""
-        H, KV, D = self.heads, self.kv_heads, self.head_dim
-        rotation = None if self.rotation is None else self.rotation[where]
-
-        def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
-            qkv = qkv.view(1, H + 2 * KV, D)
-            qk = qkv[:, : H + KV] if rotation is None else rope(qkv[:, : H + KV], rotation)
-            # index_put_ on the layer's own tensor: the compiled graph writes one position in place, where a
-            # slice of the whole cache made it copy every layer's cache every token
-            k[layer][:, where] = qk[:, H:].transpose(0, 1)
-            v[layer][:, where] = qkv[:, H + KV :].transpose(0, 1)
-            S = mask.shape[-1]
-            q = qk[None, :, :H]
-            return self.attention(q, k[layer][None, :, :S], v[layer][None, :, :S], mask).reshape(1, H * D)
-
-        return self.logits(self.through_blocks(self.embedded(ids, where), attend))
 
     def step(self, ids: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
         """One new token for each of several sequences at once ([B] ids; B slots of one `Pool`, of any lengths):
         the Linears read their weights once for all B rows (INT8 scales each row as a lone token), and one
-        attention call per layer reads every row's slot up to its own position. Returns FP32 logits, [B, vocab]."""
+        attention call per layer reads every row's slot up to its own position (`tokens`, compiled where the
+        engine is). Returns FP32 logits, [B, vocab]."""
         pool = caches[0].pool
         if pool is None or any(c.pool is not pool for c in caches):
             raise ValueError("A batched step reads the slots of one pool (Engine.new_pool).")
@@ -372,15 +353,15 @@ class Engine:
                 f"A conversation needs {full[0].length + 1} positions; its cache holds {full[0].k.shape[2]}."
             )
         where, slots = torch.tensor([c.length for c in caches]), torch.tensor([c.slot for c in caches])
-        rotation = None if self.rotation is None else self.rotation[where]
         lo, span = int(slots.min()), int(slots.max() - slots.min()) + 1
         rows = slots - lo  # each batch row's place among the slots the attention call reads
-        mask = self.slot_mask(where, rows, span)
-
-        def attend_slots(layer: int, qkv: torch.Tensor) -> torch.Tensor:
-            return self.attend_slots(qkv, pool, layer, rotation, where, slots, lo, rows, mask)
-
-        logits = self.logits(self.through_blocks(self.embedded(ids.reshape(-1), where), attend_slots))
+        k, v = (t[:, lo : lo + span].unbind(0) for t in (pool.k, pool.v))
+        ids, mask = ids.reshape(-1), self.slot_mask(where, rows, span)
+        if self.marking:  # compile_tokens: rows, slots, positions and capacity vary
+            dims = ((t, d) for t in (*k, *v) for d in (0, 2))
+            marked((ids, 0), (where, 0), (rows, 0), (mask, 0), (mask, 3), *dims)
+        run = self.tokens if self.compiled is None else self.compiled
+        logits = run(ids, where, rows, mask, k, v)
         for c in caches:  # only once the pass is whole: a batch that fails is run again one by one
             c.length += 1
         return logits
@@ -396,30 +377,37 @@ class Engine:
         )
         return mask if self.alibi is None else mask + self.alibi[None, :, None, :S]
 
-    def attend_slots(
+    def tokens(
         self,
-        qkv: torch.Tensor,
-        pool: Pool,
-        layer: int,
-        rotation: torch.Tensor | None,
+        ids: torch.Tensor,
         where: torch.Tensor,
-        slots: torch.Tensor,
-        lo: int,
         rows: torch.Tensor,
         mask: torch.Tensor,
+        k: tuple[torch.Tensor, ...],
+        v: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
-        """A batched step's rows of fused q/k/v ([B, (H + 2 KV) * D], row i at position where[i] of slot
-        slots[i]): q and k rotated, K and V written to their slots, then every query attends to its slot in one
-        call over the pool's slots lo..lo+span-1 (row i's is rows[i] among them). Returns [B, H * D]."""
-        B, H, KV, D = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
-        qkv = qkv.view(B, H + 2 * KV, D)
-        qk = qkv[:, : H + KV] if rotation is None else rope(qkv[:, : H + KV], rotation)
-        pool.k[layer, slots, :, where] = qk[:, H:]  # [B, KV, D]: one position of each row's slot
-        pool.v[layer, slots, :, where] = qkv[:, H + KV :]
+        """B tokens ([B] ids), one per sequence: row i at position where[i] of cache rows[i] among the layers' K
+        and V (`k`, `v`: [span, KV, capacity, D] each), attending to the mask's width of positions ([span, 1 or
+        H, 1, S]): q and k rotated, K and V written in place, then one attention call per layer for all rows.
+        A batched step, or a lone token (B = span = 1); the function the compiled engine compiles
+        (compile_tokens). Returns FP32 logits, [B, vocab]."""
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        rotation = None if self.rotation is None else self.rotation[where]
         span, S = mask.shape[0], mask.shape[-1]
-        q = qk.new_zeros(span, 1, H, D).index_copy_(0, rows, qk[:, None, :H])
-        k, v = (t[layer, lo : lo + span, :, :S] for t in (pool.k, pool.v))
-        return self.attention(q, k, v, mask)[rows].reshape(B, H * D)
+
+        def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
+            B = qkv.shape[0]
+            qkv = qkv.view(B, H + 2 * KV, D)
+            qk = qkv[:, : H + KV] if rotation is None else rope(qkv[:, : H + KV], rotation)
+            # index_put_ on the layer's own tensor: compiled, it writes B positions in place, where writing
+            # through one tensor of every layer made the graph copy every layer's cache every token
+            k[layer][rows, :, where] = qk[:, H:]  # [B, KV, D]
+            v[layer][rows, :, where] = qkv[:, H + KV :]
+            q = qk.new_zeros(span, 1, H, D).index_copy_(0, rows, qk[:, None, :H])
+            out = self.attention(q, k[layer][:, :, :S], v[layer][:, :, :S], mask)
+            return out[rows].reshape(B, H * D)
+
+        return self.logits(self.through_blocks(self.embedded(ids, where), attend))
 
     def embedded(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """The tokens' input vectors, each at its position `where` (learned positions add that row)."""
@@ -508,29 +496,44 @@ class Engine:
         return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
-def compile_token(engine: Engine) -> Callable:
-    """engine.token compiled (inductor's C++ backend), built now on a short cache so no visitor waits for it: one
-    graph for the whole token, every Linear an opaque op in it (kernels.Kernel), positions and capacities as
-    symbols. From its own copy of token's code: dynamo keeps its graphs on the code object, at most 8 (past that
-    it runs eager without a word), so engines sharing one would crowd each other out, and never free theirs."""
+def compile_tokens(engine: Engine) -> None:
+    """engine.tokens compiled (inductor's C++ backend) as engine.compiled, built now so no visitor waits for it:
+    one graph for a lone token and one for a batch of any size (the compiled sizes), every Linear an opaque op
+    in them (kernels.Kernel); positions, capacities, rows and slots as symbols. From its own copy of tokens'
+    code: dynamo keeps its graphs on the code object, at most 8 (past that, eager without a word), so engines
+    sharing one would crowd each other out and never free theirs."""
     use_project_cache()
-    token = Engine.token
-    code = types.FunctionType(token.__code__.replace(), token.__globals__, "token", token.__defaults__)
-    compiled = torch.compile(
-        types.MethodType(code, engine), fullgraph=True
-    )  # a partial shares dynamo's wrapper
-    # zeros, not a new cache's torch.empty: the token attends to what is there, and a NaN there stops FBGEMM
-    shape = (len(engine.blocks), engine.kv_heads, 2 * PREFILL_STEP, engine.head_dim)
-    k, v = torch.zeros(shape, dtype=engine.dtype).unbind(0), torch.zeros(shape, dtype=engine.dtype).unbind(0)
-    # past position 1 (a size of 1 would be taken as fixed); capacity and attended positions as symbols
-    mask = torch.zeros(
-        1, 1 if engine.alibi is None else engine.heads, 1, PREFILL_STEP + 1, dtype=engine.dtype
-    )
-    for t, dim in ((mask, 3), *((t, 1) for t in (*k, *v))):
+    code = Engine.tokens
+    code = types.FunctionType(code.__code__.replace(), code.__globals__, "tokens", code.__defaults__)
+    # a partial would share dynamo's wrapper code between engines
+    engine.compiled = inference(torch.compile(types.MethodType(code, engine), fullgraph=True))
+    # Built by the calls the engine makes, on slots of a pool (the same views and strides), the sizes that vary
+    # marked as symbols (marked): each its own size, as dynamo takes equal sizes for one symbol, and none 1,
+    # taken as fixed. 33 positions of 64; the batch: 2 rows over 3 slots. Zeros: a NaN there would stop FBGEMM.
+    pool = engine.new_pool(4)
+    caches = [pool.take(2 * PREFILL_STEP) for _ in range(4)]
+    for cache in caches:
+        cache.length = PREFILL_STEP
+    engine.marking = True
+    engine.forward(torch.zeros(1, dtype=torch.long), caches[1])
+    engine.step(torch.zeros(2, dtype=torch.long), [caches[3], caches[1]])
+    engine.marking = False
+
+
+def marked(*dims: tuple[torch.Tensor, int]) -> None:
+    """Each (tensor, dim) a symbol in the graph dynamo builds next."""
+    for t, dim in dims:
         torch._dynamo.mark_dynamic(t, dim)
-    with torch.inference_mode():
-        compiled(torch.zeros(1, dtype=torch.long), torch.tensor([PREFILL_STEP]), mask, k, v)
-    return compiled
+
+
+def inference(compiled: Callable) -> Callable:
+    """Called in inference mode, whatever the caller's: dynamo keeps a graph per grad mode."""
+
+    def call(*args) -> torch.Tensor:
+        with torch.inference_mode():
+            return compiled(*args)
+
+    return call
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -726,7 +729,7 @@ def load(
     decode many sequences at once (the app's scheduler, where memory has room), so its INT8 Linears run several
     rows (prompts, batches) from a second copy of their weights: on oneDNN for the large ones, or, asked for with
     Q8CHAT_COMPILED_ROWS=1, compiled for every one where a C++ compiler is found (compiled here, once, so no
-    visitor waits for it; kernels.rows_kind). `compiled`: a lone token runs as one compiled graph (compile_token);
+    visitor waits for it; kernels.rows_kind). `compiled`: a lone token and a batched step run compiled (compile_tokens);
     by default where Q8CHAT_COMPILED_STEP=1 asks for it and a C++ compiler is found (kernels.compiled_step)."""
     folder = Path(folder)
     compiled = compiled_step() if compiled is None else compiled and bool(compiler())
