@@ -269,7 +269,7 @@ def test_a_batch_step_gives_each_sequence_its_own_logits(built, tokenizer, famil
         assert (got - alone).abs().max() <= tolerance * alone.abs().max(), (family, (got - alone).abs().max())
 
 
-# The compiled token against the eager one: inductor sums in its own order (FP32; BF16 rounds between ops in
+# The compiled step against the eager one: inductor sums in its own order (FP32; BF16 rounds between ops in
 # other places), so within the one-pass tolerances, not to the bit
 COMPILED_TOLERANCE = {"bf16": 0.02, "int8": 1e-4}
 
@@ -435,7 +435,7 @@ np.save(sys.argv[2], e.forward(ids, e.new_cache(16), all_logits=True).numpy())
 
 
 def test_without_a_compiler_the_engine_runs_eager_and_says_so(tiny, tmp_path, monkeypatch):
-    """Compiled rows and the compiled token asked for, in a child whose PATH holds no C++ compiler (and no $CXX): a batched INT8 engine
+    """Compiled rows and the compiled step asked for, in a child whose PATH holds no C++ compiler (and no $CXX): a batched INT8 engine
     loads, says "eager kernels (no C++ compiler)" in its label, and computes what this process's compiled engine
     computes."""
     _, _, int8_dir = tiny
@@ -444,7 +444,7 @@ def test_without_a_compiler_the_engine_runs_eager_and_says_so(tiny, tmp_path, mo
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
     env = {k: v for k, v in os.environ.items() if k != "CXX"} | {
-        kernels.COMPILED_STEP: "1",  # the compiled token asked for too
+        kernels.COMPILED_STEP: "1",  # the compiled step asked for too
         "PATH": str(bin_dir),
         "PYTHONPATH": str(ROOT),
     }

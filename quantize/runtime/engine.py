@@ -747,7 +747,7 @@ def load(
         batched and int8 and os.environ.get(COMPILED_ROWS) == "1"
     )
     no_compiler = asked and not compiler()
-    label += ROWS_LABEL[rows] + (", compiled token" if compiled else "")
+    label += ROWS_LABEL[rows] + (", compiled decode step" if compiled else "")
     label += ", eager kernels (no C++ compiler)" if no_compiler else ""
     e = Engine(config, tensors, label, reduce_range, weight_only_down, rows, compiled)
     if (

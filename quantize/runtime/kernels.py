@@ -151,13 +151,15 @@ ROWS_LABEL = {"fbgemm": "", "onednn": ", oneDNN INT8 for several rows", "compile
 COMPILED_ROWS = "Q8CHAT_COMPILED_ROWS"
 
 
-# The compiled decode step (runtime/engine.py, compile_token) is asked for too: on 2 vCPUs its first build takes
-# about a minute per model for the default one (kept on disk: ~15 s from the next start on), and the app loads two
+# The compiled decode step (runtime/engine.py, compile_tokens) is asked for too: its two graphs take minutes to
+# build per model on 2 vCPUs the first time (the C++ kernels are kept on disk), and the compiler's own state adds
+# ~200-350 MB to each process's resident memory (quantize/README.md, "The decode step, compiled")
 COMPILED_STEP = "Q8CHAT_COMPILED_STEP"
 
 
 def compiled_step() -> bool:
-    """Whether engines compile their lone-token step: asked for (Q8CHAT_COMPILED_STEP=1) and a C++ compiler found."""
+    """Whether engines compile their decode step (a lone token, a batch): asked for (Q8CHAT_COMPILED_STEP=1) and a
+    C++ compiler found."""
     return os.environ.get(COMPILED_STEP) == "1" and compiler() is not None
 
 
@@ -183,9 +185,13 @@ NUMBERS = itertools.count()
 OPS = torch.library.Library("q8chat", "DEF")
 OPS.define("linear(Tensor x, int linear) -> Tensor")
 OPS.impl("linear", lambda x, linear: LINEARS[linear].run(x), "CPU")
-torch.library.register_fake("q8chat::linear", lib=OPS)(
-    lambda x, linear: x.new_empty(*x.shape[:-1], LINEARS[linear].out_features)
-)
+# an INT8 Linear's GEMM of several rows' codes alone: their quantization and rescale join the compiled graph
+OPS.define("rows_gemm(Tensor codes, int linear) -> Tensor")
+OPS.impl("rows_gemm", lambda codes, linear: LINEARS[linear].rows_gemm(codes), "CPU")
+for op in ("linear", "rows_gemm"):
+    torch.library.register_fake(f"q8chat::{op}", lib=OPS)(
+        lambda x, linear: x.new_empty(*x.shape[:-1], LINEARS[linear].out_features)
+    )
 
 
 class Kernel:
@@ -201,9 +207,10 @@ class Kernel:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return torch.ops.q8chat.linear(x, self.number)
-        return self.run(x)
+        return self.traced(x) if torch.compiler.is_compiling() else self.run(x)
+
+    def traced(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.q8chat.linear(x, self.number)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -259,6 +266,12 @@ class Int8Linear(Kernel):
             return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
         return self.by_rows(x)
 
+    def traced(self, x: torch.Tensor) -> torch.Tensor:
+        """In a compiled step, several rows' quantization and rescale join the graph around the GEMM alone."""
+        if x.shape[0] == 1 or self.kn is not None:
+            return super().traced(x)
+        return self.by_rows(x)
+
     def by_rows(self, x: torch.Tensor) -> torch.Tensor:
         """One GEMM for every row, each with its own scale; the GEMM of the codes gives each row's integer sums
         times the weights' scales, and rescale_rows factors the row's own scale and zero point back in."""
@@ -266,23 +279,23 @@ class Int8Linear(Kernel):
             y = compiled_rows()(x, self.kn, self.code_sums, self.scale, self.qmax)
             return y if self.bias is None else y.add_(self.bias)
         scale, zero = token_qparams(x, self.qmax)
-        y = self.fbgemm_rows(x, scale, zero) if self.onednn is None else self.onednn_rows(x, scale, zero)
+        codes = torch.addcmul(zero, x, scale.reciprocal()).clamp_(0, self.qmax)
+        if torch.compiler.is_compiling():
+            y = torch.ops.q8chat.rows_gemm(codes, self.number)
+        else:
+            y = self.rows_gemm(codes)
         return rescale_rows(y, scale, zero, self.row_sums, self.bias)
 
-    def fbgemm_rows(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """FBGEMM gets the codes with one more row of qmax, which pins its per-call scale to exactly 1 and its
-        zero point to 0, so it rounds each code as a lone row's call would."""
-        codes = torch.empty(x.shape[0] + 1, x.shape[1])
-        torch.addcmul(zero, x, scale.reciprocal(), out=codes[:-1]).clamp_(0, self.qmax)
-        codes[-1] = self.qmax
-        return torch.ops.quantized.linear_dynamic(codes, self.packed, self.reduce_range)[:-1]
-
-    def onednn_rows(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """The same codes, rounded as FBGEMM rounds them (to nearest, ties to even), as u8 for oneDNN with
-        activation scale 1 and zero point 0. The bias is added after, in FP32 (FBGEMM's epilogue adds it in
-        another order: the last bit may differ)."""
-        codes = torch.addcmul(zero, x, scale.reciprocal()).round_().clamp_(0, self.qmax).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(codes, *self.onednn_args)
+    def rows_gemm(self, codes: torch.Tensor) -> torch.Tensor:
+        """w_scale * sum(codes * q) + bias for rows of codes in [0, qmax], not yet rounded. FBGEMM gets them with
+        one more row of qmax, which pins its per-call scale to exactly 1 and its zero point to 0, so it rounds
+        each code as a lone row's call would. oneDNN gets them rounded as FBGEMM rounds (to nearest, ties to
+        even), as u8 with activation scale 1 and zero point 0, and the bias after, in FP32 (FBGEMM's epilogue
+        adds it in another order: the last bit may differ)."""
+        if self.onednn is None:
+            pinned = torch.cat([codes, codes.new_full((1, codes.shape[1]), self.qmax)])
+            return torch.ops.quantized.linear_dynamic(pinned, self.packed, self.reduce_range)[:-1]
+        y = torch.ops.onednn.qlinear_pointwise(codes.round().to(torch.uint8), *self.onednn_args)
         return y if self.bias is None else y.add_(self.bias)
 
 
