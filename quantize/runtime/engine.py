@@ -19,6 +19,8 @@ Lean means:
   * a preallocated KV cache written in place, GQA attention without repeating K/V heads, RoPE tables built
     once, q/k/v fused into one GEMM and gate/up into another (each group shares its input, so one activation
     scale: the same numbers as three or two calls).
+Asked for (Q8CHAT_COMPILED_STEP=1), the decode step, `tokens` (a lone token or a batch), runs as compiled graphs
+(`compile_tokens`), the Linears opaque ops inside them (kernels.Kernel).
 Anything else (other architectures, static-INT8 recipes) runs on the generic path, `decoders.HFDecoder`.
 """
 
