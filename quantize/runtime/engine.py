@@ -19,8 +19,8 @@ Lean means:
   * a preallocated KV cache written in place, GQA attention without repeating K/V heads, RoPE tables built
     once, q/k/v fused into one GEMM and gate/up into another (each group shares its input, so one activation
     scale: the same numbers as three or two calls).
-Asked for (Q8CHAT_COMPILED_STEP=1), the decode step, `tokens` (a lone token or a batch), runs as compiled graphs
-(`compile_tokens`), the Linears opaque ops inside them (kernels.Kernel).
+Where a C++ compiler is found (unless Q8CHAT_COMPILED_STEP=0), the decode step, `tokens` (a lone token or a batch),
+runs as compiled graphs (`compile_tokens`), the Linears opaque ops inside them (kernels.Kernel).
 Anything else (other architectures, static-INT8 recipes) runs on the generic path, `decoders.HFDecoder`.
 """
 
@@ -43,7 +43,6 @@ from quantize.families import FAMILIES, LLAMA, Family
 from quantize.machine import malloc_trim, release_pages
 from quantize.runtime.kernels import (
     COMPILED_ROWS,
-    COMPILED_STEP,
     ONEDNN_ROWS_MIN_WEIGHTS,
     ROWS_LABEL,
     FloatLinear,
@@ -51,10 +50,10 @@ from quantize.runtime.kernels import (
     Linear,
     WeightOnlyInt8Linear,
     bf16_linear,
-    compiled_step,
     compiler,
     full_range_activations,
     rows_kind,
+    step_wanted,
     use_project_cache,
 )
 
@@ -731,10 +730,11 @@ def load(
     decode many sequences at once (the app's scheduler, where memory has room), so its INT8 Linears run several
     rows (prompts, batches) from a second copy of their weights: on oneDNN for the large ones, or, asked for with
     Q8CHAT_COMPILED_ROWS=1, compiled for every one where a C++ compiler is found (compiled here, once, so no
-    visitor waits for it; kernels.rows_kind). `compiled`: a lone token and a batched step run compiled (compile_tokens);
-    by default where Q8CHAT_COMPILED_STEP=1 asks for it and a C++ compiler is found (kernels.compiled_step)."""
+    visitor waits for it; kernels.rows_kind). `compiled`: a lone token and a batched step run compiled (compile_tokens)
+    where a C++ compiler is found; by default unless Q8CHAT_COMPILED_STEP=0 turns it off (kernels.step_wanted)."""
     folder = Path(folder)
-    compiled = compiled_step() if compiled is None else compiled and bool(compiler())
+    wanted = step_wanted() if compiled is None else compiled
+    compiled = wanted and compiler() is not None
     config = json.loads((folder / "config.json").read_text())
     tensors = Tensors(safetensors_files(folder))
     reduce_range = not full_range_activations() if reduce_range is None else reduce_range
@@ -745,9 +745,7 @@ def load(
     )
     rows = rows_kind(batched and int8, reduce_range)
     label = f"Q8 engine, FBGEMM INT8 ({how})" if int8 else f"Q8 engine, BF16 ({bf16_linear().kernel})"
-    asked = os.environ.get(COMPILED_STEP) == "1" or (
-        batched and int8 and os.environ.get(COMPILED_ROWS) == "1"
-    )
+    asked = wanted or (batched and int8 and os.environ.get(COMPILED_ROWS) == "1")
     no_compiler = asked and not compiler()
     label += ROWS_LABEL[rows] + (", compiled decode step" if compiled else "")
     label += ", eager kernels (no C++ compiler)" if no_compiler else ""

@@ -151,16 +151,22 @@ ROWS_LABEL = {"fbgemm": "", "onednn": ", oneDNN INT8 for several rows", "compile
 COMPILED_ROWS = "Q8CHAT_COMPILED_ROWS"
 
 
-# The compiled decode step (runtime/engine.py, compile_tokens) is asked for too: its two graphs take minutes to
-# build per model on 2 vCPUs the first time (the C++ kernels are kept on disk), and the compiler's own state adds
-# ~200-350 MB to each process's resident memory (quantize/README.md, "The decode step, compiled")
+# The compiled decode step (runtime/engine.py, compile_tokens) is the default where a C++ compiler is found;
+# Q8CHAT_COMPILED_STEP=0 keeps the eager step. Its graphs take a few minutes to build per model on 2 vCPUs the
+# first time (the C++ kernels are kept on disk: a warm start reads them back), and the compiler's own state adds
+# ~200-350 MB to each process's resident memory (quantize/README.md, "The decode step, compiled").
 COMPILED_STEP = "Q8CHAT_COMPILED_STEP"
 
 
+def step_wanted() -> bool:
+    """Whether engines are to compile their decode step: unless Q8CHAT_COMPILED_STEP=0 turns it off."""
+    return os.environ.get(COMPILED_STEP, "1") != "0"
+
+
 def compiled_step() -> bool:
-    """Whether engines compile their decode step (a lone token, a batch): asked for (Q8CHAT_COMPILED_STEP=1) and a
-    C++ compiler found."""
-    return os.environ.get(COMPILED_STEP) == "1" and compiler() is not None
+    """Whether engines compile their decode step (a lone token, a batch): wanted (step_wanted) and a C++ compiler
+    found."""
+    return step_wanted() and compiler() is not None
 
 
 def rows_kind(second_copy: bool, reduce_range: bool) -> str:
