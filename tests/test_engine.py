@@ -282,12 +282,15 @@ def test_compiled_steps_give_the_eager_engines_logits(built, tokenizer, family, 
     """Loaded compiled, a lone token runs as one compiled graph (the profiler sees the compiled region and every
     Linear as the opaque op inside it) over a pool's slot, and gives what the eager engine gives for the same
     tokens, position by position, across a growth of the pool (so another capacity, the same graph). So does a
-    batched step, compiled too, over slots neither adjacent nor in order, rows joining and leaving."""
+    batched step, compiled too, over slots neither adjacent nor in order, rows joining and leaving. None of it,
+    in grad or inference mode, on the first slot taken, or on a cache of its own, builds a graph the load did
+    not (dynamo's count of the graphs it built)."""
     if not kernels.compiler():
         pytest.skip(NO_COMPILER)
     _, bf16_dir, int8_dir = built(family)
     folder = bf16_dir if kind == "bf16" else int8_dir
     eager, compiled = engine.load(folder), engine.load(folder, compiled=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     prompt = torch.tensor(tokenizer("A prompt, and then its reply token by token.").input_ids)
     fed = [int(t) for t in torch.randint(5, 2000, (8,), generator=torch.Generator().manual_seed(1))]
     want = decode_alone(eager, prompt, fed)
@@ -298,7 +301,8 @@ def test_compiled_steps_give_the_eager_engines_logits(built, tokenizer, family, 
     with torch.profiler.profile() as profile:
         got += [compiled.forward(torch.tensor([t]), cache) for t in fed[:4]]
     pool.take(300)  # the pool grows: its capacity, so each layer's K and V, change shape
-    got += [compiled.forward(torch.tensor([t]), cache) for t in fed[4:]]
+    with torch.inference_mode():  # as the app's scheduler calls it
+        got += [compiled.forward(torch.tensor([t]), cache) for t in fed[4:]]
     names = [e.name for e in profile.events()]
     assert any(n.startswith("Torch-Compiled Region") for n in names), family
     linears = 4 * len(compiled.blocks) + 1  # each token's, at least (the profiler may list an op twice)
@@ -309,6 +313,11 @@ def test_compiled_steps_give_the_eager_engines_logits(built, tokenizer, family, 
     with torch.profiler.profile() as profile:  # a batched step, compiled: the same rows as eager's
         together, fed_together = decode_together(compiled, prompts)
     assert any(e.name.startswith("Torch-Compiled Region") for e in profile.events()), family
+    with torch.inference_mode():  # a cache of its own, as generate.stream and the bench decode
+        first = compiled.new_pool(1).take(8)  # and the first slot a pool gives
+        for c in (compiled.new_cache(8), first):
+            compiled.forward(prompt[:3], c), compiled.forward(prompt[3:4], c)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, family
     # a BF16 Linear inside (a weight-only down_proj on 7-bit CPUs, Gemma 2's head) rounds what inductor sums
     bf16_inside = kind == "bf16" or {"int8 weight-only", "bfloat16"} & set(eager.kinds.values())
     tolerance = COMPILED_TOLERANCE["bf16" if bf16_inside else "int8"]
@@ -435,16 +444,16 @@ np.save(sys.argv[2], e.forward(ids, e.new_cache(16), all_logits=True).numpy())
 
 
 def test_without_a_compiler_the_engine_runs_eager_and_says_so(tiny, tmp_path, monkeypatch):
-    """Compiled rows and the compiled step asked for, in a child whose PATH holds no C++ compiler (and no $CXX): a batched INT8 engine
-    loads, says "eager kernels (no C++ compiler)" in its label, and computes what this process's compiled engine
-    computes."""
+    """Compiled rows asked for and the compiled step left to its default, in a child whose PATH holds no C++
+    compiler (and no $CXX): a batched INT8 engine loads, says "eager kernels (no C++ compiler)" in its label, and
+    computes what this process's compiled engine computes."""
     _, _, int8_dir = tiny
     monkeypatch.setenv(kernels.COMPILED_ROWS, "1")  # asked for, in the child and here
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
-    env = {k: v for k, v in os.environ.items() if k != "CXX"} | {
-        kernels.COMPILED_STEP: "1",  # the compiled step asked for too
+    unset = ("CXX", kernels.COMPILED_STEP)  # the compiled step as a new user gets it: the default
+    env = {k: v for k, v in os.environ.items() if k not in unset} | {
         "PATH": str(bin_dir),
         "PYTHONPATH": str(ROOT),
     }

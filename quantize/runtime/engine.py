@@ -141,14 +141,17 @@ class Pool:
 
     A batched step reads every row's slot as far as the longest row's position (masked past its own): the
     memory there must hold finite numbers, since a masked NaN still spoils the softmax's product with V. So the
-    tensors start as zeros, given back pages read as zeros, and the model writes only finite K and V."""
+    tensors start as zeros, given back pages read as zeros, and the model writes only finite K and V.
+
+    Slot 0 is never taken (its pages are never touched): so no slot's view starts at the tensor's first element.
+    A compiled step takes where a view starts as a symbol, and dynamo builds another graph for a start of 0."""
 
     FIRST_CAPACITY = 256
 
     def __init__(self, slots: int, layers: int, kv_heads: int, head_dim: int, max_len: int, dtype) -> None:
-        self.shape, self.max_len, self.dtype = (layers, slots, kv_heads, 0, head_dim), max_len, dtype
+        self.shape, self.max_len, self.dtype = (layers, slots + 1, kv_heads, 0, head_dim), max_len, dtype
         self.k = self.v = torch.empty(0, dtype=dtype)
-        self.free, self.taken = list(range(slots)), {}
+        self.free, self.taken = list(range(1, slots + 1)), {}
 
     def take(self, positions: int) -> Cache:
         """A free slot's cache with room for `positions` (the window at most: forward says what is past it)."""
@@ -187,7 +190,8 @@ def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Zeros whose pages stay untouched until written: calloc (numpy's zeros) maps fresh pages for a large block,
     which the OS hands out zeroed, where torch.zeros writes every one (and so makes it all resident)."""
     raw = np.zeros(math.prod(shape) * torch.empty(0, dtype=dtype).element_size(), dtype=np.uint8)
-    return torch.from_numpy(raw).view(dtype).view(shape)
+    with torch.inference_mode(False):  # a cache is an ordinary tensor whoever asks (see inference)
+        return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 # A prompt runs in passes of at most PREFILL_CHUNK tokens, each padded to a multiple of PREFILL_STEP (one_pass).
@@ -280,9 +284,12 @@ class Engine:
 
     def new_cache(self, max_len: int | None = None) -> Cache:
         n = min(max_len or self.max_len, self.max_len)
-        # torch.empty does not touch the pages: memory becomes resident only as positions are written
-        k = torch.empty(len(self.blocks), self.kv_heads, n, self.head_dim, dtype=self.dtype)
-        return Cache(k, torch.empty_like(k))
+        # torch.empty does not touch the pages: memory becomes resident only as positions are written. An ordinary
+        # tensor whoever asks (see inference), one layer longer and that one never touched, as a Pool's slot 0.
+        with torch.inference_mode(False):
+            k, v = (torch.empty(len(self.blocks) + 1, self.kv_heads, n, self.head_dim, dtype=self.dtype)[1:]
+                    for _ in "kv")  # fmt: skip
+            return Cache(k, v)
 
     def new_pool(self, slots: int) -> Pool:
         """Caches for a scheduler's `slots`, which `step` attends to in one call per layer."""
@@ -328,15 +335,15 @@ class Engine:
         """A lone token through the compiled `tokens`: its cache one row of one slot, its position a tensor, the
         positions it attends to the mask's width, so one graph serves every position and cache capacity."""
         S = cache.length + 1
-        mask = torch.zeros(1, 1, 1, S)  # FP32, as a batched step's (slot_mask): one graph takes both
-        if self.alibi is not None:  # the slopes rounded as forward rounds them
-            mask = self.alibi[None, :, None, :S].to(self.dtype).float().contiguous()
-        k, v = (t[:, None].unbind(0) for t in (cache.k, cache.v))
-        if self.marking:  # compile_tokens: positions and capacity vary
-            marked((mask, 3), *((t, 2) for t in (*k, *v)))
-        logits = self.compiled(
-            ids, torch.tensor([cache.length]), torch.zeros(1, dtype=torch.long), mask, k, v
-        )
+        with torch.inference_mode():  # inference tensors whatever the caller's mode (see inference)
+            ids, where, rows = ids.clone(), torch.tensor([cache.length]), torch.zeros(1, dtype=torch.long)
+            mask = torch.zeros(1, 1, 1, S)  # FP32, as a batched step's (slot_mask): one graph takes both
+            if self.alibi is not None:  # the slopes rounded as forward rounds them
+                mask = self.alibi[None, :, None, :S].to(self.dtype).float().contiguous()
+            k, v = (t[:, None].unbind(0) for t in (cache.k, cache.v))
+            if self.marking:  # compile_tokens: positions and capacity vary
+                marked((mask, 3), *((t, 2) for t in (*k, *v)))
+            logits = self.compiled(ids, where, rows, mask, k, v)
         cache.length = S
         return logits
 
@@ -353,16 +360,17 @@ class Engine:
             raise ValueError(
                 f"A conversation needs {full[0].length + 1} positions; its cache holds {full[0].k.shape[2]}."
             )
-        where, slots = torch.tensor([c.length for c in caches]), torch.tensor([c.slot for c in caches])
-        lo, span = int(slots.min()), int(slots.max() - slots.min()) + 1
-        rows = slots - lo  # each batch row's place among the slots the attention call reads
-        k, v = (t[:, lo : lo + span].unbind(0) for t in (pool.k, pool.v))
-        ids, mask = ids.reshape(-1), self.slot_mask(where, rows, span)
-        if self.marking:  # compile_tokens: rows, slots, positions and capacity vary
-            dims = ((t, d) for t in (*k, *v) for d in (0, 2))
-            marked((ids, 0), (where, 0), (rows, 0), (mask, 0), (mask, 3), *dims)
-        run = self.tokens if self.compiled is None else self.compiled
-        logits = run(ids, where, rows, mask, k, v)
+        with torch.inference_mode():  # inference tensors whatever the caller's mode (see inference)
+            where, slots = torch.tensor([c.length for c in caches]), torch.tensor([c.slot for c in caches])
+            lo, span = int(slots.min()), int(slots.max() - slots.min()) + 1
+            rows = slots - lo  # each batch row's place among the slots the attention call reads
+            k, v = (t[:, lo : lo + span].unbind(0) for t in (pool.k, pool.v))
+            ids, mask = ids.reshape(-1).clone(), self.slot_mask(where, rows, span)
+            if self.marking:  # compile_tokens: rows, slots, positions and capacity vary
+                dims = ((t, d) for t in (*k, *v) for d in (0, 2))
+                marked((ids, 0), (where, 0), (rows, 0), (mask, 0), (mask, 3), *dims)
+            run = self.tokens if self.compiled is None else self.compiled
+            logits = run(ids, where, rows, mask, k, v)
         for c in caches:  # only once the pass is whole: a batch that fails is run again one by one
             c.length += 1
         return logits
@@ -528,7 +536,10 @@ def marked(*dims: tuple[torch.Tensor, int]) -> None:
 
 
 def inference(compiled: Callable) -> Callable:
-    """Called in inference mode, whatever the caller's: dynamo keeps a graph per grad mode."""
+    """Called in inference mode, whatever the caller's: dynamo keeps a graph per grad mode. It also guards on
+    each input's kind, so the callers make their small inputs inference tensors (compiled_token, step) and the
+    caches are ordinary tensors always (untouched_zeros, new_cache): ids made in the app's inference mode ran a
+    third build of a graph warmed up on ordinary ones (a minute before a cold start's first reply)."""
 
     def call(*args) -> torch.Tensor:
         with torch.inference_mode():
