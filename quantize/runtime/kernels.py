@@ -182,7 +182,7 @@ def rows_kind(second_copy: bool, reduce_range: bool) -> str:
     return "onednn" if onednn_rows() else "fbgemm"
 
 
-# A compiled decode step (runtime/engine.py, Engine.token) sees every Linear as one opaque op, q8chat::linear:
+# A compiled decode step (runtime/engine.py, Engine.tokens) sees every Linear as one opaque op, q8chat::linear:
 # inductor fuses the glue between them (norms, RoPE, the softmax, residuals) while each GEMM stays the kernel it is
 # eagerly. Dynamo cannot trace FBGEMM's packed weights (a TorchScript object), so the op finds its Linear by number.
 # A Library op, not torch.library.custom_op: 5 us a call against 10 (2-vCPU AMD EPYC), ~120 calls a token.
