@@ -141,7 +141,8 @@ def test_browser_chat_stream_panel_stop(app_url):
     ARTIFACTS.mkdir(exist_ok=True)
     errors: list[str] = []
     with app_page(app_url, errors) as page:
-        assert "Q8 engine, FBGEMM INT8" in page.locator("#header").inner_text()  # which engine serves
+        header = page.locator("#header").inner_text()  # which engine serves, and how: app_server's default
+        assert "Q8 engine, FBGEMM INT8" in header and "compiled decode step" in header, header
         box = page.locator("#message textarea")
         box.fill("Tell me about the moon in three sentences.")
         box.press("Enter")
