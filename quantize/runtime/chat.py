@@ -46,7 +46,7 @@ SETTINGS = {"max_new_tokens": (8, 256), "temperature": (0.0, 1.5), "top_p": (0.0
 # regions, and a 2-thread decode of the default model took 2.3x as long per token as the bench's.
 MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="q8chat-model")
 # Replies decoded at once, each model's in one batch (runtime/scheduler.py); more wait in Gradio's queue, which
-# tells each visitor their place. See README, "Many visitors".
+# tells each visitor their place (quantize/README.md, "Many sequences at once").
 # Each reply in a slot holds one of Gradio's worker threads (40), which Stop, Clear and the page's polls need too.
 SLOTS = min(max(int(os.environ.get("Q8CHAT_SLOTS", "8")), 1), 16)
 # Each visitor's conversation so far, kept between turns (runtime/prefixes.py; Q8CHAT_PREFIX_MB).
