@@ -188,7 +188,7 @@ def running_app(log: Path, loaded: bool = True, **env: str):
         )
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 600  # a cold start compiles both models' decode steps
+        deadline = time.monotonic() + 900  # a cold start compiles both models' decode steps (~500 s here)
         while True:
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "app did not become ready:\n" + log.read_text()[-3000:]
