@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from quantize.engine_file import FORMAT, Tensors, safetensors_files
 from quantize.families import FAMILIES, LLAMA, Family
-from quantize.machine import malloc_trim, release_pages
+from quantize.machine import malloc_trim, release_pages, settled_rss
 from quantize.runtime.kernels import (
     COMPILED_ROWS,
     ONEDNN_ROWS_MIN_WEIGHTS,
@@ -248,9 +248,11 @@ class Engine:
         self.alibi = (
             torch.outer(arch.alibi(self.heads), torch.arange(self.max_len).float()) if arch.alibi else None
         )
-        self.compiled, self.marking = None, False
-        if compiled:
+        self.compiled, self.marking, self.compile_bytes = None, False, 0
+        if compiled:  # what the compiler keeps (its graphs, code, guards) is not the model's: measured apart
+            before = settled_rss()
             compile_tokens(self)
+            self.compile_bytes = max(settled_rss() - before, 0)
         malloc_trim()
 
     def read_config(self, config: dict) -> None:

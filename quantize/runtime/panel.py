@@ -126,6 +126,9 @@ def table_md(a: dict | None, b: dict | None, state: Serving, rounds: list[float]
             fmt(_mb(state.bf16.rss_bytes), ".0f"),
         ),
     ]
+    if state.int8.compile_bytes or state.bf16.compile_bytes:  # the compiler's state, apart from the models'
+        compiled = (fmt(_mb(side.compile_bytes), ".0f") for side in (state.int8, state.bf16))
+        cells.append(("Its compiled decode step (MB)", *compiled))
     lines = ["| | INT8 | BF16 |", "|---|---:|---:|"] + [f"| {r} | {x} | {y} |" for r, x, y in cells]
     lines += ["", KEPT] if any(kept) else []
     lines += ["", served_line(state)] if served_line(state) else []
